@@ -1,0 +1,57 @@
+"""Identify a base model cheaply, so an adapter is never loaded onto the wrong one."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import targets
+
+#: elements sampled per tensor for the weight hash; enough to tell checkpoints apart
+_SAMPLE = 257
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Architecture facts plus a hash of a strided sample of every frozen base weight.
+
+    Freshly initialised task heads are excluded: they are part of the adapter, not the base.
+    Sampling keeps this O(number of tensors), fast even for billion-parameter models.
+    """
+    cfg = getattr(model, "config", None)
+    heads = tuple(h + "." for h in targets.new_task_heads(model))
+    h = hashlib.sha256()
+    count = 0
+    for name, p in model.named_parameters():
+        if name.startswith(heads):
+            continue
+        count += targets.numel(p)
+        flat = p.detach().reshape(-1)
+        if flat.numel() == 0:  # partitioned away (ZeRO-3): shape alone still identifies it
+            sample = torch.empty(0)
+        else:
+            step = max(1, flat.numel() // _SAMPLE)
+            sample = flat[::step][:_SAMPLE].float().cpu()
+        h.update(name.encode())
+        h.update(str(tuple(getattr(p, "ds_shape", p.shape))).encode())
+        h.update(sample.numpy().tobytes())
+    return {
+        "model_type": getattr(cfg, "model_type", None),
+        "architecture": type(model).__name__,
+        "hidden_size": getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None)),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", None)),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "num_parameters": count,
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """Human-readable list of fields that differ."""
+    return [
+        f"{k}: adapter expects {expected.get(k)!r}, base model has {actual.get(k)!r}"
+        for k in sorted(set(expected) | set(actual))
+        if expected.get(k) != actual.get(k)
+    ]

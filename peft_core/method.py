@@ -1,0 +1,108 @@
+"""The interface every PEFT method implements.
+
+A method is a class registered by name (:func:`peft_core.registry.register`) with a config
+dataclass. :func:`peft_core.apply` freezes the base model, then calls :meth:`Method.inject`;
+everything else has a sensible default, so a simple method only writes ``inject``.
+Methods that need passes outside the training loop (a mask selected from data, a projection
+or a posterior fitted afterwards) override :meth:`prepare` / :meth:`finalize`, which the
+training stage calls for every method without knowing its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import MethodConfig
+from .errors import NotMergeableError, PeftError
+
+
+class Method:
+    """One PEFT method bound to its config. Stateless apart from the config: all tensors
+    live in modules injected into the model, so they move, shard and save with it."""
+
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    #: human-readable family, shown by ``peftpipe methods``
+    family: ClassVar[str] = ""
+    #: whether merge()/unmerge() fold the method into the base weights exactly
+    mergeable: ClassVar[bool] = False
+    #: whether the freshly injected model computes exactly what the base model did
+    identity_at_init: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    # -- construction -------------------------------------------------------------------
+    def inject(self, model: nn.Module) -> None:
+        """Add or unfreeze this method's parameters in ``model`` (the base is frozen already)."""
+        raise NotImplementedError
+
+    def extra_state_keys(self, model: nn.Module) -> list[str]:
+        """Buffer names (beyond trainable parameters) an adapter file must carry, e.g. masks."""
+        return []
+
+    # -- running ---------------------------------------------------------------------------
+    def forward(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run the adapted model; prompt methods override this to change the inputs."""
+        return model(*args, **kwargs)
+
+    def generate(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return model.generate(*args, **kwargs)
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra term added to the training loss (e.g. an L0 penalty); None if none."""
+        return None
+
+    # -- optimisation ----------------------------------------------------------------------
+    def param_groups(
+        self, named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups over the trainable parameters. Biases and norms get no decay."""
+        decay = [p for n, p in named_params if not _no_decay(n, p)]
+        no_decay = [p for n, p in named_params if _no_decay(n, p)]
+        groups = [
+            {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+        # DeepSpeed silently drops empty groups, which breaks schedulers that index them.
+        return [g for g in groups if g["params"]]
+
+    # -- passes outside the training loop --------------------------------------------------
+    def prepare(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        """Called once before training with a few training batches (mask selection etc.)."""
+
+    def finalize(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        """Called once after training (projection to a budget, posterior fit, folding)."""
+
+    # -- merging ---------------------------------------------------------------------------
+    def merge(self, model: nn.Module) -> None:
+        raise NotMergeableError(
+            f"method {self.config.name!r} keeps its parameters outside the base weights, so "
+            "it cannot be merged into them; serve it with the adapter attached instead"
+        )
+
+    def unmerge(self, model: nn.Module) -> None:
+        self.merge(model)
+
+    # -- file formats ----------------------------------------------------------------------
+    def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Transform the adapter state before saving (e.g. keep only non-zero entries)."""
+        return state
+
+    def decode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`encode_state`."""
+        return state
+
+    def export_hf(self, peft_model: nn.Module, path: Path) -> dict[str, Any]:
+        """Write Hugging Face ``peft``'s folder format; returns its adapter_config."""
+        raise PeftError(
+            f"method {self.config.name!r} has no Hugging Face peft equivalent to export to"
+        )
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")

@@ -1,0 +1,187 @@
+"""``apply(model, config) -> PeftModel``: freeze the base, inject the method, expose it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import targets
+from .config import MethodConfig
+from .errors import ConfigError, PeftError
+from .fingerprint import fingerprint
+from .method import Method
+from .registry import get
+
+
+def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any]) -> PeftModel:
+    """Wrap ``model`` (modified in place) with the PEFT method described by ``config``.
+
+    ``config`` is a :class:`MethodConfig` or its dict form (``{"name": "lora", "rank": 8}``).
+    """
+    if isinstance(model, PeftModel):
+        raise PeftError("model already has a PEFT method applied; apply to the base model")
+    if not isinstance(config, MethodConfig):
+        config = MethodConfig.from_dict(dict(config))
+    else:
+        config.validate()
+    method = get(config.name)(config)
+    base_fp = fingerprint(model)
+    model.requires_grad_(False)
+    if config.train_head:
+        for head in targets.new_task_heads(model):
+            model.get_submodule(head).requires_grad_(True)
+    method.inject(model)
+    return PeftModel(model, method, base_fp)
+
+
+class PeftModel(nn.Module):
+    """A base model with one PEFT method injected.
+
+    Attribute access falls through to the base model, so ``peft_model.config`` or
+    ``peft_model.device`` work as on the original.
+    """
+
+    def __init__(self, base_model: nn.Module, method: Method, base_fingerprint: dict[str, Any]):
+        super().__init__()
+        self.base_model = base_model
+        self.method = method
+        self.base_fingerprint = base_fingerprint
+        self.merged = False
+        self._adapter_keys: list[str] = []
+        self.record_adapter_keys()
+
+    @property
+    def method_config(self) -> MethodConfig:
+        return self.method.config
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def record_adapter_keys(self) -> None:
+        """Remember which tensors make up the adapter (call after a structural change)."""
+        trainable = [n for n, p in self.base_model.named_parameters() if p.requires_grad]
+        self._adapter_keys = trainable + self.method.extra_state_keys(self.base_model)
+        if not self._adapter_keys:
+            raise PeftError(f"method {self.method.config.name!r} left nothing trainable")
+
+    # -- running -----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.method.forward(self.base_model, *args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.method.generate(self.base_model, *args, **kwargs)
+
+    def regularizer(self) -> torch.Tensor | None:
+        return self.method.regularizer(self.base_model)
+
+    def prepare(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        self.method.prepare(self, batches)
+
+    def finalize(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        self.method.finalize(self, batches)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing that still back-propagates into a frozen base.
+
+        With every base weight frozen the checkpointed segments' inputs would not require
+        grad, so no gradient would reach the adapters; make the input embeddings require it.
+        """
+        self.base_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        self.base_model.enable_input_require_grads()
+
+    # -- parameters --------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.base_model.named_parameters() if p.requires_grad]
+
+    def summary(self) -> dict[str, Any]:
+        """Trainable and total parameter counts (ZeRO-3 safe) and the trainable fraction."""
+        total = sum(targets.numel(p) for p in self.base_model.parameters())
+        trainable = sum(targets.numel(p) for _, p in self.trainable_parameters())
+        return {
+            "method": self.method.config.name,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_fraction": trainable / total if total else 0.0,
+        }
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (never empty), e.g. LoRA+'s separate rate for B."""
+        if lr <= 0:
+            raise ConfigError(f"lr: expected a positive learning rate, got {lr!r}")
+        return self.method.param_groups(self.trainable_parameters(), lr, weight_decay)
+
+    # -- adapter state -----------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors only (detached CPU copies), keyed by base-model names.
+
+        Under ZeRO-3 call it inside ``deepspeed.zero.GatheredParameters`` over the trainable
+        parameters, or the partitioned tensors read as empty.
+        """
+        full = self.base_model.state_dict(keep_vars=True)
+        state = {}
+        for k in self._adapter_keys:
+            t = full[k].detach()
+            if t.numel() == 0 and getattr(full[k], "ds_numel", 0):
+                raise PeftError(
+                    f"adapter tensor {k!r} is partitioned (ZeRO-3); gather it before saving"
+                )
+            state[k] = t.cpu().clone().contiguous()
+        return self.method.encode_state(self.base_model, state)
+
+    def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load tensors from :meth:`adapter_state_dict`; keys and shapes must match exactly."""
+        state = self.method.decode_state(self.base_model, dict(state))
+        expected, got = set(self._adapter_keys), set(state)
+        if expected != got:
+            missing, extra = sorted(expected - got), sorted(got - expected)
+            raise PeftError(
+                f"adapter state does not fit this model: missing {missing[:8]}, unexpected {extra[:8]}"
+            )
+        full = self.base_model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k, v in state.items():
+                dst = full[k]
+                if tuple(dst.shape) != tuple(v.shape):
+                    raise PeftError(
+                        f"adapter tensor {k!r}: shape {tuple(v.shape)} != model's {tuple(dst.shape)}"
+                    )
+                dst.copy_(v.to(dtype=dst.dtype, device=dst.device))
+
+    # -- merging -----------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold the adapter into the base weights (exact for methods that allow it)."""
+        if self.merged:
+            raise PeftError("adapter is already merged")
+        self.method.merge(self.base_model)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, restoring the original base weights."""
+        if not self.merged:
+            raise PeftError("adapter is not merged")
+        self.method.unmerge(self.base_model)
+        self.merged = False
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, path: str | Path, **extra: Any) -> Path:
+        """Write the adapter folder (see :func:`peft_core.io.save_adapter`)."""
+        from .io import save_adapter
+
+        return save_adapter(self, path, **extra)
+
+    def export_hf(self, path: str | Path) -> Path:
+        """Write Hugging Face ``peft``'s format (for methods that exist there)."""
+        from .io import export_hf
+
+        return export_hf(self, path)

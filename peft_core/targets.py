@@ -1,0 +1,205 @@
+"""Where methods attach: module lookup by name pattern, and per-architecture defaults.
+
+Every architecture-specific fact peft_core relies on lives in :data:`ARCHITECTURES`, so a
+new model family is supported by adding one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import TargetError
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Module-name facts of one model family.
+
+    ``linear_targets``: default projection modules (suffixes) for reparameterisation methods.
+    ``heads``: suffixes of task heads (the LM head or a classification head).
+    ``blocks``: regex matching the name of each transformer block.
+    ``attn_out`` / ``ffn_out``: sub-module (relative to a block) whose output is the
+    attention / feed-forward sublayer output before the residual add (hook points of
+    adapters). ``ffn``: the whole feed-forward sublayer (input -> output).
+    """
+
+    linear_targets: tuple[str, ...]
+    heads: tuple[str, ...]
+    blocks: str
+    attn_out: str
+    ffn_out: str
+    ffn: str
+    attn: str
+
+
+_LLAMA = Architecture(
+    linear_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    heads=("lm_head", "score"),
+    blocks=r"(.*\.)?layers\.\d+",
+    attn_out="self_attn.o_proj",
+    ffn_out="mlp.down_proj",
+    ffn="mlp",
+    attn="self_attn",
+)
+_GPT2 = Architecture(
+    linear_targets=("c_attn", "c_proj", "c_fc"),
+    heads=("lm_head", "score"),
+    blocks=r"(.*\.)?h\.\d+",
+    attn_out="attn.c_proj",
+    ffn_out="mlp.c_proj",
+    ffn="mlp",
+    attn="attn",
+)
+_BERT = Architecture(
+    # A regex rather than suffixes: "dense" alone would also catch the pooler and the head.
+    linear_targets=(
+        r"re:.*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)"
+        r"|attention\.output\.dense|intermediate\.dense|output\.dense)",
+    ),
+    heads=("classifier", "cls.predictions.decoder", "qa_outputs"),
+    blocks=r"(.*\.)?encoder\.layer\.\d+",
+    attn_out="attention.output.dense",
+    ffn_out="output.dense",
+    ffn="intermediate",
+    attn="attention",
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "smollm3"],
+        _LLAMA,
+    ),
+    "gpt2": _GPT2,
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], _BERT),
+}
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """The architecture row for ``model``'s ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise TargetError(
+            f"model_type {model_type!r} has no default targets; pass target_modules "
+            f"explicitly (known architectures: {sorted(ARCHITECTURES)})"
+        ) from None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.nf
+    raise TargetError(f"{type(module).__name__} is not nn.Linear or Conv1D")
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as an (out, in) matrix view, whichever way the module stores it."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def match_modules(
+    model: nn.Module,
+    patterns: list[str] | tuple[str, ...] | str,
+    *,
+    kind: str = "module",
+    predicate=None,
+) -> list[tuple[str, nn.Module]]:
+    """Modules whose names match ``patterns`` (suffixes, ``re:`` regexes, or one regex string).
+
+    An empty result is an error listing a sample of the module names that do exist, so a
+    typo in a recipe is caught before training.
+    """
+    pats = [f"re:{patterns}"] if isinstance(patterns, str) else list(patterns)
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n and any(_matches(n, p) for p in pats) and (predicate is None or predicate(m))
+    ]
+    if not found:
+        names = [n for n, m in model.named_modules() if n and (predicate is None or predicate(m))]
+        sample = names[:12] + (["..."] if len(names) > 12 else [])
+        raise TargetError(
+            f"target_modules {list(pats)} matched no {kind}; existing {kind} names include {sample}"
+        )
+    return found
+
+
+def linear_targets(model: nn.Module, patterns: list[str] | str | None) -> list[tuple[str, nn.Module]]:
+    """Linear-like modules to wrap; ``None`` means the architecture's default projections."""
+    if patterns is None:
+        patterns = list(architecture(model).linear_targets)
+    heads = set(head_names(model))
+    found = match_modules(model, patterns, kind="linear module", predicate=is_linear_like)
+    # Heads are handled by `train_head`, never wrapped by a default pattern.
+    return [(n, m) for n, m in found if n not in heads]
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Names of the task heads present (LM head or classification head)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    suffixes = ARCHITECTURES[model_type].heads if model_type in ARCHITECTURES else (
+        "lm_head", "score", "classifier"
+    )
+    return [
+        n for n, _ in model.named_modules()
+        if n and any(n == s or n.endswith("." + s) for s in suffixes)
+    ]
+
+
+def new_task_heads(model: nn.Module) -> list[str]:
+    """Heads that a fine-tune must learn from scratch: classification heads, not the LM head.
+
+    A causal LM's head is pretrained (and usually tied to the embeddings), so methods leave
+    it frozen; a sequence-classification head starts random and must train.
+    """
+    return [n for n in head_names(model) if not n.endswith("lm_head") and "cls.predictions" not in n]
+
+
+def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks of ``model`` in order."""
+    pattern = architecture(model).blocks
+    found = [(n, m) for n, m in model.named_modules() if n and re.fullmatch(pattern, n)]
+    if not found:
+        raise TargetError(f"no transformer blocks matching {pattern!r} in {type(model).__name__}")
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the module at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def iter_params(model: nn.Module, trainable: bool | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    for n, p in model.named_parameters():
+        if trainable is None or p.requires_grad == trainable:
+            yield n, p
+
+
+def numel(p: torch.Tensor) -> int:
+    """Element count that stays right under DeepSpeed ZeRO-3, where ``numel()`` reads 0."""
+    return int(getattr(p, "ds_numel", p.numel()))
