@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ class Lora(Method):
             "lora_alpha": self.config.alpha,
             "lora_dropout": self.config.dropout,
             "use_rslora": self.config.use_rslora,
-            "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+            "target_modules": _hf_target_modules(model, [n for n, _ in layers]),
             "fan_in_fan_out": any(targets.is_conv1d(layer.base) for _, layer in layers),
             "bias": "none",
             "modules_to_save": [h.rsplit(".", 1)[-1] for h in heads] or None,
@@ -181,6 +182,19 @@ class Lora(Method):
         }
         write_hf_folder(path, hf_cfg, state)
         return hf_cfg
+
+
+def _hf_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str:
+    """Leaf names when they select exactly the wrapped modules (the form most tools expect),
+    otherwise an exact regex (e.g. BERT's ``dense`` would also catch the pooler)."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    by_leaf = {
+        n for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in leaves and (targets.is_linear_like(m) or isinstance(m, LoraLayer))
+    }
+    if by_leaf == set(wrapped):
+        return leaves
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(wrapped)) + ")$"
 
 
 @register

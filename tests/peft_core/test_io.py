@@ -1,0 +1,64 @@
+"""Adapter folders: safetensors only, atomic writes, refusal to load onto another base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import peft_core
+from tests import tiny
+
+
+def test_folder_contents_and_config(tmp_path) -> None:
+    pm = peft_core.apply(tiny.model("llama"), {"name": "lora", "rank": 4, "alpha": 8})
+    pm.save(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["method"] == {"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0,
+                             "use_rslora": False, "target_modules": None, "train_head": True}
+    assert cfg["peft_core_version"] == peft_core.__version__
+    assert cfg["base_model"]["model_type"] == "llama"
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes()[:8] != b"\x80\x02"  # not a pickle
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "a" / "adapter.safetensors")
+    assert set(state) == {n for n, _ in pm.trainable_parameters()}
+    assert all(not k.startswith("model.embed") for k in state)  # no base weights
+
+
+def test_loading_onto_another_base_names_the_field(tmp_path) -> None:
+    peft_core.apply(tiny.model("llama"), {"name": "lora"}).save(tmp_path / "a")
+    with pytest.raises(peft_core.FingerprintMismatchError, match="weights_sha256"):
+        peft_core.load_adapter(tiny.model("llama", seed=1), tmp_path / "a")
+    with pytest.raises(peft_core.FingerprintMismatchError, match="num_hidden_layers: adapter expects 2"):
+        peft_core.load_adapter(_three_layers(), tmp_path / "a")
+
+
+def _three_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch) -> None:
+    pm = peft_core.apply(tiny.model("llama"), {"name": "lora"})
+    pm.save(tmp_path / "a")
+    before = (tmp_path / "a" / "adapter.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("peft_core.io.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        pm.save(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp folder left behind
+
+
+def test_not_an_adapter_folder(tmp_path) -> None:
+    with pytest.raises(peft_core.PeftError, match="not an adapter folder"):
+        peft_core.load_adapter(tiny.model("llama"), tmp_path)
