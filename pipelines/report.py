@@ -1,0 +1,161 @@
+"""The search report: a leaderboard (Markdown) and two plots (PNG, matplotlib).
+
+Input is plain data (one dict per trial: method config, final metrics, metric history), so
+the report can be rebuilt from MLflow or from a Tune experiment folder at any time.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .tune.objective import Objective, pareto_front
+
+
+def method_label(method: dict[str, Any]) -> str:
+    """``lora(rank=8, alpha=16)``: the name and the hyperparameters that were searched."""
+    params = ", ".join(f"{k}={v}" for k, v in sorted(method.items())
+                       if k not in ("name", "target_modules", "train_head"))
+    return f"{method['name']}({params})" if params else method["name"]
+
+
+def leaderboard(trials: Sequence[dict[str, Any]], objective: Objective) -> list[dict[str, Any]]:
+    """Rows sorted best first by the objective's metric; trials without it go last."""
+    sign = -1.0 if objective.mode == "max" else 1.0
+
+    def key(t: dict[str, Any]):
+        v = t["metrics"].get(objective.metric)
+        return (v is None, sign * v if v is not None else 0.0)
+
+    rows = []
+    for rank, t in enumerate(sorted(trials, key=key), start=1):
+        m = t["metrics"]
+        rows.append({
+            "rank": rank,
+            "trial": t["trial_id"],
+            "method": method_label(t["method"]),
+            "lr": t.get("lr"),
+            "trainable_params": m.get("trainable_params"),
+            "trainable_pct": None if m.get("trainable_fraction") is None else 100 * m["trainable_fraction"],
+            objective.metric: m.get(objective.metric),
+            "eval_loss": m.get("eval_loss"),
+            "steps": m.get("step"),
+            "time_s": t.get("time_s"),
+            "status": t.get("status", ""),
+            "within_budget": objective.eligible(m),
+        })
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "_no trials_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(trials: Sequence[dict[str, Any]], objective: Objective, out: Path) -> Path:
+    """Quality against trainable-parameter fraction (log x), the Pareto front drawn through."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [dict(t["metrics"], _label=method_label(t["method"]), _name=t["method"]["name"])
+           for t in trials if t["metrics"].get(objective.metric) is not None
+           and t["metrics"].get("trainable_fraction")]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    names = sorted({p["_name"] for p in pts})
+    cmap = plt.get_cmap("tab10")
+    for i, name in enumerate(names):
+        sel = [p for p in pts if p["_name"] == name]
+        ax.scatter([100 * p["trainable_fraction"] for p in sel], [p[objective.metric] for p in sel],
+                   label=name, color=cmap(i % 10), s=46, zorder=3)
+    front = pareto_front(pts, objective.metric, objective.mode)
+    if front:
+        ax.plot([100 * p["trainable_fraction"] for p in front], [p[objective.metric] for p in front],
+                "--", color="0.35", lw=1.2, zorder=2, label="Pareto front")
+    if objective.max_trainable_fraction:
+        ax.axvline(100 * objective.max_trainable_fraction, color="tab:red", lw=1, ls=":",
+                   label=f"budget {100 * objective.max_trainable_fraction:g}%")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel(objective.metric)
+    ax.set_title(f"{objective.metric} against trainable parameters")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_curves(trials: Sequence[dict[str, Any]], metric: str, out: Path) -> Path:
+    """One line per trial: ``metric`` against training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for t in trials:
+        hist = [(s, v) for s, v in t.get("history", {}).get(metric, []) if v is not None]
+        if hist:
+            ax.plot([s for s, _ in hist], [v for _, v in hist], marker="o", ms=3,
+                    label=f"{t['trial_id']}: {method_label(t['method'])}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def write_report(trials: Sequence[dict[str, Any]], objective: Objective, out_dir: Path,
+                 *, title: str = "peft-pipelines search", champion: dict[str, Any] | None = None,
+                 extra: str = "") -> Path:
+    """``report.md`` + ``quality_vs_params.png`` + ``eval_loss_curves.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    rows = leaderboard(trials, objective)
+    pareto = plot_pareto(trials, objective, out_dir / "quality_vs_params.png")
+    curves = plot_curves(trials, "eval_loss", out_dir / "eval_loss_curves.png")
+    budget = (f", trainable fraction ≤ {100 * objective.max_trainable_fraction:g}%"
+              if objective.max_trainable_fraction else "")
+    parts = [f"# {title}\n", f"Objective: {objective.mode} `{objective.metric}`{budget}.\n",
+             "## Leaderboard\n", markdown_table(rows)]
+    if champion:
+        parts += ["## Champion\n", "".join(f"- {k}: {_fmt(v)}\n" for k, v in champion.items())]
+    parts += ["## Plots\n", f"![quality against trainable parameters]({pareto.name})\n",
+              f"![eval loss per trial]({curves.name})\n", extra]
+    md = out_dir / "report.md"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".md")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, md)
+    return md
