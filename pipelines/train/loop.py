@@ -1,0 +1,253 @@
+"""What each Ray Train worker runs: base model -> peft_core method -> DeepSpeed -> loop.
+
+The loop knows no method by name: it calls the method's hooks (``prepare`` before training,
+``regularizer`` every step, ``finalize`` after) through :class:`peft_core.PeftModel`, and
+optimises the method's own parameter groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from . import metrics as M
+from .config import TrainConfig, import_plugins
+from .data import Collator, DatasetInfo, TrainBatches, eval_batches, read_split
+from .deepspeed_config import build as build_ds_config
+from .deepspeed_config import resolve_precision, setup_deepspeed
+
+
+def lr_lambda(config: TrainConfig):
+    """Multiplier of each group's base rate at optimizer step ``s`` (0-based): linear warmup,
+    then cosine or linear decay to ``min_lr_ratio``, or constant."""
+    warm, total, floor = config.warmup_steps, config.max_steps, config.min_lr_ratio
+
+    def f(s: int) -> float:
+        if warm and s < warm:
+            return (s + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warm) / max(1, total - warm))
+        if config.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _label_tokens(batch: dict[str, torch.Tensor], is_lm: bool) -> int:
+    """Targets the loss averages over: shifted non-masked labels for LMs, rows otherwise."""
+    if is_lm:
+        return int((batch["labels"][:, 1:] != -100).sum())
+    return int(batch["labels"].numel())
+
+
+@torch.no_grad()
+def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
+             fallback: dict[str, torch.Tensor], info: DatasetInfo, device: torch.device
+             ) -> dict[str, float]:
+    """Token-weighted eval loss (and accuracy) over every rank's shard of the eval split."""
+    engine.eval()
+    loss_sum = weight = correct = count = 0.0
+    for b in batches:
+        real = b is not None
+        out = engine(**_to(b if real else fallback, device))
+        if not real:
+            continue  # ZeRO-3's forward is collective: a rank with no rows still takes part
+        w = _label_tokens(b, info.is_lm)
+        if w:
+            loss_sum += float(out.loss) * w
+            weight += w
+        logits, labels = out.logits, b["labels"].to(device)
+        if info.is_lm:
+            # Token accuracy over trained positions; logits are tail-aligned with the labels
+            # (prompt methods prepend virtual tokens to the logits, not to the labels).
+            L = labels.shape[1]
+            pred = logits[:, -L:][:, :-1].argmax(-1)
+            tgt = labels[:, 1:]
+            mask = tgt != -100
+            correct += float((pred[mask] == tgt[mask]).sum())
+            count += float(mask.sum())
+        else:
+            correct += float((logits.argmax(-1) == labels).sum())
+            count += float(labels.numel())
+    loss_sum, weight, correct, count = M.all_reduce([loss_sum, weight, correct, count])
+    engine.train()
+    eval_loss = loss_sum / weight if weight else math.nan
+    out = {M.EVAL_LOSS: eval_loss}
+    if info.is_lm:
+        out[M.PERPLEXITY] = math.exp(min(eval_loss, 50.0))
+        out["eval_token_accuracy"] = correct / count if count else math.nan
+    else:
+        out[M.EVAL_ACCURACY] = correct / count if count else math.nan
+    return out
+
+
+def _has_hook(peft_model: Any, name: str) -> bool:
+    from peft_core import Method
+
+    return getattr(type(peft_model.method), name) is not getattr(Method, name)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Train's per-worker function. ``loop_config``: ``train_config`` (TrainConfig as a
+    dict), ``dataset`` (:class:`DatasetInfo` as a dict), optional ``resume_from`` (a
+    checkpoint folder used when Ray has none) and ``pid_dir`` (each rank writes its pid)."""
+    import ray.train
+    import ray.train.torch
+
+    import_plugins(loop_config["train_config"].get("plugins") or [])
+    config = TrainConfig.model_validate(loop_config["train_config"])
+    d = dict(loop_config["dataset"])
+    d["path"] = Path(d["path"])
+    info = DatasetInfo(**d)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if loop_config.get("pid_dir"):
+        pid_dir = Path(loop_config["pid_dir"])
+        pid_dir.mkdir(parents=True, exist_ok=True)
+        (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    setup_deepspeed(shm_comm=config.shm_comm)
+    import deepspeed
+
+    import peft_core
+    from pipelines.models import load_model
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    resolve_precision(config, device.type)  # a bf16 request on CPU fails here, clearly
+    collate = Collator(info)
+    train_rows = read_split(info, "train")
+    eval_rows = read_split(info, "eval")
+    batches = TrainBatches(train_rows, collate, batch_size=config.batch_size,
+                           micro_batch_size=config.micro_batch_size, rank=rank, world=world,
+                           seed=config.seed)
+    ebs = config.eval_batch_size or config.micro_batch_size
+    evals = eval_batches(eval_rows, collate, batch_size=ebs, rank=rank, world=world,
+                         max_batches=config.max_eval_batches)
+    fallback = collate(eval_rows[:1] or train_rows[:1])
+
+    # -- model and method (identical on every rank: same seed, same prepare batches) --------
+    base = load_model(config.model.name, info.task, num_labels=info.num_labels)
+    torch.manual_seed(config.seed)
+    peft_model = peft_core.apply(base, config.method)
+    peft_model.to(device)
+    common = [_to(b, device) for b in batches.common_batches(config.prepare_batches)]
+    peft_model.prepare(common)
+    peft_model.record_adapter_keys()  # prepare may add or resize adapter tensors
+    if config.gradient_checkpointing:
+        peft_model.enable_gradient_checkpointing()
+    if config.zero.stage == 3 and peft_model.regularizer() is not None:
+        raise ValueError(
+            f"zero.stage: method {config.method['name']!r} adds a regularizer over its "
+            "parameters, which ZeRO-3 keeps partitioned outside forward; use stage 0-2"
+        )
+    summary = peft_model.summary()  # before partitioning, so plain numel is right
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=peft_model,
+        model_parameters=peft_model.param_groups(config.lr, config.weight_decay),
+        config=build_ds_config(config, device_type=device.type),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)),
+        dist_init_required=False,
+    )
+
+    # -- resume ---------------------------------------------------------------------------
+    step, history = 0, []
+    restored = ray.train.get_checkpoint()
+    resume_dir = loop_config.get("resume_from")
+    if restored is not None or resume_dir:
+        with (restored.as_directory() if restored is not None
+              else contextlib.nullcontext(resume_dir)) as folder:
+            saved = ckpt.load_resume_state(engine, Path(folder), rank=rank, world=world,
+                                           stage=config.zero.stage)
+        step, history = int(saved["step"]), list(saved.get("history", []))
+
+    static = {
+        M.TRAINABLE_PARAMS: summary["trainable_params"],
+        M.TRAINABLE_FRACTION: summary["trainable_fraction"],
+        "total_params": summary["total_params"],
+    }
+    pipeline_info = {
+        "model": config.model.name,
+        "task": info.task,
+        "tokenizer": info.tokenizer,
+        "label_names": info.label_names,
+        "max_length": info.max_length,
+        "dataset_id": info.dataset_id,
+    }
+    window = M.Window()
+    engine.train()
+    while step < config.max_steps:
+        window.start_step()
+        for mb in batches.micro_batches(step):
+            mb = _to(mb, device)
+            out = engine(**mb)
+            loss = out.loss
+            reg = peft_model.regularizer()
+            total = loss if reg is None else loss + reg
+            engine.backward(total)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            window.add_micro(float(loss.detach()), float(reg.detach()) if reg is not None else 0.0,
+                             int(mb["attention_mask"].sum()))
+        window.end_step()
+        step += 1
+        last = step == config.max_steps
+        if step % config.eval_every and not last:
+            continue
+        report = {M.STEP: step, **static, **window.summarise(),
+                  "lr": scheduler.get_last_lr()[0], **batches.position(step - 1)}
+        window.reset()
+        save = last or step % config.ckpt_every == 0
+        if not save:
+            report.update(evaluate(engine, evals, fallback, info, device))
+            report[M.PEAK_MEM_MB] = M.all_reduce([M.peak_mem_mb(device)], "max")[0]
+            history.append(report)
+            ray.train.report(report)
+            continue
+        with tempfile.TemporaryDirectory(prefix="peftpipe-ckpt-") as tmp:
+            folder = Path(tmp)
+            state = {"step": step, "world_size": world, "zero_stage": config.zero.stage,
+                     "position": batches.position(step), "seed": config.seed,
+                     "finalized": last, "history": history}
+            ckpt.save_resume_state(engine, folder, rank=rank, state=state)
+            if last and _has_hook(peft_model, "finalize"):
+                # Passes after training may read or rewrite any weight: run them on whole
+                # parameters (ZeRO-3 gathers everything once, rank 0's result is kept).
+                with ckpt.gathered(list(peft_model.parameters()), config.zero.stage,
+                                   modifier_rank=0):
+                    peft_model.finalize(common)
+            report.update(evaluate(engine, evals, fallback, info, device))
+            report[M.PEAK_MEM_MB] = M.all_reduce([M.peak_mem_mb(device)], "max")[0]
+            ckpt.save_adapter(peft_model, folder, stage=config.zero.stage, rank=rank,
+                              pipeline=pipeline_info,
+                              training={"step": step, "finalized": last,
+                                        "eval_loss": report[M.EVAL_LOSS]})
+            history.append(report)
+            if rank == 0:
+                (folder / "metrics.json").write_text(_json(report))
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    # Rank 0's return value reaches the driver as Result.return_value.
+    return history
+
+
+def _json(d: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(d, indent=2, sort_keys=True, default=float)
