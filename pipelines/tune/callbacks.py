@@ -1,0 +1,94 @@
+"""Driver-side Ray Tune callbacks: MLflow child runs per trial and a concise live status."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from ..tracking import SearchTracker
+
+ADAPTER = "adapter"
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray's TuneReportCallback
+
+
+def trial_method(config: dict[str, Any]) -> dict[str, Any]:
+    return config["trial"]["method"]
+
+
+class MlflowTrialCallback(Callback):
+    """Logs each trial as a nested MLflow run from the driver (workers need no MLflow access).
+
+    Params once at start, the fixed metrics at every report (a step already logged is
+    skipped, so a resumed search logs nothing twice), the final adapter folder as artifact,
+    and a terminal status: FINISHED (with ``peftpipe.stopped_early``) or FAILED.
+    """
+
+    def __init__(self, tracker: SearchTracker, expected_reports: int, extra_params: dict[str, Any]):
+        self.tracker = tracker
+        self.expected_reports = expected_reports
+        self.extra_params = extra_params
+        self.runs: dict[str, str] = {}
+
+    def _run(self, trial) -> str:
+        if trial.trial_id not in self.runs:
+            t = trial.config["trial"]
+            self.runs[trial.trial_id] = self.tracker.trial_run(
+                trial.trial_id,
+                {"method": t["method"], "lr": t["lr"], **self.extra_params},
+                name=f"{t['method']['name']}-{trial.trial_id}",
+            )
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        self.tracker.log_metrics(self._run(trial), result, step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        ckpt = last.get(CHECKPOINT_PATH_KEY)
+        adapter = Path(ckpt) / ADAPTER if ckpt else None
+        stopped = int(last.get("training_iteration", 0)) < self.expected_reports
+        self.tracker.finish(self._run(trial), "FINISHED",
+                            artifacts={ADAPTER: adapter} if adapter else None,
+                            tags={"peftpipe.stopped_early": stopped,
+                                  "peftpipe.checkpoint": ckpt or ""})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.tracker.finish(self._run(trial), "FAILED",
+                            tags={"peftpipe.error": str(getattr(trial, "error_file", ""))})
+
+
+class StatusCallback(Callback):
+    """One line per trial event (method, step, metric) instead of Ray's wall of logs."""
+
+    def __init__(self, metric: str, stream=None):
+        self.metric = metric
+        self.stream = stream or sys.stdout
+        self.t0 = time.time()
+
+    def _say(self, trial, text: str) -> None:
+        m = trial.config["trial"]["method"]
+        elapsed = time.time() - self.t0
+        print(f"[{elapsed:6.0f}s] {trial.trial_id} {m['name']:<16} {text}", file=self.stream, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(trial, "started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        v = result.get(self.metric)
+        val = f"{v:.4f}" if isinstance(v, float) else v
+        self._say(trial, f"step {result.get('step', '?'):>4}  {self.metric}={val}  "
+                         f"train_loss={result.get('train_loss', float('nan')):.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._say(trial, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(trial, "FAILED (see the trial's error.txt)")

@@ -1,0 +1,36 @@
+"""The search recipe: space, searcher, scheduler, concurrency, objective."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .objective import Objective
+from .space import SearchSpace
+
+
+class TuneConfig(BaseModel):
+    """A Ray Tune search over methods and their hyperparameters.
+
+    ``searcher``: ``random`` (``num_samples`` seeded draws), ``grid`` (every combination,
+    ``num_samples`` ignored) or ``optuna`` (model-based, ``num_samples`` trials).
+    ``scheduler``: ``asha`` stops poor trials at their eval reports; ``fifo`` runs all to the end.
+    ``workers_per_trial`` Ray Train workers per trial; ``max_concurrent_trials`` trials at
+    once; ``cpus_per_worker`` None shares the cluster's CPUs among the concurrent workers.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    space: SearchSpace
+    objective: Objective = Field(default_factory=Objective)
+    searcher: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float | None = Field(None, gt=0)
+    grace_period: int = Field(1, ge=1)  # eval reports before ASHA may stop a trial
+    reduction_factor: int = Field(2, ge=2)
+    seed: int = 0
+    name: str | None = None  # the search id; default: a hash of the recipe and dataset
