@@ -23,9 +23,14 @@ class Architecture:
     ``linear_targets``: default projection modules (suffixes) for reparameterisation methods.
     ``heads``: suffixes of task heads (the LM head or a classification head).
     ``blocks``: regex matching the name of each transformer block.
-    ``attn_out`` / ``ffn_out``: sub-module (relative to a block) whose output is the
-    attention / feed-forward sublayer output before the residual add (hook points of
-    adapters). ``ffn``: the whole feed-forward sublayer (input -> output).
+    The hook points of the additive adapters (``peft_core/methods/adapters.py``, ``coda.py``),
+    all relative to a block:
+    ``attn`` / ``ffn``: the sub-module whose input (first argument or ``hidden_states``) is
+    the attention / feed-forward sublayer input;
+    ``attn_out`` / ``ffn_out``: the sub-module whose output is that sublayer's output before
+    the residual add. When ``ffn_out`` lies inside ``ffn`` (Llama, GPT-2) ``ffn`` is the
+    whole FFN; otherwise (BERT: ``intermediate`` then ``output.dense``) the FFN sublayer is
+    ``ffn_out(ffn(x))``.
     """
 
     linear_targets: tuple[str, ...]
