@@ -1,0 +1,116 @@
+"""The data stage's configuration: one pydantic model whose errors name the field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Task = Literal["classification", "instruction", "causal_lm"]
+Format = Literal["auto", "jsonl", "parquet", "csv", "tsv", "hf_disk"]
+SPLITS = ("train", "eval", "test")
+
+
+class SplitFractions(BaseModel):
+    """Fractions of the rows that go to each split; they must add up to 1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: float = Field(0.8, ge=0.0, le=1.0)
+    eval: float = Field(0.1, ge=0.0, le=1.0)
+    test: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitFractions:
+        total = self.train + self.eval + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"train + eval + test must be 1, got {self.train} + {self.eval} + {self.test} "
+                f"= {total:g}"
+            )
+        if self.train <= 0:
+            raise ValueError("train must be > 0: a dataset needs training rows")
+        return self
+
+
+class DataConfig(BaseModel):
+    """What to read, how to turn rows into token sequences, and where to write them.
+
+    ``sources`` are local paths, globs (``data/*.jsonl``, ``**`` allowed) or URIs pyarrow
+    understands (``s3://bucket/prefix/*.parquet``, ``file:///abs/path``); a folder means
+    every file in it with a known extension, or a Hugging Face ``save_to_disk`` dataset.
+    Columns are named by the ``*_field`` options; a task uses only its own ones.
+
+    The resource knobs (``num_actors``, ``actor_cpus``, ``task_cpus``) do not change the
+    output and are not part of the dataset id; ``batch_size`` is, when ``packing`` is on,
+    because documents are packed within a batch.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(min_length=1)
+    format: Format = "auto"
+    task: Task
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    labels: list[str] | None = None
+    tokenizer: str
+    max_length: int = Field(256, ge=4)
+    packing: bool = False
+    chat_template: bool | None = None
+    dedup: bool = False
+    split: SplitFractions = Field(default_factory=SplitFractions)
+    seed: int = 0
+    data_root: str = "runs/data"
+    max_rows: int | None = Field(None, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    num_actors: int | None = Field(None, ge=1)
+    actor_cpus: float | None = Field(None, gt=0)
+    task_cpus: float | None = Field(None, gt=0)
+    no_progress_timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_strings(cls, v):
+        # YAML gives ints for `labels: [0, 1]`; rows' integer labels are compared as text.
+        if v is None:
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError("expected a non-empty list of label names")
+        out = []
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, (str, int)):
+                raise ValueError(f"label {x!r}: expected a string or an integer")
+            out.append(str(x))
+        if len(set(out)) != len(out):
+            dup = sorted({x for x in out if out.count(x) > 1})
+            raise ValueError(f"duplicate label(s) {dup}")
+        return out
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty_sources(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not s.strip():
+                raise ValueError("a source is an empty string")
+        return v
+
+    @model_validator(mode="after")
+    def _task_options(self) -> DataConfig:
+        if self.packing and self.task != "causal_lm":
+            raise ValueError(f"packing: only the causal_lm task packs documents, not {self.task}")
+        if self.labels is not None and self.task != "classification":
+            raise ValueError(f"labels: only the classification task has labels, not {self.task}")
+        if self.chat_template is not None and self.task != "instruction":
+            raise ValueError(f"chat_template: only the instruction task uses it, not {self.task}")
+        return self
+
+    def fields(self) -> dict[str, str]:
+        """The task's columns: canonical name -> column name in the sources."""
+        if self.task == "classification":
+            return {"text": self.text_field, "label": self.label_field}
+        if self.task == "instruction":
+            return {"prompt": self.prompt_field, "response": self.response_field}
+        return {"text": self.text_field}

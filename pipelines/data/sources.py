@@ -1,0 +1,213 @@
+"""Find the input files behind each source (paths, globs, URIs) and hash their contents.
+
+Every source goes through ``pyarrow.fs``, so a local path, ``file://`` and ``s3://`` URIs
+(and any other filesystem pyarrow was built with) take the same code path, on the driver
+(here) and in the read tasks. A Hugging Face ``save_to_disk`` folder expands into its Arrow
+shards (all splits of a ``DatasetDict``), each its own source.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+#: file extension -> reader format (a compression suffix is looked through)
+EXTENSIONS = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv", ".tab": "tsv",
+    ".arrow": "arrow_stream",
+}
+COMPRESSION = (".gz", ".bz2", ".zst", ".lz4", ".br")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass
+class Source:
+    """One input file: where it is, how to read it, and what its bytes hash to."""
+
+    uri: str  # as shown to the user (rejects, manifest)
+    path: str  # the path inside ``fs``
+    fs: pafs.FileSystem
+    format: str  # jsonl | parquet | csv | tsv | arrow_stream
+    size: int
+    sha256: str = ""
+    # Hugging Face ClassLabel names per column, so integer labels read back as names
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.uri, "sha256": self.sha256, "format": self.format,
+                "bytes": self.size}
+
+
+def _filesystem(source: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, prefix that turns such a path back into a URI)."""
+    if "://" in source:
+        scheme = source.split("://", 1)[0]
+        # from_uri rejects glob characters in the path: resolve the static prefix only.
+        m = _GLOB_CHARS.search(source)
+        static = source if m is None else source[: m.start()]
+        base = static.rsplit("/", 1)[0] if m is not None else static
+        fs, base_path = pafs.FileSystem.from_uri(base)
+        rest = source[len(base):]
+        path = base_path.rstrip("/") + rest if rest else base_path
+        prefix = "" if scheme == "file" else f"{scheme}://"
+        return fs, path, prefix
+    return pafs.LocalFileSystem(), str(Path(source).expanduser().absolute()), ""
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """``**`` crosses folders, ``*`` and ``?`` stay inside one path component."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            j = pattern.find("]", i + 1)
+            if j < 0:
+                out.append(re.escape("["))
+                i += 1
+            else:
+                out.append(fnmatch.translate(pattern[i : j + 1])[4:-3])  # the class alone
+                i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _format_of(path: str) -> str | None:
+    name = path.lower()
+    for c in COMPRESSION:
+        if name.endswith(c):
+            name = name[: -len(c)]
+            break
+    return EXTENSIONS.get("." + name.rsplit(".", 1)[-1]) if "." in name else None
+
+
+def _read_json(fs: pafs.FileSystem, path: str) -> Any:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def _hf_shards(fs: pafs.FileSystem, folder: str) -> list[tuple[str, dict[str, list[str]]]]:
+    """The Arrow shards of a ``save_to_disk`` folder, with ClassLabel names per column."""
+
+    def one(split_dir: str) -> list[tuple[str, dict[str, list[str]]]]:
+        state = _read_json(fs, f"{split_dir}/state.json")
+        names: dict[str, list[str]] = {}
+        info_path = f"{split_dir}/dataset_info.json"
+        if fs.get_file_info(info_path).type == pafs.FileType.File:
+            for col, feat in (_read_json(fs, info_path).get("features") or {}).items():
+                if isinstance(feat, dict) and feat.get("_type") == "ClassLabel":
+                    names[col] = list(feat.get("names") or [])
+        return [(f"{split_dir}/{d['filename']}", names) for d in state["_data_files"]]
+
+    if fs.get_file_info(f"{folder}/dataset_dict.json").type == pafs.FileType.File:
+        splits = _read_json(fs, f"{folder}/dataset_dict.json")["splits"]
+        return [s for name in splits for s in one(f"{folder}/{name}")]
+    return one(folder)
+
+
+def is_hf_folder(fs: pafs.FileSystem, folder: str) -> bool:
+    return any(
+        fs.get_file_info(f"{folder}/{n}").type == pafs.FileType.File
+        for n in ("state.json", "dataset_dict.json")
+    )
+
+
+def _expand(i: int, src: str, fmt: str) -> tuple[pafs.FileSystem, str, list[tuple]]:
+    """(filesystem, URI prefix, [(path, format, size, class names)]) of one source."""
+    fs, path, prefix = _filesystem(src)
+    found: list[tuple[str, str, int, dict[str, list[str]]]] = []
+
+    def add_file(p: str, size: int, *, explicit: bool) -> None:
+        f = fmt if fmt not in ("auto", "hf_disk") else _format_of(p)
+        if f is None:
+            if explicit:
+                raise ValueError(
+                    f"sources[{i}]: cannot tell the format of {src!r} from its name; "
+                    f"set format to one of jsonl, parquet, csv, tsv, hf_disk"
+                )
+            return  # a folder may hold READMEs and the like
+        found.append((p, f, size, {}))
+
+    m = _GLOB_CHARS.search(path)
+    if m:
+        base = path[: m.start()].rsplit("/", 1)[0] or "/"
+        rx = _glob_regex(path)
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        for info in sorted(infos, key=lambda x: x.path):
+            if info.type == pafs.FileType.File and rx.match(info.path):
+                add_file(info.path, info.size, explicit=True)
+        return fs, prefix, found
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"sources[{i}]: {src!r} does not exist")
+    if info.type == pafs.FileType.Directory:
+        if fmt == "hf_disk" or (fmt == "auto" and is_hf_folder(fs, path)):
+            for p, names in _hf_shards(fs, path):
+                found.append((p, "arrow_stream", fs.get_file_info(p).size, names))
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            for f in sorted(infos, key=lambda x: x.path):
+                if f.type == pafs.FileType.File and not Path(f.path).name.startswith("."):
+                    add_file(f.path, f.size, explicit=False)
+    elif fmt == "hf_disk":
+        raise ValueError(f"sources[{i}]: format hf_disk needs a folder, {src!r} is a file")
+    else:
+        add_file(path, info.size, explicit=True)
+    return fs, prefix, found
+
+
+def resolve(sources: list[str], fmt: str = "auto") -> list[Source]:
+    """Expand paths, folders and globs into files, in a stable order, and hash them.
+
+    Raises ``FileNotFoundError`` naming a source that matches nothing and ``ValueError``
+    for a file whose format cannot be told from its name (set ``format``).
+    """
+    out: list[Source] = []
+    seen: set[tuple[str, str]] = set()
+    for i, src in enumerate(sources):
+        fs, prefix, found = _expand(i, src, fmt)
+        if not found:
+            raise FileNotFoundError(f"sources[{i}]: {src!r} matches no readable file")
+        for p, f, size, names in found:
+            if (prefix, p) in seen:
+                continue
+            seen.add((prefix, p))
+            out.append(Source(uri=prefix + p, path=p, fs=fs, format=f, size=size or 0,
+                              class_names=names))
+    for s in out:
+        s.sha256 = sha256_of(s)
+    return out
+
+
+def sha256_of(source: Source, chunk: int = 1 << 22) -> str:
+    """The hash of the file's bytes as stored (compressed files are hashed compressed)."""
+    h = hashlib.sha256()
+    with source.fs.open_input_stream(source.path) as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()

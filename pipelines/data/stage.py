@@ -1,0 +1,278 @@
+"""``prepare(config)``: the data stage as one function over a :class:`DataConfig`.
+
+Flow (Ray Data, streaming, order preserved so the output is deterministic)::
+
+    resolve + hash sources ─► dataset id ─► complete already? return it (cache hit)
+    read (1 task per file: parse, validate, split key, dedup key)
+      [materialise raw rows if labels must be inferred or rows deduplicated]
+    ─► tokenize (actor pool, tokenizer loaded once per actor) ─► [pack] ─► write per split
+    ─► rejects.jsonl, manifest.json ─► rename the temp folder into place
+
+Resources: ``num_actors`` actors of ``actor_cpus`` each plus read/write tasks of
+``task_cpus`` must fit in the cluster, or the tasks would wait on the actors forever; the
+defaults (1 actor on a 2-CPU cluster, half-CPU actor and tasks on a 1-CPU one) always fit.
+The stage returns only after everything is written, so training that follows reads finished
+Parquet and never competes with it for CPUs. ``no_progress_timeout_s`` turns a stall into an
+error (Ray Data's ``execution_no_progress_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import sources as sources_mod
+from . import store
+from .config import SPLITS, DataConfig
+from .encode import EncodeBatch, pack_batch
+from .readers import CorpusDatasource
+from .split import duplicates
+from .store import Manifest
+from .validate import RowSpec, sort_labels
+
+log = logging.getLogger(__name__)
+
+
+def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = None) -> Manifest:
+    """Build (or find) the tokenized dataset for ``config``; return its manifest.
+
+    Uses the running Ray if there is one, else connects to ``ray_address`` (``"auto"``, a
+    ``host:port``) or starts a local Ray. ``manifest.cache_hit`` says whether it was reused.
+    """
+    config = _validated(config)
+    did, srcs, tok_identity = _identify(config)
+    records = [s.record() for s in srcs]
+    template_key = _template_key(config)
+    root = Path(config.data_root)
+    if store.is_complete(root, did):
+        m = store.load_manifest(root, did)
+        m.cache_hit = True
+        log.info("data: dataset %s is complete at %s; reusing it", did, m.path)
+        return m
+
+    from pipelines.models import load_tokenizer
+
+    from .templates import TokenizerFacts
+
+    facts = TokenizerFacts.of(load_tokenizer(config.tokenizer))
+    use_chat = _use_chat(config, facts)
+    if config.packing and facts.eos_token_id is None:
+        raise ValueError(f"packing: tokenizer {config.tokenizer!r} has no EOS token to end "
+                         f"documents with")
+    _ensure_ray(ray_address)
+    actors, actor_cpus, task_cpus = plan_resources(config)
+
+    store.remove_stale(root, did)
+    tmp = store.temp_folder(root, did)
+    try:
+        spec = RowSpec.of(config.fields(), config.labels)
+        with _data_context(config.no_progress_timeout_s):
+            stats, label_names, dropped = _run(config, srcs, spec, tmp, use_chat, facts,
+                                               actors, actor_cpus, task_cpus)
+        store.finish_rejects(tmp)
+        store.fill_empty_splits(tmp, config.task)
+        rejected = sum(stats["rejected"].values())
+        if not sum(stats["rows"].values()):
+            raise ValueError(_all_rejected(tmp / "rejects.jsonl", rejected))
+        manifest = Manifest(
+            dataset_id=did,
+            task=config.task,
+            tokenizer={"name": config.tokenizer, "identity": tok_identity, "class": facts.cls},
+            max_length=config.max_length,
+            pad_token_id=facts.pad_token_id,
+            padding_side=facts.padding_side,
+            template={**template_key, "chat_template": use_chat,
+                      "eos_token_id": facts.eos_token_id},
+            label_names=label_names,
+            num_labels=len(label_names or []),
+            rows={s: stats["rows"].get(s, 0) for s in SPLITS},
+            tokens={s: stats["tokens"].get(s, 0) for s in SPLITS},
+            documents={s: stats["documents"].get(s, 0) for s in SPLITS},
+            rejected=rejected,
+            rejected_by_kind=dict(sorted(stats["rejected"].items())),
+            duplicates=dropped,
+            read_rows=sum(stats["documents"].values()) + rejected + dropped,
+            columns={f.name: str(f.type) for f in store.output_schema(config.task)},
+            sources=records,
+            config=config.model_dump(mode="json"),
+            created_at=store.now(),
+            path=str((root / did).resolve()),
+        )
+        store.commit(tmp, root / did, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return store.load_manifest(root, did)
+
+
+def dataset_id_for(config: DataConfig | dict[str, Any]) -> str:
+    """The id ``prepare(config)`` writes to, without running anything (no Ray)."""
+    return _identify(_validated(config))[0]
+
+
+def _validated(config: DataConfig | dict[str, Any]) -> DataConfig:
+    return config if isinstance(config, DataConfig) else DataConfig.model_validate(config)
+
+
+def _template_key(config: DataConfig) -> dict[str, Any]:
+    return {"chat_template": config.chat_template, "packing": config.packing,
+            "plain_separator": "\n"}
+
+
+def _identify(config: DataConfig) -> tuple[str, list[sources_mod.Source], str]:
+    srcs = sources_mod.resolve(config.sources, config.format)
+    tok_identity = store.tokenizer_identity(config.tokenizer)
+    did = store.dataset_id(config, [s.record() for s in srcs], tok_identity,
+                           _template_key(config))
+    return did, srcs, tok_identity
+
+
+def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, facts,
+         actors: int, actor_cpus: float, task_cpus: float):
+    import ray
+
+    ds = ray.data.read_datasource(
+        CorpusDatasource(srcs, spec, config.task, config.seed, config.split, config.batch_size),
+        num_cpus=task_cpus,
+        # one block stream per file, not re-split into many small blocks
+        override_num_blocks=len(srcs),
+    )
+    if config.max_rows:
+        ds = ds.limit(config.max_rows)
+    label_names = config.labels
+    dropped = 0
+    infer = config.task == "classification" and label_names is None
+    if infer or config.dedup:
+        # Both need every row first: one pass over the raw rows, then only small columns
+        # (keys, labels) travel to the driver.
+        ds = ds.materialize()
+        cols = ["_reject", "_kind", "_src", "_line", "_order", "_dup"] + (["label"] if infer else [])
+        meta = _gather(ds, cols, task_cpus)
+        good = meta.filter(pc.is_null(meta.column("_reject")))
+        if good.num_rows == 0:
+            raise ValueError(_all_rejected_meta(meta, srcs))
+        if infer:
+            label_names = sort_labels(pc.unique(good.column("label")).to_pylist())
+            if len(label_names) < 2:
+                raise ValueError(
+                    f"{config.label_field}: the valid rows have {len(label_names)} distinct "
+                    f"label(s) {label_names}; classification needs at least 2 (or set labels)")
+        if config.dedup:
+            drop = duplicates(good.select(["_dup", "_order"]))
+            dropped = len(drop)
+            if dropped:
+                ds = ds.map_batches(_drop_rows, fn_kwargs={"orders": drop.to_pylist()},
+                                    batch_format="pyarrow", num_cpus=task_cpus)
+    ds = ds.map_batches(
+        EncodeBatch,
+        fn_constructor_kwargs={"tokenizer": config.tokenizer, "task": config.task,
+                               "max_length": config.max_length, "label_names": label_names,
+                               "use_chat": use_chat, "packing": config.packing},
+        batch_size=config.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
+    )
+    if config.packing:
+        ds = ds.map_batches(pack_batch, fn_kwargs={"seq_len": config.max_length},
+                            batch_format="pyarrow", num_cpus=task_cpus)
+    sink = store.SplitSink(str(tmp), config.task, [s.uri for s in srcs],
+                           rows_per_file=max(config.batch_size, 65536))
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": task_cpus})
+    if sink.result is None:
+        raise RuntimeError("data: the write finished without reporting its results")
+    return sink.result, label_names, dropped
+
+
+def _drop_rows(batch: pa.Table, *, orders: list[int]) -> pa.Table:
+    drop = pc.is_in(batch.column("_order"), value_set=pa.array(orders, pa.int64()))
+    return batch.filter(pc.invert(drop))
+
+
+def _gather(ds, columns: list[str], task_cpus: float) -> pa.Table:
+    import ray
+
+    refs = ds.select_columns(columns, num_cpus=task_cpus).to_arrow_refs()
+    tables = [t for t in ray.get(refs) if t.num_rows]
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
+
+def _use_chat(config: DataConfig, facts) -> bool:
+    if config.task != "instruction":
+        return False
+    if config.chat_template and not facts.has_chat_template:
+        raise ValueError(f"chat_template: true, but tokenizer {config.tokenizer!r} has no chat "
+                         f"template (set chat_template: false or leave it unset)")
+    return facts.has_chat_template if config.chat_template is None else config.chat_template
+
+
+def plan_resources(config: DataConfig) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, CPUs per read/write task) that fit in the cluster."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if total <= 0:
+        raise RuntimeError("data: the Ray cluster has no CPU")
+    actors = config.num_actors or max(1, min(8, int(total) - 1))
+    roomy = total >= actors + 1
+    task_cpus = config.task_cpus or (1.0 if roomy else min(0.5, total / (actors + 1)))
+    actor_cpus = config.actor_cpus or (1.0 if roomy else (total - task_cpus) / actors)
+    if actors * actor_cpus + task_cpus > total + 1e-9:
+        raise ValueError(
+            f"num_actors × actor_cpus + task_cpus = {actors} × {actor_cpus:g} + {task_cpus:g} "
+            f"exceeds the cluster's {total:g} CPUs: read and write tasks could never run next "
+            f"to the actors; lower num_actors or actor_cpus")
+    free = float(ray.available_resources().get("CPU", 0.0))
+    if free + 1e-9 < actor_cpus + task_cpus:
+        log.warning("data: only %.2g of %.2g CPUs are free; the stage may wait for them "
+                    "(it fails after no_progress_timeout_s)", free, total)
+    return actors, actor_cpus, task_cpus
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+
+
+@contextlib.contextmanager
+def _data_context(no_progress_timeout_s: float) -> Iterator[None]:
+    """Order-preserving, fail-fast execution for datasets made inside; restored after."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.execution_no_progress_timeout_s)
+    ctx.execution_options.preserve_order = True
+    ctx.execution_no_progress_timeout_s = no_progress_timeout_s
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.execution_no_progress_timeout_s = saved
+
+
+def _summary(kinds: Counter, examples: list[str], total: int) -> str:
+    parts = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+    ex = "; ".join(examples[:3])
+    return f"all {total} rows were rejected ({parts}); first: {ex}"
+
+
+def _all_rejected(rejects_path: Path, total: int) -> str:
+    import json
+
+    rows = [json.loads(x) for x in rejects_path.read_text().splitlines() if x]
+    kinds = Counter(r["kind"] for r in rows)
+    return _summary(kinds, [f"{r['source']}:{r['line']}: {r['reason']}" for r in rows], total)
+
+
+def _all_rejected_meta(meta: pa.Table, srcs) -> str:
+    rows = meta.select(["_src", "_line", "_kind", "_reject"]).to_pylist()
+    kinds = Counter(r["_kind"] for r in rows)
+    ex = [f"{srcs[r['_src']].uri}:{r['_line']}: {r['_reject']}" for r in rows[:3]]
+    return _summary(kinds, ex, len(rows))

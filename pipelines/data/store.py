@@ -1,0 +1,301 @@
+"""The dataset on disk: content-addressed id, manifest, per-split Parquet sink, atomic commit.
+
+Layout of ``{data_root}/{dataset_id}/``::
+
+    manifest.json      written last, inside the temporary folder
+    train/ eval/ test/ Parquet files (an empty split holds one empty file with the schema)
+    rejects.jsonl      one JSON object per rejected row: source, line, kind, reason, raw
+
+The folder is built as ``{data_root}/.tmp-{id}-{host}-{pid}-{rand}/`` and renamed into place
+in one ``os.rename``; a dataset exists only once its folder has that name and holds a
+``manifest.json`` with its id. A run killed at any point leaves at most a ``.tmp-*`` folder,
+which no reader looks at and the next run of the same id deletes (when its process is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+from ray.data.datasource import Datasink
+
+from .config import SPLITS, DataConfig
+
+#: bump when the output of the same inputs changes (templates, columns, split rule)
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.txt", "vocab.json", "merges.txt",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)
+#: ``PEFTPIPE_DATA_COMMIT_DELAY_S``: fault injection for tests, a pause after every file is
+#: written and before the commit (so a test can kill the run at its most complete point)
+COMMIT_DELAY_ENV = "PEFTPIPE_DATA_COMMIT_DELAY_S"
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: what the dataset is, how it was made, and how big each split is."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    dataset_id: str
+    format_version: int = FORMAT_VERSION
+    task: str
+    tokenizer: dict[str, Any]  # name (as given), identity (hash), class
+    max_length: int
+    pad_token_id: int | None
+    padding_side: str
+    template: dict[str, Any]
+    label_names: list[str] | None = None
+    num_labels: int = 0
+    rows: dict[str, int]
+    tokens: dict[str, int]
+    documents: dict[str, int]
+    rejected: int
+    rejected_by_kind: dict[str, int] = Field(default_factory=dict)
+    duplicates: int = 0
+    read_rows: int
+    columns: dict[str, str]
+    sources: list[dict[str, Any]]
+    config: dict[str, Any]
+    created_at: str
+    path: str = ""
+    cache_hit: bool = Field(False, exclude=True)  # set by prepare(), never stored
+
+    def split_path(self, split: str) -> str:
+        if split not in SPLITS:
+            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+        return str(Path(self.path) / split)
+
+
+def tokenizer_identity(name: str) -> str:
+    """A hash of the tokenizer's files (or, for a hub id, of the loaded tokenizer).
+
+    Files, not the loaded object, so a cache hit does not need to import transformers.
+    """
+    from pipelines.models import resolve
+
+    path = Path(resolve(name))
+    h = hashlib.sha256()
+    if path.is_dir():
+        files = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+        if not files:
+            raise FileNotFoundError(f"tokenizer: no tokenizer files in {path}")
+        for f in files:
+            h.update(f.encode() + b"\0" + (path / f).read_bytes() + b"\0")
+        return h.hexdigest()
+    from pipelines.models import load_tokenizer
+
+    tok = load_tokenizer(name)
+    state = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(tok)
+    h.update(state.encode())
+    h.update(repr((getattr(tok, "chat_template", None), tok.special_tokens_map)).encode())
+    return h.hexdigest()
+
+
+def dataset_id(config: DataConfig, sources: list[dict[str, Any]], tokenizer_id: str,
+               template: dict[str, Any]) -> str:
+    """16 hex digits of a hash over everything that changes the output, and nothing else."""
+    key = {
+        "format_version": FORMAT_VERSION,
+        "sources": [(s["sha256"], s["format"]) for s in sources],
+        "tokenizer": tokenizer_id,
+        "task": config.task,
+        "fields": config.fields(),
+        "labels": config.labels,
+        "max_length": config.max_length,
+        "template": template,
+        "dedup": config.dedup,
+        "split": config.split.model_dump(),
+        "seed": config.seed,
+        "max_rows": config.max_rows,
+        # packing is done per batch, so the batch size shapes the packed rows
+        "batch_size": config.batch_size if config.packing else None,
+    }
+    blob = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_manifest(data_root: str | Path, dataset_id: str) -> Manifest:
+    """The manifest of a complete dataset; ``FileNotFoundError`` if there is none."""
+    folder = Path(data_root) / dataset_id
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {dataset_id!r}: no complete dataset at {folder}")
+    m = Manifest.model_validate_json(path.read_text())
+    if m.dataset_id != dataset_id:
+        raise ValueError(f"dataset {dataset_id!r}: {path} belongs to dataset {m.dataset_id!r}")
+    missing = [s for s in SPLITS if not (folder / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"dataset {dataset_id!r}: split folder(s) {missing} missing "
+                                f"in {folder}")
+    m.path = str(folder.resolve())
+    return m
+
+
+def is_complete(data_root: str | Path, dataset_id: str) -> bool:
+    try:
+        load_manifest(data_root, dataset_id)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def output_schema(task: str) -> pa.Schema:
+    labels = pa.int64() if task == "classification" else pa.list_(pa.int32())
+    return pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())),
+                      ("labels", labels), ("length", pa.int32())])
+
+
+class SplitSink(Datasink[dict[str, Any]]):
+    """Writes each write task's rows to ``{split}/part-{task}.parquet`` and its rejected rows to
+    ``_rejects/part-{task}.jsonl``; returns per-split row, token and document counts."""
+
+    def __init__(self, folder: str, task: str, source_uris: list[str], rows_per_file: int):
+        self.folder = folder
+        self.schema = output_schema(task)
+        self.source_uris = source_uris
+        self.rows_per_file = rows_per_file
+        self.result: dict[str, Any] | None = None
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_file
+
+    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, Any]:
+        tables = [b for b in blocks if b.num_rows]
+        stats: dict[str, Any] = {"rows": Counter(), "tokens": Counter(), "documents": Counter(),
+                                 "rejected": Counter()}
+        if not tables:
+            return stats
+        table = pa.concat_tables(tables, promote_options="permissive")
+        split = table.column("_split")
+        for s, name in enumerate(SPLITS):
+            part = table.filter(pc.equal(split, s))
+            if not part.num_rows:
+                continue
+            out = part.select(self.schema.names).cast(self.schema)
+            (Path(self.folder) / name).mkdir(exist_ok=True)
+            pq.write_table(out, Path(self.folder) / name / f"part-{ctx.task_idx:05d}.parquet")
+            stats["rows"][name] += out.num_rows
+            stats["tokens"][name] += int(pc.sum(out.column("length")).as_py() or 0)
+            docs = part.column("_docs") if "_docs" in part.column_names else None
+            stats["documents"][name] += int(pc.sum(docs).as_py() or 0) if docs else out.num_rows
+        rej = table.filter(pc.equal(split, -1))
+        if rej.num_rows:
+            (Path(self.folder) / "_rejects").mkdir(exist_ok=True)
+            with open(Path(self.folder) / "_rejects" / f"part-{ctx.task_idx:05d}.jsonl", "w") as f:
+                for r in rej.select(["_src", "_line", "_kind", "_reject", "_raw"]).to_pylist():
+                    f.write(json.dumps({"source": self.source_uris[r["_src"]], "line": r["_line"],
+                                        "kind": r["_kind"], "reason": r["_reject"],
+                                        "raw": r["_raw"], "_src": r["_src"]},
+                                       ensure_ascii=False) + "\n")
+                    stats["rejected"][r["_kind"]] += 1
+        return stats
+
+    def on_write_complete(self, write_result) -> None:
+        total: dict[str, Counter] = {k: Counter() for k in ("rows", "tokens", "documents",
+                                                             "rejected")}
+        for r in write_result.write_returns:
+            for k in total:
+                total[k].update(r.get(k, {}))
+        self.result = {k: dict(v) for k, v in total.items()}
+
+
+def finish_rejects(folder: Path) -> None:
+    """Merge the write tasks' reject parts into ``rejects.jsonl``, ordered by source and line."""
+    parts = sorted((folder / "_rejects").glob("part-*.jsonl")) if (folder / "_rejects").is_dir() else []
+    rows = [json.loads(line) for p in parts for line in p.read_text().splitlines() if line]
+    rows.sort(key=lambda r: (r.pop("_src"), r["line"]))
+    with open(folder / "rejects.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    shutil.rmtree(folder / "_rejects", ignore_errors=True)
+
+
+def fill_empty_splits(folder: Path, task: str) -> None:
+    """A split without rows still gets a folder with one empty Parquet file (its schema)."""
+    schema = output_schema(task)
+    for name in SPLITS:
+        d = folder / name
+        d.mkdir(exist_ok=True)
+        if not any(d.glob("*.parquet")):
+            pq.write_table(schema.empty_table(), d / "part-empty.parquet")
+
+
+def temp_folder(data_root: Path, dataset_id: str) -> Path:
+    data_root.mkdir(parents=True, exist_ok=True)
+    name = f".tmp-{dataset_id}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = data_root / name
+    path.mkdir()
+    return path
+
+
+def remove_stale(data_root: Path, dataset_id: str) -> list[Path]:
+    """Delete temporary folders of this id left by dead processes on this host."""
+    removed = []
+    host = socket.gethostname()
+    for p in data_root.glob(f".tmp-{dataset_id}-*"):
+        rest = p.name[len(f".tmp-{dataset_id}-"):]
+        h, _, tail = rest.rpartition("-")  # host-pid, rand
+        h, _, pid = h.rpartition("-")
+        if h != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def commit(tmp: Path, final: Path, manifest: Manifest) -> bool:
+    """Write the manifest and rename ``tmp`` to ``final``; False if another run won the race
+    (its complete dataset is kept and ours is dropped)."""
+    delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    _fsync_tree(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if (final / "manifest.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+    return True
+
+
+def _fsync_tree(folder: Path) -> None:
+    # The rename must not reach the disk before the files it publishes (crash, not only kill).
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with contextlib.suppress(OSError), open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,128 @@
+"""Check one parsed row against the task's schema.
+
+A row is a dict from a reader. It passes when every field the task needs is there, has the
+right type and is not blank; the result is the fields as clean strings under their
+canonical names (``text``, ``label``, ``prompt``, ``response``). Otherwise the result is a
+:class:`Reject` whose ``kind`` is one of :data:`KINDS` and whose ``reason`` names the
+column and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = (
+    "missing_field",  # the column is absent or null
+    "wrong_type",  # e.g. a number or a list where text is expected
+    "empty",  # only whitespace
+    "undecodable",  # bytes that are not UTF-8
+    "invalid_json",  # a JSONL line that does not parse, or is not an object
+    "bad_row",  # a CSV record with the wrong number of columns
+    "unknown_label",  # a label outside the configured label set
+    "too_long",  # the template leaves nothing to train on within max_length
+)
+
+
+@dataclass(frozen=True)
+class Reject:
+    kind: str
+    reason: str
+
+
+def _surrogates(s: str) -> bool:
+    # Readers decode with errors="surrogateescape": bytes that are not UTF-8 come back as
+    # lone surrogates U+DC80..U+DCFF, which this finds without a second decode.
+    return any("\udc80" <= ch <= "\udcff" for ch in s) if not s.isascii() else False
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """The task's columns (canonical -> source name) and, optionally, the allowed labels."""
+
+    fields: tuple[tuple[str, str], ...]
+    labels: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, fields: dict[str, str], labels: list[str] | None = None) -> RowSpec:
+        return cls(tuple(fields.items()), frozenset(labels) if labels is not None else None)
+
+    @property
+    def columns(self) -> list[str]:
+        return [src for _, src in self.fields]
+
+    def check(
+        self, row: Any, class_names: dict[str, list[str]] | None = None
+    ) -> dict[str, str] | Reject:
+        if not isinstance(row, dict):
+            return Reject("invalid_json", f"row is not an object (got {type(row).__name__})")
+        out: dict[str, str] = {}
+        for canon, col in self.fields:
+            v = row.get(col)
+            if v is None:
+                return Reject("missing_field", f"missing field {col!r}")
+            if canon == "label":
+                if class_names and col in class_names and isinstance(v, int):
+                    names = class_names[col]
+                    if not 0 <= v < len(names):
+                        return Reject("unknown_label", f"{col!r}: class index {v} outside "
+                                                       f"the {len(names)} ClassLabel names")
+                    v = names[v]
+                got = _label(v)
+                if isinstance(got, Reject):
+                    return Reject(got.kind, f"{col!r}: {got.reason}")
+                if self.labels is not None and got not in self.labels:
+                    return Reject("unknown_label", f"{col!r}: label {got!r} is not one of "
+                                                   f"{sorted(self.labels)}")
+                out[canon] = got
+                continue
+            if isinstance(v, (bytes, bytearray)):
+                try:
+                    v = bytes(v).decode("utf-8")
+                except UnicodeDecodeError:
+                    return Reject("undecodable", f"{col!r}: bytes that are not UTF-8")
+            if not isinstance(v, str):
+                return Reject("wrong_type", f"{col!r}: expected a string, got "
+                                            f"{type(v).__name__} {_short(v)}")
+            if _surrogates(v):
+                return Reject("undecodable", f"{col!r}: bytes that are not UTF-8")
+            if not v.strip():
+                return Reject("empty", f"{col!r}: empty text")
+            out[canon] = v
+        return out
+
+
+def _label(v: Any) -> str | Reject:
+    """Labels are compared as text: ``1``, ``1.0`` and ``"1"`` are the same class."""
+    if isinstance(v, bool):
+        return Reject("wrong_type", f"expected a string or an integer label, got bool {v}")
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, (bytes, bytearray)):
+        try:
+            v = bytes(v).decode("utf-8")
+        except UnicodeDecodeError:
+            return Reject("undecodable", "bytes that are not UTF-8")
+    if isinstance(v, str):
+        if _surrogates(v):
+            return Reject("undecodable", "bytes that are not UTF-8")
+        if not v.strip():
+            return Reject("empty", "empty label")
+        return v.strip()
+    return Reject("wrong_type", f"expected a string or an integer label, got "
+                                f"{type(v).__name__} {_short(v)}")
+
+
+def _short(v: Any, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def sort_labels(labels: list[str]) -> list[str]:
+    """Inferred label order: numeric when every label is an integer, else alphabetical."""
+    try:
+        return sorted(labels, key=int)
+    except ValueError:
+        return sorted(labels)
