@@ -1,0 +1,336 @@
+"""The selective family: only a budgeted subset of the existing weights is fine-tuned.
+
+- ``pafi`` (Liao et al. 2023): the ``k`` smallest-magnitude entries of the target matrices,
+  chosen once at inject time from the base weights alone (task-agnostic).
+- ``sam`` (Fu et al. 2023): the ``k`` entries with the largest second-order score, chosen in
+  :meth:`Method.prepare` from a few training batches (see :func:`sam_scores`).
+- ``diff_pruning`` (Guo et al. 2020): ``W = W0 + z ⊙ w`` with a dense ``w`` and a
+  hard-concrete gate ``z`` per entry (Louizos et al. 2018); the expected L0 norm of the gates
+  is the regulariser; :meth:`Method.finalize` projects the update onto the budget by
+  magnitude, as the paper does at the end of training.
+
+``pafi`` and ``sam`` share :class:`._sparse.SparseDeltaLayer` (``W0 + scatter(idx, δ)``);
+all three save the same sparse file format, ``<module>.sparse_idx`` + ``<module>.sparse_delta``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .. import targets
+from ..config import check
+from ..errors import PeftError
+from ..method import Method
+from ..registry import register
+from ._sparse import (
+    DELTA_SUFFIX,
+    IDX_SUFFIX,
+    SelectiveConfig,
+    SparseDeltaLayer,
+    SparseDeltaMethod,
+    budget_count,
+    check_materialised,
+    encode_sparse,
+    global_topk,
+    sparse_layers,
+)
+
+
+# -- PaFi --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PafiConfig(SelectiveConfig):
+    """The ``budget`` fraction of smallest-magnitude target weights trains."""
+
+    name = "pafi"
+
+
+@register
+class Pafi(SparseDeltaMethod):
+    config_cls = PafiConfig
+
+    def select(self, model: nn.Module, layers: list[SparseDeltaLayer]) -> list[torch.Tensor]:
+        # One global ranking over all targets, as the paper ranks the whole model.
+        mags = [targets.dense_weight(layer.base).abs() for layer in layers]
+        return global_topk(mags, self.budget_k(layers), largest=False)
+
+
+# -- SAM ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SamConfig(SelectiveConfig):
+    """The ``budget`` fraction of target weights with the largest accumulated squared
+    gradient, scored on the batches given to ``prepare``."""
+
+    name = "sam"
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def sam_scores(
+    peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """SAM's score of every target entry, as an (out, in) float32 matrix per wrapped module.
+
+    SAM approximates the loss after fine-tuning the entries in a mask by its second-order
+    Taylor expansion; with a diagonal Hessian the best mask keeps the entries with the
+    largest ``g_i² / h_ii``, and the paper replaces the curvature by a constant and the
+    noisy gradient by one accumulated over several iterations. Here: ``Σ_b g_b²`` over the
+    given batches, ``g_b`` the gradient of batch ``b``'s mean loss w.r.t. the base weights
+    (the diagonal empirical Fisher over batches). The model runs in eval mode (no dropout),
+    so the score is deterministic; it is scored at the current weights, δ included.
+    """
+    model = peft_model.base_model if hasattr(peft_model, "base_model") else peft_model
+    layers = sparse_layers(model)
+    if not layers:
+        raise PeftError("sam: the model has no selective layers to score")
+    weights = [layer.base.weight for _, layer in layers]
+    scores = {n: torch.zeros(layer.d_out, layer.d_in, dtype=torch.float32, device=layer.base.weight.device) for n, layer in layers}
+    device = weights[0].device
+    was_training = peft_model.training
+    peft_model.eval()
+    for w in weights:
+        w.requires_grad_(True)
+    seen = 0
+    try:
+        for i, batch in enumerate(batches):
+            out = peft_model(**_to_device(batch, device))
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise PeftError(f"sam.prepare: batch {i} gave no loss; each batch needs 'labels'")
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            for (name, layer), g in zip(layers, grads):
+                if g is not None:
+                    g = g.T if targets.is_conv1d(layer.base) else g
+                    scores[name] += g.float().square()
+            seen += 1
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+        peft_model.train(was_training)
+    if seen == 0:
+        raise PeftError("sam.prepare: needs at least one training batch to score the weights")
+    return scores
+
+
+@register
+class Sam(SparseDeltaMethod):
+    """Until :meth:`prepare` runs, every mask is empty (nothing trains, the model is the base
+    model); ``prepare`` scores the weights and fills them. ``param_groups`` refuses to build
+    an optimizer over empty masks, so a forgotten ``prepare`` fails loudly."""
+
+    config_cls = SamConfig
+
+    def prepare(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        scores = sam_scores(peft_model, batches)
+        layers = [layer for _, layer in sparse_layers(peft_model.base_model)]
+        chosen = global_topk(list(scores.values()), self.budget_k(layers), largest=True)
+        for layer, idx in zip(layers, chosen):
+            layer.set_indices(idx)
+
+    def param_groups(self, named_params, lr, weight_decay):
+        if not any(n.endswith(DELTA_SUFFIX) and p.numel() for n, p in named_params):
+            raise PeftError(
+                "sam: no weights selected yet; call peft_model.prepare(batches) with a few "
+                "training batches before building the optimizer"
+            )
+        return super().param_groups(named_params, lr, weight_decay)
+
+
+# -- diff pruning ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DiffPruningConfig(SelectiveConfig):
+    """``budget``: fraction of target entries kept by the final magnitude projection.
+    ``l0_weight``: coefficient of the expected L0 norm as a fraction of the target entries
+    (the paper's ``λ·E[L0]`` with ``λ = l0_weight / n``, so it does not depend on model size).
+    The hard-concrete gate: stretch interval (``gate_lower``, ``gate_upper``),
+    ``temperature`` β and initial ``init_log_alpha`` (positive: gates start open).
+    """
+
+    name = "diff_pruning"
+    l0_weight: float = 1.0
+    gate_lower: float = -0.1
+    gate_upper: float = 1.1
+    temperature: float = 2.0 / 3.0
+    init_log_alpha: float = 5.0
+
+    def validate(self) -> None:
+        super().validate()
+        n = self.name
+        check(self.l0_weight >= 0, n, "l0_weight", "a number >= 0", self.l0_weight)
+        check(self.gate_lower < 0, n, "gate_lower", "a number < 0", self.gate_lower)
+        check(self.gate_upper > 1, n, "gate_upper", "a number > 1", self.gate_upper)
+        check(self.temperature > 0, n, "temperature", "a number > 0", self.temperature)
+
+
+# Gate logits that make the deterministic (and, in float32, every sampled) gate exactly 1 or 0.
+_OPEN, _CLOSED = 30.0, -30.0
+
+
+class DiffPruningLayer(nn.Module):
+    """``W0 + z ⊙ w`` on a frozen linear-like ``base``; ``w`` and the gate logits are dense
+    (out, in) parameters during training."""
+
+    def __init__(self, base: nn.Module, config: DiffPruningConfig):
+        super().__init__()
+        self.base = base
+        self.d_in, self.d_out = targets.linear_dims(base)
+        w = base.weight
+        # w = 0: the model starts as the base model; the gates still get the L0 gradient.
+        self.dp_weight = nn.Parameter(torch.zeros(self.d_out, self.d_in, dtype=w.dtype, device=w.device))
+        self.dp_log_alpha = nn.Parameter(
+            torch.full((self.d_out, self.d_in), config.init_log_alpha, dtype=w.dtype, device=w.device)
+        )
+        self.lower, self.upper, self.beta = config.gate_lower, config.gate_upper, config.temperature
+        self.merged = False
+
+    @property
+    def numel(self) -> int:
+        return self.d_in * self.d_out
+
+    def gate(self, sample: bool | None = None) -> torch.Tensor:
+        """Hard-concrete gate ``z ∈ [0, 1]``: sampled in training (reparameterised, so the
+        logits get gradients), the deterministic test-time estimate otherwise."""
+        sample = self.training if sample is None else sample
+        la = self.dp_log_alpha
+        if sample:
+            eps = 1e-6
+            u = torch.rand_like(la).clamp_(eps, 1 - eps)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / self.beta)
+        else:
+            s = torch.sigmoid(la)
+        return (s * (self.upper - self.lower) + self.lower).clamp(0.0, 1.0)
+
+    def expected_l0(self) -> torch.Tensor:
+        """``Σ P(z ≠ 0)``, differentiable in the gate logits."""
+        shift = self.beta * math.log(-self.lower / self.upper)
+        return torch.sigmoid(self.dp_log_alpha - shift).sum()
+
+    def delta_weight(self, sample: bool | None = None) -> torch.Tensor:
+        return self.gate(sample) * self.dp_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        delta = self.delta_weight()
+        if targets.is_conv1d(self.base):
+            delta = delta.T
+        return functional_call(self.base, {"weight": self.base.weight + delta}, (x,))
+
+    def _fold(self, sign: float) -> None:
+        with torch.no_grad():
+            dense = targets.dense_weight(self.base)
+            dense.add_(self.delta_weight(sample=False).to(dense.dtype), alpha=sign)
+
+    def merge(self) -> None:
+        self._fold(+1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self._fold(-1.0)
+        self.merged = False
+
+
+def diff_pruning_layers(model: nn.Module) -> list[tuple[str, DiffPruningLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DiffPruningLayer)]
+
+
+@register
+class DiffPruning(Method):
+    """Training keeps a dense candidate update behind the gates; the saved file keeps only
+    the entries whose deterministic update ``ẑ ⊙ w`` is non-zero, which after
+    :meth:`finalize` are exactly the budget. Loading puts them back as ``w`` with gates
+    fully open (and closed elsewhere), so the loaded model computes the same function.
+    The paper's optional second phase (re-training the kept entries with the mask fixed)
+    is not run here."""
+
+    config_cls = DiffPruningConfig
+    family = "selective"
+    mergeable = True
+
+    def inject(self, model: nn.Module) -> None:
+        for name, module in targets.linear_targets(model, self.config.target_modules):
+            check_materialised(name, module)
+            # A new module starts in training mode; follow the model's (gates sample only in training).
+            layer = DiffPruningLayer(module, self.config).train(module.training)
+            targets.set_submodule(model, name, layer)
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        layers = [layer for _, layer in diff_pruning_layers(model)]
+        if self.config.l0_weight == 0 or not layers:
+            return None
+        total = sum(layer.numel for layer in layers)
+        return self.config.l0_weight * torch.stack([layer.expected_l0() for layer in layers]).sum() / total
+
+    def finalize(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        """Project the update onto the budget: keep the ``k`` largest ``|ẑ ⊙ w|`` over all
+        targets (fewer if fewer are non-zero), zero the rest, and pin the gates."""
+        layers = [layer for _, layer in diff_pruning_layers(peft_model.base_model)]
+        if any(layer.merged for layer in layers):
+            raise PeftError("diff_pruning.finalize: unmerge the adapter before projecting it")
+        with torch.no_grad():
+            deltas = [layer.delta_weight(sample=False) for layer in layers]
+            k = budget_count(sum(layer.numel for layer in layers), self.config.budget)
+            nonzero = sum(int(torch.count_nonzero(d)) for d in deltas)
+            if nonzero <= k:
+                keep = [torch.nonzero(d.reshape(-1)).reshape(-1) for d in deltas]
+            else:
+                keep = global_topk([d.abs() for d in deltas], k, largest=True)
+            for layer, delta, idx in zip(layers, deltas, keep):
+                flat = delta.reshape(-1)
+                w = torch.zeros_like(flat)
+                w[idx] = flat[idx]
+                la = torch.full_like(flat, _CLOSED)
+                la[idx] = _OPEN
+                layer.dp_weight.copy_(w.view_as(layer.dp_weight))
+                layer.dp_log_alpha.copy_(la.view_as(layer.dp_log_alpha))
+
+    def density(self, model: nn.Module) -> float:
+        """Fraction of target entries whose deterministic update is non-zero."""
+        layers = [layer for _, layer in diff_pruning_layers(model)]
+        with torch.no_grad():
+            nnz = sum(int(torch.count_nonzero(layer.delta_weight(sample=False))) for layer in layers)
+        return nnz / sum(layer.numel for layer in layers)
+
+    def merge(self, model: nn.Module) -> None:
+        for _, layer in diff_pruning_layers(model):
+            layer.merge()
+
+    def unmerge(self, model: nn.Module) -> None:
+        for _, layer in diff_pruning_layers(model):
+            layer.unmerge()
+
+    def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(state)
+        for name, layer in diff_pruning_layers(model):
+            w = out.pop(f"{name}.dp_weight")
+            la = out.pop(f"{name}.dp_log_alpha")
+            gate = (torch.sigmoid(la) * (layer.upper - layer.lower) + layer.lower).clamp(0.0, 1.0)
+            delta = (gate * w).reshape(-1)
+            idx = torch.nonzero(delta).reshape(-1)
+            out[f"{name}{IDX_SUFFIX}"] = encode_sparse(idx, layer.numel)
+            out[f"{name}{DELTA_SUFFIX}"] = delta[idx].contiguous()
+        return out
+
+    def decode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(state)
+        for name, layer in diff_pruning_layers(model):
+            ikey, dkey = f"{name}{IDX_SUFFIX}", f"{name}{DELTA_SUFFIX}"
+            if ikey not in out or dkey not in out:
+                continue  # load_adapter_state_dict names the missing keys
+            idx, values = out.pop(ikey).long(), out.pop(dkey)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= layer.numel):
+                raise PeftError(f"{ikey}: index out of range for a {layer.d_out}x{layer.d_in} weight")
+            w = torch.zeros(layer.numel, dtype=values.dtype)
+            w[idx] = values
+            la = torch.full((layer.numel,), _CLOSED, dtype=values.dtype)
+            la[idx] = _OPEN
+            out[f"{name}.dp_weight"] = w.view(layer.d_out, layer.d_in)
+            out[f"{name}.dp_log_alpha"] = la.view(layer.d_out, layer.d_in)
+        return out
