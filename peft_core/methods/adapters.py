@@ -282,7 +282,8 @@ def _sublayer(block: nn.Module, block_name: str, path: str) -> nn.Module:
 def add_serial(block_name: str, block: nn.Module, out_path: str, d: int, r: int,
                activation: str) -> None:
     base = _sublayer(block, block_name, out_path)
-    targets.set_submodule(block, out_path, SerialAdapter(base, Bottleneck(d, r, activation, like_param(base))))
+    wrapper = SerialAdapter(base, Bottleneck(d, r, activation, like_param(base)))
+    targets.set_submodule(block, out_path, wrapper.train(base.training))
 
 
 def add_parallel(block_name: str, block: nn.Module, in_path: str, out_path: str,
@@ -292,7 +293,7 @@ def add_parallel(block_name: str, block: nn.Module, in_path: str, out_path: str,
     wrapper = ParallelAdapter(
         base, Bottleneck(d, r, activation, like_param(base)), scaling, f"{block_name}.{out_path}"
     )
-    targets.set_submodule(block, out_path, wrapper)
+    targets.set_submodule(block, out_path, wrapper.train(base.training))
     first.register_forward_pre_hook(wrapper.capture, with_kwargs=True)
 
 

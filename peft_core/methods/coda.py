@@ -99,7 +99,7 @@ def soft_topk(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, epsilo
     solution uses the smallest m < k with ``s_(m) ≤ τ_m`` (it exists whenever k ≤ n). Solved
     in closed form, so autograd gives the exact gradient of the piecewise-smooth solution.
     """
-    s = scores.float().masked_fill(~valid, _PAD_SCORE)
+    s = scores.masked_fill(~valid, _PAD_SCORE)
     length = s.shape[-1]
     sorted_s, _ = s.sort(dim=-1, descending=True)
     suffix_lse = torch.logcumsumexp((sorted_s / epsilon).flip(-1), dim=-1).flip(-1)
@@ -241,4 +241,6 @@ class Coda(BottleneckMethod):
             # Split FFN (BERT): the sublayer is ffn_out(ffn(x)); run both inside CodaFFN.
             heavy = nn.Sequential(ffn, out)
             targets.set_submodule(block, arch.ffn_out, nn.Identity())
-        targets.set_submodule(block, arch.ffn, CodaFFN(heavy, d, self.config, self._routing, like_param(out)))
+        layer = CodaFFN(heavy, d, self.config, self._routing, like_param(out))
+        # A new module starts in training mode; it must follow the model's (eval: hard top-k).
+        targets.set_submodule(block, arch.ffn, layer.train(ffn.training))
