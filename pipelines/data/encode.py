@@ -51,14 +51,12 @@ def _lengths(ids: pa.ListArray) -> pa.Array:
 class EncodeBatch:
     """Template + tokenizer over a batch of candidate rows (one instance per actor)."""
 
-    def __init__(self, *, tokenizer: str, task: str, max_length: int,
+    def __init__(self, *, tokenizer: templates.TokenizerSpec, task: str, max_length: int,
                  label_names: list[str] | None, use_chat: bool, packing: bool):
         # One thread per actor: the pool is the parallelism, Rust threads would oversubscribe.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from pipelines.models import load_tokenizer
-
-        self.tok = load_tokenizer(tokenizer)
-        self.enc = templates.Encoder(self.tok)
+        self.enc, self.tok = tokenizer.load()
+        self.facts = tokenizer.facts
         self.task = task
         self.max_length = max_length
         self.label_index = {n: i for i, n in enumerate(label_names or [])}
@@ -83,13 +81,16 @@ class EncodeBatch:
         elif self.task == "causal_lm":
             texts = batch.column("text").take(pick).to_pylist()
             limit = None if self.packing else self.max_length
-            for r, x in zip(rows, templates.causal_lm(self.enc, texts, self.tok.eos_token_id, limit)):
+            eos = self.facts.eos_token_id
+            for r, x in zip(rows, templates.causal_lm(self.enc, texts, eos, limit)):
                 ids[r] = x
         else:
             prompts = batch.column("prompt").take(pick).to_pylist()
             responses = batch.column("response").take(pick).to_pylist()
-            out = templates.instruction(self.enc, self.tok, prompts, responses,
-                                        self.max_length, self.use_chat)
+            out = templates.instruction(
+                self.enc, prompts, responses, self.max_length,
+                chat_tok=self.tok if self.use_chat else None,
+                bos=self.facts.bos_token_id, eos=self.facts.eos_token_id)
             for r, p, got in zip(rows, prompts, out):
                 if isinstance(got, Reject):
                     new_rejects[int(r)] = (got, p)

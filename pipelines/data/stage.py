@@ -60,10 +60,13 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
 
     from pipelines.models import load_tokenizer
 
-    from .templates import TokenizerFacts
+    from .templates import TokenizerFacts, TokenizerSpec
 
-    facts = TokenizerFacts.of(load_tokenizer(config.tokenizer))
+    hf_tok = load_tokenizer(config.tokenizer)
+    facts = TokenizerFacts.of(hf_tok)
     use_chat = _use_chat(config, facts)
+    # Actors get the Rust tokenizer alone unless the chat template needs transformers.
+    tok_spec = TokenizerSpec.build(config.tokenizer, hf_tok, needs_hf=use_chat)
     if config.packing and facts.eos_token_id is None:
         raise ValueError(f"packing: tokenizer {config.tokenizer!r} has no EOS token to end "
                          f"documents with")
@@ -75,7 +78,7 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
     try:
         spec = RowSpec.of(config.fields(), config.labels)
         with _data_context(config.no_progress_timeout_s):
-            stats, label_names, dropped = _run(config, srcs, spec, tmp, use_chat, facts,
+            stats, label_names, dropped = _run(config, srcs, spec, tmp, use_chat, tok_spec,
                                                actors, actor_cpus, task_cpus)
         store.finish_rejects(tmp)
         store.fill_empty_splits(tmp, config.task)
@@ -90,7 +93,8 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
             pad_token_id=facts.pad_token_id,
             padding_side=facts.padding_side,
             template={**template_key, "chat_template": use_chat,
-                      "eos_token_id": facts.eos_token_id},
+                      "eos_token_id": facts.eos_token_id,
+                      "worker_tokenizer": "rust" if tok_spec.backend_json else "transformers"},
             label_names=label_names,
             num_labels=len(label_names or []),
             rows={s: stats["rows"].get(s, 0) for s in SPLITS},
@@ -135,7 +139,7 @@ def _identify(config: DataConfig) -> tuple[str, list[sources_mod.Source], str]:
     return did, srcs, tok_identity
 
 
-def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, facts,
+def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok_spec,
          actors: int, actor_cpus: float, task_cpus: float):
     import ray
 
@@ -173,7 +177,7 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, fac
                                     batch_format="pyarrow", num_cpus=task_cpus)
     ds = ds.map_batches(
         EncodeBatch,
-        fn_constructor_kwargs={"tokenizer": config.tokenizer, "task": config.task,
+        fn_constructor_kwargs={"tokenizer": tok_spec, "task": config.task,
                                "max_length": config.max_length, "label_names": label_names,
                                "use_chat": use_chat, "packing": config.packing},
         batch_size=config.batch_size, batch_format="pyarrow",

@@ -38,28 +38,34 @@ _PROBES = [
 
 
 class Encoder:
-    """Batch tokenisation with the Hugging Face tokenizer, through its Rust backend.
+    """Batch tokenisation with a Hugging Face fast tokenizer's Rust backend, or its call.
 
-    The backend's ``encode_batch`` skips the Python-side dict building of ``tokenizer(...)``
-    (about 20% of the time for short rows). It is used only when it gives exactly the ids of
-    ``tokenizer(...)`` on probe strings; otherwise the ordinary call is used.
+    ``encode_batch`` on the backend skips the Python-side dict building of
+    ``tokenizer(...)`` (about 20% of the time for short rows) and needs only the
+    ``tokenizers`` package, so an actor can start without importing transformers or torch.
+    :meth:`from_hf` uses the backend only when it gives exactly the ids of ``tokenizer(...)``
+    on probe strings; otherwise the ordinary call.
     """
 
-    def __init__(self, tok: Any):
-        self.tok = tok
-        backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    def __init__(self, *, backend: Any = None, tok: Any = None, truncation_side: str = "right"):
+        if backend is None and tok is None:
+            raise ValueError("Encoder: needs a backend tokenizer or a Hugging Face tokenizer")
         self.backend = backend
-        if backend is not None and not self._backend_agrees():
-            self.backend = None
+        self.tok = tok
+        self.truncation_side = truncation_side
 
-    def _backend_agrees(self) -> bool:
-        for special in (True, False):
-            for max_length in (None, 8):
-                a = self._hf(_PROBES, special=special, max_length=max_length)
-                b = self._rust(_PROBES, special=special, max_length=max_length)
-                if a != b:
-                    return False
-        return True
+    @classmethod
+    def from_hf(cls, tok: Any) -> Encoder:
+        side = getattr(tok, "truncation_side", "right")
+        backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+        if backend is not None:
+            fast = cls(backend=backend, truncation_side=side)
+            slow = cls(tok=tok, truncation_side=side)
+            if all(fast.ids(_PROBES, special=sp, max_length=ml) ==
+                   slow.ids(_PROBES, special=sp, max_length=ml)
+                   for sp in (True, False) for ml in (None, 8)):
+                return cls(backend=backend, tok=tok, truncation_side=side)
+        return cls(tok=tok, truncation_side=side)
 
     def _hf(self, texts: list[str], *, special: bool, max_length: int | None) -> list[list[int]]:
         enc = self.tok(texts, add_special_tokens=special, truncation=max_length is not None,
@@ -74,7 +80,7 @@ class Encoder:
             b.no_truncation()
         else:
             b.enable_truncation(max_length, stride=0, strategy="longest_first",
-                                direction=getattr(self.tok, "truncation_side", "right"))
+                                direction=self.truncation_side)
         return [e.ids for e in b.encode_batch(texts, add_special_tokens=special)]
 
     def ids(self, texts: list[str], *, special: bool, max_length: int | None = None
@@ -88,11 +94,12 @@ class Encoder:
 
 @dataclass(frozen=True)
 class TokenizerFacts:
-    """What later stages need to know about the tokenizer (it goes into the manifest)."""
+    """What the template and later stages need to know about the tokenizer."""
 
     cls: str
     pad_token_id: int | None
     padding_side: str
+    truncation_side: str
     eos_token_id: int | None
     bos_token_id: int | None
     has_chat_template: bool
@@ -103,10 +110,39 @@ class TokenizerFacts:
             cls=type(tok).__name__,
             pad_token_id=tok.pad_token_id,
             padding_side=tok.padding_side,
+            truncation_side=getattr(tok, "truncation_side", "right"),
             eos_token_id=tok.eos_token_id,
             bos_token_id=tok.bos_token_id,
             has_chat_template=bool(getattr(tok, "chat_template", None)),
         )
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """How a worker gets the tokenizer: the serialized Rust backend when that suffices
+    (checked on the driver), else the name for ``pipelines.models.load_tokenizer``."""
+
+    name: str
+    facts: TokenizerFacts
+    backend_json: str | None = None
+
+    @classmethod
+    def build(cls, name: str, tok: Any, *, needs_hf: bool) -> TokenizerSpec:
+        enc = Encoder.from_hf(tok)
+        rust = enc.backend is not None and not needs_hf
+        return cls(name, TokenizerFacts.of(tok), enc.backend.to_str() if rust else None)
+
+    def load(self) -> tuple[Encoder, Any]:
+        """(encoder, Hugging Face tokenizer or None)."""
+        if self.backend_json is not None:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(self.backend_json)
+            return Encoder(backend=backend, truncation_side=self.facts.truncation_side), None
+        from pipelines.models import load_tokenizer
+
+        tok = load_tokenizer(self.name)
+        return Encoder.from_hf(tok), tok
 
 
 def classification(enc: Encoder, texts: list[str], max_length: int) -> list[list[int]]:
@@ -147,21 +183,25 @@ def chat_segments(tok: Any, prompts: list[str], responses: list[str]
     return heads, tails
 
 
-def instruction(enc: Encoder, tok: Any, prompts: list[str], responses: list[str],
-                max_length: int, use_chat: bool) -> list[tuple[list[int], list[int]] | Reject]:
-    """(input_ids, labels) per row, prompt positions labelled -100; or a Reject."""
-    if use_chat:
-        heads, tails = chat_segments(tok, prompts, responses)
+def instruction(enc: Encoder, prompts: list[str], responses: list[str], max_length: int, *,
+                chat_tok: Any = None, bos: int | None = None, eos: int | None = None
+                ) -> list[tuple[list[int], list[int]] | Reject]:
+    """(input_ids, labels) per row, prompt positions labelled -100; or a Reject.
+
+    ``chat_tok`` (a Hugging Face tokenizer) renders the chat template; without it the plain
+    template uses ``bos`` (when the tokenizer adds one) and ``eos``.
+    """
+    if chat_tok is not None:
+        heads, tails = chat_segments(chat_tok, prompts, responses)
         p_ids = enc.ids(heads, special=False)
         r_ids = enc.ids(tails, special=False)
     else:
         p_ids = enc.ids([p + "\n" for p in prompts], special=False)
-        bos = tok.bos_token_id
         if bos is not None and enc.ids(["a"], special=True)[0][:1] == [bos]:
             p_ids = [[bos, *p] for p in p_ids]
         r_ids = enc.ids(responses, special=False)
-        if tok.eos_token_id is not None:
-            r_ids = [[*r, tok.eos_token_id] for r in r_ids]
+        if eos is not None:
+            r_ids = [[*r, eos] for r in r_ids]
     out: list[tuple[list[int], list[int]] | Reject] = []
     for p, r in zip(p_ids, r_ids):
         if len(p) >= max_length:

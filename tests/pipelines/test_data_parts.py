@@ -208,23 +208,31 @@ def test_duplicates_keep_the_first_occurrence():
 
 
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
-def test_encoder_matches_the_tokenizer_call(toks, name):
+def test_encoders_match_the_tokenizer_call(toks, name):
+    """The driver's encoder and the worker's (the Rust tokenizer alone, rebuilt from its
+    serialization) give exactly the ids of ``tokenizer(...)``."""
     tok = toks[name]
     texts = [r["text"] for r in builtin.movie_review_rows()[:300]]
-    enc = T.Encoder(tok)
-    assert enc.backend is not None  # the fast path is in use for the built-ins
+    driver = T.Encoder.from_hf(tok)
+    assert driver.backend is not None  # the fast path is in use for the built-ins
+    spec = T.TokenizerSpec.build(f"builtin:{name}", tok, needs_hf=False)
+    worker, hf = spec.load()
+    assert hf is None and worker.tok is None
     for special in (True, False):
         for max_length in (None, 16):
             want = tok(texts, add_special_tokens=special, truncation=max_length is not None,
                        max_length=max_length)["input_ids"]
-            assert enc.ids(texts, special=special, max_length=max_length) == want
+            assert driver.ids(texts, special=special, max_length=max_length) == want
+            assert worker.ids(texts, special=special, max_length=max_length) == want
+    # a chat template needs transformers in the worker
+    assert T.TokenizerSpec.build("builtin:smollm2", toks["smollm2"], needs_hf=True).backend_json is None
 
 
 def test_instruction_masks_the_prompt_with_the_chat_template(toks):
     tok = toks["smollm2"]
     pairs = builtin.chatterbot_rows()[:40]
     prompts, responses = [p["prompt"] for p in pairs], [p["response"] for p in pairs]
-    out = T.instruction(T.Encoder(tok), tok, prompts, responses, max_length=512, use_chat=True)
+    out = T.instruction(T.Encoder.from_hf(tok), prompts, responses, 512, chat_tok=tok)
     for (ids, labels), p, r in zip(out, prompts, responses):
         conv = [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         # same ids as tokenizing the whole rendered conversation
@@ -238,20 +246,21 @@ def test_instruction_masks_the_prompt_with_the_chat_template(toks):
 
 def test_instruction_plain_template_and_truncation(toks):
     tok = toks["smollm2"]
-    enc = T.Encoder(tok)
-    (ids, labels), = T.instruction(enc, tok, ["Hi there"], ["Hello!"], 64, use_chat=False)
+    enc = T.Encoder.from_hf(tok)
+    plain = {"bos": tok.bos_token_id, "eos": tok.eos_token_id}
+    (ids, labels), = T.instruction(enc, ["Hi there"], ["Hello!"], 64, **plain)
     n = labels.count(-100)
     assert tok.decode(ids[:n]) == "Hi there\n" and labels[-1] == tok.eos_token_id
     assert tok.decode(labels[n:]) == "Hello!" + tok.eos_token
     long = " ".join(["word"] * 50)
-    out = T.instruction(enc, tok, ["short", long], [long, "x"], 16, use_chat=False)
+    out = T.instruction(enc, ["short", long], [long, "x"], 16, **plain)
     assert len(out[0][0]) == 16 and out[0][1].count(-100) == len(enc.ids(["short\n"], special=False)[0])
     assert isinstance(out[1], Reject) and out[1].kind == "too_long"
 
 
 def test_causal_lm_truncates_and_ends_with_eos(toks):
     tok = toks["smollm2"]
-    docs = T.causal_lm(T.Encoder(tok), ["one two three", "a " * 100], tok.eos_token_id, 20)
+    docs = T.causal_lm(T.Encoder.from_hf(tok), ["one two three", "a " * 100], tok.eos_token_id, 20)
     assert docs[0] == tok("one two three")["input_ids"] + [tok.eos_token_id]
     assert len(docs[1]) == 20
 
