@@ -415,3 +415,24 @@ def test_coda_layer_is_a_coda_ffn_on_bert_split_ffn() -> None:
     block = pm.base_model.bert.encoder.layer[0]
     assert isinstance(block.intermediate, CodaFFN)
     assert isinstance(block.output.dense, torch.nn.Identity)
+
+
+def test_coda_routing_every_token_is_the_parallel_adapter(arch: str) -> None:
+    """With route_fraction = 1 at inference, CoDA computes exactly FFN(x) + s·A(x)."""
+    par = peft_core.apply(tiny.model(arch), {"name": "adapter_parallel", "bottleneck": 3})
+    _perturb(par)
+    coda = peft_core.apply(tiny.model(arch), {"name": "coda", "bottleneck": 3, "route_fraction": 1.0})
+    block_fmt, _, _, ffn_in, ffn_out = HOOKS[arch]
+    with torch.no_grad():
+        for i in range(LAYERS):
+            block = block_fmt.format(i=i)
+            src = _weights(par, f"{block}.{ffn_out}.adapter")
+            for k, v in _weights(coda, f"{block}.{ffn_in}.adapter").items():
+                v.copy_(src[k])
+        for n, p in par.trainable_parameters():  # the classifier head of BERT
+            if ".adapter." not in n:
+                coda.base_model.get_parameter(n).copy_(p)
+    b = _padded_batch(arch)
+    got, want = _outputs(coda, b), _outputs(par, b)
+    real = b["attention_mask"].bool()  # padding skips CoDA's FFN, so compare real tokens only
+    torch.testing.assert_close(got["hidden"][real], want["hidden"][real], atol=1e-5, rtol=0)
