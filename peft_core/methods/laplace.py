@@ -40,6 +40,7 @@ from .. import targets
 from ..config import check
 from ..errors import PeftError
 from ..registry import register
+from ._util import eval_mode, to_device
 from .lora import Lora, LoraConfig, LoraLayer, lora_layers
 
 _GGN_MAX_CLASSES = 16
@@ -274,10 +275,6 @@ def _prediction_logits(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) 
     return logits, mask
 
 
-def _to_device(batch: Mapping[str, Any], device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     # The curvature and the predictive need no loss; drop labels so no head computes one.
     return {k: v for k, v in batch.items() if k != "labels"}
@@ -298,25 +295,20 @@ def fit_posterior(peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Te
     device = layers[0].lora_A.weight.device
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     seen = 0.0
-    was_training = peft_model.training
-    peft_model.eval()
-    try:
-        with torch.enable_grad(), _Tap([lin for lin, _ in blocks]) as tap:
-            for batch in batches:
-                batch = _to_device(batch, device)
-                logits, units = _prediction_logits(peft_model(**_model_inputs(batch)).logits, batch)
-                reduce = logits.ndim == 2
-                bsz = logits.shape[0]
-                inputs = [_per_example(a, bsz) for a in tap.inputs]
-                for acc, a in zip(accs, inputs):
-                    acc.add_inputs(a, _token_mask(batch, bsz, a.shape[1], device), reduce)
-                for v in _pseudo_residuals(logits.detach(), units, cfg.fisher, gen):
-                    grads = tap.output_grads((logits * v).sum())
-                    for acc, a, g in zip(accs, inputs, grads):
-                        acc.add_grads(a, _per_example(g, bsz), reduce)
-                seen += float(units.sum())
-    finally:
-        peft_model.train(was_training)
+    with eval_mode(peft_model), torch.enable_grad(), _Tap([lin for lin, _ in blocks]) as tap:
+        for batch in batches:
+            batch = to_device(batch, device)
+            logits, units = _prediction_logits(peft_model(**_model_inputs(batch)).logits, batch)
+            reduce = logits.ndim == 2
+            bsz = logits.shape[0]
+            inputs = [_per_example(a, bsz) for a in tap.inputs]
+            for acc, a in zip(accs, inputs):
+                acc.add_inputs(a, _token_mask(batch, bsz, a.shape[1], device), reduce)
+            for v in _pseudo_residuals(logits.detach(), units, cfg.fisher, gen):
+                grads = tap.output_grads((logits * v).sum())
+                for acc, a, g in zip(accs, inputs, grads):
+                    acc.add_grads(a, _per_example(g, bsz), reduce)
+            seen += float(units.sum())
     if seen == 0:
         raise PeftError("laplace_lora.finalize: needs at least one batch of training data")
     factor = cfg.dataset_size / seen if cfg.dataset_size else 1.0
@@ -417,10 +409,8 @@ def linearised_moments(
         taus = [tau]
     taus = torch.as_tensor(taus, dtype=torch.float32, device=device).reshape(-1)
     blocks = [(lin, post) for layer in layers for lin, post in layer.blocks()]
-    batch = _to_device(batch, device)
-    was_training = peft_model.training
-    peft_model.eval()
-    try:
+    batch = to_device(batch, device)
+    with eval_mode(peft_model):
         with torch.enable_grad(), _Tap([lin for lin, _ in blocks]) as tap:
             logits = peft_model(**_model_inputs(batch)).logits
             if logits.ndim != 2:
@@ -438,8 +428,6 @@ def linearised_moments(
                     [torch.einsum("bto,bti->boi", _per_example(g[i], bsz).float(), inputs[i]) for g in per_out]
                 )
                 cov += post.function_cov(jac, taus)
-    finally:
-        peft_model.train(was_training)
     mean = logits.detach().float()
     if n_cls == 2:
         mean = torch.stack([torch.zeros_like(mean[:, 0]), mean[:, 1] - mean[:, 0]], 1)

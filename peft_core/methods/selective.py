@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from ._sparse import (
     global_topk,
     sparse_layers,
 )
+from ._util import eval_mode, to_device
 
 
 # -- PaFi --------------------------------------------------------------------------------------
@@ -69,10 +71,6 @@ class SamConfig(SelectiveConfig):
     name = "sam"
 
 
-def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def sam_scores(
     peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
@@ -93,27 +91,25 @@ def sam_scores(
     weights = [layer.base.weight for _, layer in layers]
     scores = {n: torch.zeros(layer.d_out, layer.d_in, dtype=torch.float32, device=layer.base.weight.device) for n, layer in layers}
     device = weights[0].device
-    was_training = peft_model.training
-    peft_model.eval()
     for w in weights:
         w.requires_grad_(True)
     seen = 0
     try:
-        for i, batch in enumerate(batches):
-            out = peft_model(**_to_device(batch, device))
-            loss = getattr(out, "loss", None)
-            if loss is None:
-                raise PeftError(f"sam.prepare: batch {i} gave no loss; each batch needs 'labels'")
-            grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            for (name, layer), g in zip(layers, grads):
-                if g is not None:
-                    g = g.T if targets.is_conv1d(layer.base) else g
-                    scores[name] += g.float().square()
-            seen += 1
+        with eval_mode(peft_model), torch.enable_grad():
+            for i, batch in enumerate(batches):
+                out = peft_model(**to_device(batch, device))
+                loss = getattr(out, "loss", None)
+                if loss is None:
+                    raise PeftError(f"sam.prepare: batch {i} gave no loss; each batch needs 'labels'")
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                for (name, layer), g in zip(layers, grads):
+                    if g is not None:
+                        g = g.T if targets.is_conv1d(layer.base) else g
+                        scores[name] += g.float().square()
+                seen += 1
     finally:
         for w in weights:
             w.requires_grad_(False)
-        peft_model.train(was_training)
     if seen == 0:
         raise PeftError("sam.prepare: needs at least one training batch to score the weights")
     return scores
@@ -134,7 +130,9 @@ class Sam(SparseDeltaMethod):
         for layer, idx in zip(layers, chosen):
             layer.set_indices(idx)
 
-    def param_groups(self, named_params, lr, weight_decay):
+    def param_groups(
+        self, named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
         if not any(n.endswith(DELTA_SUFFIX) and p.numel() for n, p in named_params):
             raise PeftError(
                 "sam: no weights selected yet; call peft_model.prepare(batches) with a few "

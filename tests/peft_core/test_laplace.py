@@ -213,3 +213,12 @@ def test_calibration_metrics_by_hand() -> None:
 def test_bad_config_names_the_field() -> None:
     with pytest.raises(peft_core.ConfigError, match=r"laplace_lora\.hessian"):
         peft_core.MethodConfig.from_dict({"name": "laplace_lora", "hessian": "full"})
+
+
+def test_fit_and_predict_leave_every_module_in_its_own_mode() -> None:
+    pm = _model("kfac").train()
+    pm.base_model.bert.encoder.eval()
+    modes = {n: m.training for n, m in pm.named_modules()}
+    pm.finalize([tiny.batch("bert")])
+    laplace.predictive_probs(pm, tiny.batch("bert"))
+    assert {n: m.training for n, m in pm.named_modules()} == modes

@@ -209,18 +209,20 @@ def test_sam_mask_survives_save_and_load(tmp_path) -> None:
 
 def test_hard_concrete_gate_matches_its_expected_l0() -> None:
     torch.manual_seed(0)
-    base = torch.nn.Linear(4, 1)
+    # 20000 rows of the same four gate logits: one sample of the layer is 20000 draws each.
+    base = torch.nn.Linear(4, 20000)
     cfg = peft_core.MethodConfig.from_dict({"name": "diff_pruning"})
     layer = DiffPruningLayer(base, cfg)
+    logits = torch.tensor([-3.0, -0.5, 0.5, 3.0])
     with torch.no_grad():
-        layer.dp_log_alpha.copy_(torch.tensor([[-3.0, -0.5, 0.5, 3.0]]))
-    z = torch.stack([layer.gate(sample=True) for _ in range(20000)])
+        layer.dp_log_alpha.copy_(logits.expand(20000, 4))
+    z = layer.gate(sample=True).detach()
     assert z.min() >= 0 and z.max() <= 1
     p_nonzero = (z > 0).double().mean(0)
     shift = cfg.temperature * math.log(-cfg.gate_lower / cfg.gate_upper)
-    analytic = torch.sigmoid(layer.dp_log_alpha.detach().double() - shift)
+    analytic = torch.sigmoid(logits.double() - shift)
     torch.testing.assert_close(p_nonzero, analytic, atol=0.015, rtol=0)
-    torch.testing.assert_close(layer.expected_l0().detach().double(), analytic.sum(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.expected_l0().detach().double(), 20000 * analytic.sum(), rtol=1e-5, atol=0)
     # Both ends of the stretched interval are reached with positive probability (hard zeros).
     assert (z == 0).any() and (z == 1).any()
     # The deterministic gate: clamp(sigmoid(log α)(r - l) + l, 0, 1).
@@ -246,3 +248,12 @@ def test_l0_penalty_closes_gates() -> None:
 def test_bad_config_names_the_field(cfg: dict, field: str) -> None:
     with pytest.raises(peft_core.ConfigError, match=field.replace(".", r"\.")):
         peft_core.MethodConfig.from_dict(cfg)
+
+
+def test_sam_prepare_leaves_every_module_in_its_own_mode() -> None:
+    pm = peft_core.apply(tiny.model("bert"), {"name": "sam"})  # wrapper trains, base is eval
+    modes = {n: m.training for n, m in pm.named_modules()}
+    assert len(set(modes.values())) == 2
+    pm.prepare([tiny.batch("bert")])
+    assert {n: m.training for n, m in pm.named_modules()} == modes
+    assert not any(layer.base.weight.requires_grad for _, layer in sparse_layers(pm.base_model))
