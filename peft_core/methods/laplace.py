@@ -107,15 +107,17 @@ class KronPosterior(nn.Module):
 
     def eigenvalues(self) -> torch.Tensor:
         """Eigenvalues of ``G ⊗ A`` in the kept directions (all others are 0)."""
-        return torch.outer(self.out_vals, self.in_vals).reshape(-1)
+        return torch.outer(self.out_vals.float(), self.in_vals.float()).reshape(-1)
 
     def function_cov(self, jac: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         """``J Σ Jᵀ`` for per-example, per-class Jacobians ``jac`` (C, B, out, in) and each
         prior precision in ``taus``: (T, B, C, C)."""
         # Σ = Σ_kl (u_k⊗v_l)(u_k⊗v_l)ᵀ/(λ_kl+τ) + (I - P_kept)/τ
         #   = I/τ - Σ_kl (u_k⊗v_l)(u_k⊗v_l)ᵀ λ_kl / (τ(λ_kl+τ))
-        jt = torch.einsum("ok,cboi,il->cbkl", self.out_vecs, jac, self.in_vecs)
-        lam = torch.outer(self.out_vals, self.in_vals)
+        # Buffers may have been cast with the model (e.g. to bf16); compute in the Jacobian's dtype.
+        u, v = self.out_vecs.to(jac.dtype), self.in_vecs.to(jac.dtype)
+        jt = torch.einsum("ok,cboi,il->cbkl", u, jac, v)
+        lam = torch.outer(self.out_vals, self.in_vals).to(jac.dtype)
         w = lam / (taus[:, None, None] * (lam + taus[:, None, None]))  # (T, mo, mi)
         full = torch.einsum("cboi,dboi->bcd", jac, jac)
         kept = torch.einsum("cbkl,dbkl,tkl->tbcd", jt, jt, w)
@@ -133,10 +135,10 @@ class DiagPosterior(nn.Module):
         self.hess.copy_(acc.diag)
 
     def eigenvalues(self) -> torch.Tensor:
-        return self.hess.reshape(-1)
+        return self.hess.float().reshape(-1)
 
     def function_cov(self, jac: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        inv = 1.0 / (self.hess[None] + taus[:, None, None])  # (T, out, in)
+        inv = 1.0 / (self.hess.to(jac.dtype)[None] + taus[:, None, None])  # (T, out, in)
         return torch.einsum("cboi,dboi,toi->tbcd", jac, jac, inv)
 
 
