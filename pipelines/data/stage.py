@@ -39,6 +39,7 @@ from .store import Manifest
 from .validate import RowSpec, sort_labels
 
 log = logging.getLogger(__name__)
+BLOCK_BYTES = 1 << 20  # Ray Data block size for this stage (see _data_context)
 
 
 def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = None) -> Manifest:
@@ -187,7 +188,7 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
         ds = ds.map_batches(pack_batch, fn_kwargs={"seq_len": config.max_length},
                             batch_format="pyarrow", num_cpus=task_cpus)
     sink = store.SplitSink(str(tmp), config.task, [s.uri for s in srcs],
-                           rows_per_file=max(config.batch_size, 65536))
+                           rows_per_file=max(config.batch_size, 32768))
     ds.write_datasink(sink, ray_remote_args={"num_cpus": task_cpus})
     if sink.result is None:
         raise RuntimeError("data: the write finished without reporting its results")
@@ -224,9 +225,11 @@ def plan_resources(config: DataConfig) -> tuple[int, float, float]:
     if total <= 0:
         raise RuntimeError("data: the Ray cluster has no CPU")
     actors = config.num_actors or max(1, min(8, int(total) - 1))
-    roomy = total >= actors + 1
-    task_cpus = config.task_cpus or (1.0 if roomy else min(0.5, total / (actors + 1)))
-    actor_cpus = config.actor_cpus or (1.0 if roomy else (total - task_cpus) / actors)
+    # Room for the actors plus one read and one write task at once: Ray Data holds back an
+    # operator whose share does not fit, so a tighter plan serialises read, tokenize, write.
+    roomy = total >= actors + 2
+    task_cpus = config.task_cpus or (1.0 if roomy else min(0.5, total / (actors + 2)))
+    actor_cpus = config.actor_cpus or (1.0 if roomy else (total - 2 * task_cpus) / actors)
     if actors * actor_cpus + task_cpus > total + 1e-9:
         raise ValueError(
             f"num_actors × actor_cpus + task_cpus = {actors} × {actor_cpus:g} + {task_cpus:g} "
@@ -252,13 +255,19 @@ def _data_context(no_progress_timeout_s: float) -> Iterator[None]:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.execution_no_progress_timeout_s)
+    saved = (ctx.execution_options.preserve_order, ctx.execution_no_progress_timeout_s,
+             ctx.target_max_block_size)
     ctx.execution_options.preserve_order = True
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s
+    # Ray coalesces a read task's output up to this size before passing it on: at the
+    # 128 MiB default a whole file is one block, so one actor tokenizes it while the others
+    # idle and nothing overlaps with the read. Packed rows also depend on it (fixed here).
+    ctx.target_max_block_size = BLOCK_BYTES
     try:
         yield
     finally:
-        ctx.execution_options.preserve_order, ctx.execution_no_progress_timeout_s = saved
+        (ctx.execution_options.preserve_order, ctx.execution_no_progress_timeout_s,
+         ctx.target_max_block_size) = saved
 
 
 def _summary(kinds: Counter, examples: list[str], total: int) -> str:
