@@ -196,10 +196,10 @@ class CodaFFN(nn.Module):
             lam = soft_topk(scores, k, valid, self.epsilon).to(x.dtype)
             return light + lam.unsqueeze(-1) * self.heavy(x)
         rows, cols = hard_topk(scores, k, valid).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            return light
         # Gather the routed tokens into one (1, N, d) sequence, run the FFN on them only,
         # and scatter the results back; the other tokens never touch the FFN's weights.
+        # Called even with N = 0 (an all-padding batch): under ZeRO-3 every rank must take
+        # part in gathering the FFN's weights, or the others wait forever.
         heavy = self.heavy(x[rows, cols].unsqueeze(0)).squeeze(0)
         return light.index_put((rows, cols), heavy, accumulate=True)
 
