@@ -1,14 +1,19 @@
-"""A real Ray Tune search over several methods with ASHA, tracked in real MLflow, then a
-promotion through the registry."""
+"""A real Ray Tune search over several methods with ASHA, tracked in real MLflow (embedded
+SQLite and a real ``mlflow server``), then promotion, a refused worse candidate, rollback,
+and the registered adapter predicting as at the end of its trial."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from pipelines import tracking
+import peft_core
+from pipelines import registry, tracking
+from pipelines.promote import promote
 from pipelines.train import ModelConfig, TrainConfig
 from pipelines.tune import TuneConfig
 from tests.pipelines import train_helpers
+from tests.pipelines.mlflow_server import mlflow_server
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -27,37 +32,63 @@ def ray_with_dashboard():
         ray.shutdown()
 
 
-def test_search_over_methods_with_asha(ray_with_dashboard, tmp_path) -> None:
-    from pipelines.tune.stage import search
-
-    data = train_helpers.write_dataset(tmp_path / "data", "classification", rows=64, eval_rows=16)
+def small_search(tmp_path, **tune_overrides):
+    data = train_helpers.write_dataset(tmp_path / "data", "classification", rows=64, eval_rows=32)
     model = train_helpers.save_tiny("bert", tmp_path / "bert")
     train = TrainConfig(model=ModelConfig(name=str(model)), num_workers=1, batch_size=8,
-                        micro_batch_size=8, max_steps=8, eval_every=2, lr=1e-2,
+                        micro_batch_size=8, max_steps=6, eval_every=2, lr=1e-2,
                         storage_path=str(tmp_path / "unused"))
     tune_cfg = TuneConfig.model_validate({
-        "space": {"methods": {"lora": {"rank": [2, 4]}, "lora_plus": {"rank": 4},
+        "space": {"methods": {"lora": {"rank": 4}, "lora_plus": {"rank": 4},
                               "linear_probe": {}, "full": {}},
                   "lr": [1e-2]},
         "searcher": "grid", "scheduler": "asha", "max_concurrent_trials": 2,
         "grace_period": 1, "reduction_factor": 2,
         "objective": {"metric": "eval_accuracy", "mode": "max"},
+        **tune_overrides,
     })
-    res = search(train, tune_cfg, manifest=data, run_dir=tmp_path / "run", verbose=False)
+    return data, train, tune_cfg
 
-    assert len(res.trials) == 5
-    assert {t["method"]["name"] for t in res.trials} == {"lora", "lora_plus", "linear_probe", "full"}
+
+@pytest.fixture(scope="module", params=["sqlite", "server"])
+def searched(request, ray_with_dashboard, tmp_path_factory):
+    from pipelines.tune.stage import search
+
+    tmp = tmp_path_factory.mktemp(f"search-{request.param}")
+    data, train, tune_cfg = small_search(tmp)
+    if request.param == "server":
+        # The same flow through a real server, on a smaller grid to keep the suite short.
+        tune_cfg = tune_cfg.model_copy(update={"space": tune_cfg.space.model_copy(
+            update={"methods": {"lora": {"rank": 4}, "linear_probe": {}}})})
+
+    def run(track):
+        res = search(train, tune_cfg, manifest=data, run_dir=tmp / "run", tracking=track,
+                     verbose=False)
+        return {"result": res, "data": data, "tracking": track, "run_dir": tmp / "run", "tmp": tmp}
+
+    if request.param == "sqlite":
+        yield run(tracking.TrackingConfig(experiment="search"))
+    else:
+        with mlflow_server(tmp / "mlflow") as uri:
+            yield run(tracking.TrackingConfig(tracking_uri=uri, experiment="search"))
+
+
+def test_search_trials_runs_and_early_stopping(searched) -> None:
+    res = searched["result"]
+    names = {t["method"]["name"] for t in res.trials}
+    assert len(res.trials) == len(names) and names >= {"lora", "linear_probe"}
     assert all(t["status"] in ("completed", "stopped early") for t in res.trials), res.trials
-    assert any(t["status"] == "stopped early" for t in res.trials), "ASHA stopped nothing"
-    assert res.best is not None and res.best["adapter_dir"]
+    if len(res.trials) >= 4:
+        assert any(t["status"] == "stopped early" for t in res.trials), "ASHA stopped nothing"
+    assert res.best is not None and res.best["status"] == "completed" and res.best["adapter_dir"]
     for t in res.trials:
         assert t["metrics"]["trainable_fraction"] > 0 and "eval_accuracy" in t["metrics"]
+    assert res.pareto
 
-    client = tracking.client(tracking.TrackingConfig(), tmp_path / "run")
-    children = client.search_runs([client.get_run(res.parent_run_id).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
-    assert len(children) == 5
-    assert all(r.info.status == "FINISHED" for r in children)
+    client = tracking.client(searched["tracking"], searched["run_dir"])
+    exp = client.get_run(res.parent_run_id).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(children) == len(res.trials) and all(r.info.status == "FINISHED" for r in children)
     best = client.get_run(res.best["mlflow_run_id"])
     assert best.data.params["method.name"] == res.best["method"]["name"]
     assert best.data.tags["dataset_id"] == "tiny-classification-0"
@@ -65,4 +96,45 @@ def test_search_over_methods_with_asha(ray_with_dashboard, tmp_path) -> None:
     assert "eval_accuracy" in best.data.metrics
     assert any(f.path == "adapter" for f in client.list_artifacts(best.info.run_id))
     steps = [m.step for m in client.get_metric_history(best.info.run_id, "train_loss")]
-    assert steps == sorted(set(steps)), "a step was logged twice"
+    assert steps == sorted(set(steps)) and steps, "a step was logged twice"
+    stopped = [c for c in children if c.data.tags.get("peftpipe.stopped_early") == "True"]
+    assert len(stopped) == sum(t["status"] == "stopped early" for t in res.trials)
+
+
+def test_promote_reject_rollback_and_serve(searched) -> None:
+    res, tmp = searched["result"], searched["tmp"]
+    rcfg = registry.RegistryConfig(model_name="tiny-cls", metric="eval_loss", mode="min")
+    kw = {"manifest": searched["data"], "config": rcfg, "tracking_config": searched["tracking"],
+          "run_dir": searched["run_dir"]}
+    ranked = sorted((t for t in res.trials if t["adapter_dir"]),
+                    key=lambda t: t["metrics"]["eval_loss"])
+    first = promote(run_id=ranked[-1]["mlflow_run_id"], **kw)  # the worst trial: first champion
+    assert first.promoted and first.reason == "no champion yet"
+    better = promote(run_id=ranked[0]["mlflow_run_id"], **kw)
+    assert better.promoted, better.reason
+    worse = promote(run_id=ranked[-1]["mlflow_run_id"], **kw)
+    assert not worse.promoted and "does not beat" in worse.reason
+    client = tracking.client(searched["tracking"], searched["run_dir"])
+    assert registry.alias_version(client, "tiny-cls", registry.CHAMPION) == better.version
+    back = registry.rollback(client, "tiny-cls")
+    assert back.version == first.version
+    assert registry.alias_version(client, "tiny-cls", registry.CHAMPION) == first.version
+    registry.set_alias(client, "tiny-cls", registry.CHAMPION, better.version)
+
+    # The registered champion predicts exactly as the adapter at the end of its trial.
+    _, folder = registry.download(client, "models:/tiny-cls@champion", tmp / "champion")
+    data = train_helpers.write_dataset(tmp / "data2", "classification", rows=8, eval_rows=8, seed=5)
+    from pipelines.train.data import Collator, read_manifest, read_split
+
+    info = read_manifest(data)
+    batch = Collator(info)(read_split(info, "eval"))
+    batch.pop("labels")
+    model_dir = str(tmp / "bert")
+    outs = []
+    for adapter in (folder, ranked[0]["adapter_dir"]):
+        from pipelines import models
+
+        pm = peft_core.load_adapter(models.load_model(model_dir, "classification", num_labels=2), adapter)
+        with torch.no_grad():
+            outs.append(pm.eval()(**batch).logits)
+    torch.testing.assert_close(outs[0], outs[1])

@@ -1,0 +1,71 @@
+"""Promotion: register a search's winner and move ``champion`` only if it earns it.
+
+The candidate and the current champion are both evaluated on the held-out ``test`` split of
+the candidate's dataset (same code, same rows), and the registry decides with the margin.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import registry, tracking
+from .evaluate import evaluate_adapter
+from .serve import pipeline_info
+
+
+class PromotionError(RuntimeError):
+    """Nothing to promote (no eligible trial, unknown search...)."""
+
+
+def find_search(client, experiment: str, search_id: str):
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`{tracking.TAG_SEARCH}` = '{search_id}' and tags.`{tracking.TAG_KIND}` = 'search'",
+        max_results=1,
+    )
+    if not runs:
+        raise PromotionError(f"search {search_id!r}: no such search in this tracking store")
+    return runs[0]
+
+
+def promote(*, run_id: str, manifest: Any, config: registry.RegistryConfig,
+            tracking_config: tracking.TrackingConfig, run_dir: str | Path,
+            tags: dict[str, Any] | None = None, split: str = "test") -> registry.Decision:
+    """Register the adapter logged by MLflow run ``run_id`` and decide on ``champion``."""
+    client = tracking.client(tracking_config, run_dir)
+    run = client.get_run(run_id)
+    version = registry.register_candidate(
+        client, config.model_name, run_id,
+        tags={"method": run.data.params.get("method.name", ""),
+              "dataset_id": run.data.tags.get("dataset_id", ""),
+              "search_id": run.data.tags.get(tracking.TAG_SEARCH, ""), **(tags or {})},
+    )
+    cache: dict[str, float] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="peftpipe-promote-"))
+    candidate_model: dict[str, str] = {}
+
+    def score(v: str) -> float:
+        if v not in cache:
+            _, folder = registry.download(client, f"models:/{config.model_name}/{v}", scratch / v)
+            meta = pipeline_info(folder)
+            if v == version:
+                candidate_model.update(model=meta["model"])
+            elif meta["model"] != candidate_model.get("model"):
+                # Scores on another base model's tokenization are not comparable.
+                raise PromotionError(
+                    f"champion v{v} is built on {meta['model']!r}, the candidate on "
+                    f"{candidate_model.get('model')!r}: not comparable on one test split; "
+                    "register it under another model name"
+                )
+            metrics = evaluate_adapter(folder, manifest, split=split)
+            if config.metric not in metrics:
+                raise PromotionError(
+                    f"registry.metric: {config.metric!r} is not measured for this task; "
+                    f"available: {sorted(metrics)}"
+                )
+            cache[v] = metrics[config.metric]
+        return cache[v]
+
+    return registry.decide(client, config, version, score)
