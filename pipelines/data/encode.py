@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import templates
+from . import store, templates
 from .validate import Reject
 
 PASS_COLUMNS = ["_split", "_src", "_line", "_kind", "_reject", "_raw"]
@@ -160,3 +160,27 @@ def pack_batch(batch: pa.Table, *, seq_len: int) -> pa.Table:
         "_reject": nulls("_reject", pa.string()),
         "_raw": nulls("_raw", pa.string()),
     })
+
+
+class TokenizeAndWrite:
+    """The actor of the stage: template + tokenize (+ pack) a batch, write it, return counts.
+
+    Ray Data fuses the read into this actor's operator (same resources, whole blocks as
+    batches), so one worker process reads, tokenizes and writes: nothing else needs starting.
+    Part files are named after the batch's first input position (source, line), so their
+    names sort in input order and do not depend on which actor wrote them.
+    """
+
+    def __init__(self, *, folder: str, source_uris: list[str], **encode_kwargs: Any):
+        self.encode = EncodeBatch(**encode_kwargs)
+        self.folder = folder
+        self.source_uris = source_uris
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not batch.num_rows:
+            return store.write_part(batch, self.folder, self.encode.task, self.source_uris, "")
+        name = f"part-{batch.column('_src')[0].as_py():05d}-{batch.column('_line')[0].as_py():012d}"
+        out = self.encode(batch)
+        if self.encode.packing:
+            out = pack_batch(out, seq_len=self.encode.max_length)
+        return store.write_part(out, self.folder, self.encode.task, self.source_uris, name)

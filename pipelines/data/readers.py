@@ -39,13 +39,17 @@ def _open(source: Source):
     return source.fs.open_input_stream(source.path, compression="detect")
 
 
-def _byte_lines(stream, chunk: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines without their end-of-line bytes, read in chunks (any file size)."""
-    n, tail = 0, b""
-    while True:
-        buf = stream.read(chunk)
+def _byte_lines(stream, chunk: int = 1 << 22, limit: int = -1, first: int = 1
+                ) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines without their end-of-line bytes, read in chunks (any file size);
+    at most ``limit`` bytes when it is not -1, numbering from ``first``."""
+    n, tail = first - 1, b""
+    while limit:
+        buf = stream.read(chunk if limit < 0 else min(chunk, limit))
         if not buf:
             break
+        if limit > 0:
+            limit -= len(buf)
         parts = (tail + buf).split(b"\n")
         tail = parts.pop()
         for p in parts:
@@ -55,24 +59,35 @@ def _byte_lines(stream, chunk: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
         yield n + 1, tail.rstrip(b"\r")
 
 
-def read_jsonl(source: Source) -> Iterator[Parsed]:
-    with _open(source) as f:
-        for n, raw in _byte_lines(f):
-            if not raw.strip():
-                continue  # blank lines are layout, not rows
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, Reject("undecodable", f"line is not UTF-8 (byte {e.start})"), raw
-                continue
-            if n == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield n, Reject("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})"), text
-                continue
-            yield n, row, text
+def _jsonl_lines(source: Source, rng: tuple[int, int, int]) -> Iterator[tuple[int, bytes]]:
+    start, end, first = rng
+    if (start, end) == (0, -1):
+        with _open(source) as f:
+            yield from _byte_lines(f)
+        return
+    # a range of an uncompressed file (see sources.scan): seek, read to its end
+    with source.fs.open_input_file(source.path) as f:
+        f.seek(start)
+        yield from _byte_lines(f, limit=-1 if end < 0 else end - start, first=first)
+
+
+def read_jsonl(source: Source, rng: tuple[int, int, int] = (0, -1, 1)) -> Iterator[Parsed]:
+    for n, raw in _jsonl_lines(source, rng):
+        if not raw.strip():
+            continue  # blank lines are layout, not rows
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield n, Reject("undecodable", f"line is not UTF-8 (byte {e.start})"), raw
+            continue
+        if n == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield n, Reject("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})"), text
+            continue
+        yield n, row, text
 
 
 def read_csv(source: Source, delimiter: str) -> Iterator[Parsed]:
@@ -135,9 +150,10 @@ def read_arrow_stream(source: Source, columns: list[str]) -> Iterator[Parsed]:
         yield from _arrow_batches(reader, columns, set(reader.schema.names))
 
 
-def parse(source: Source, columns: list[str]) -> Iterator[Parsed]:
+def parse(source: Source, columns: list[str], rng: tuple[int, int, int] = (0, -1, 1)
+          ) -> Iterator[Parsed]:
     if source.format == "jsonl":
-        return read_jsonl(source)
+        return read_jsonl(source, rng)
     if source.format in ("csv", "tsv"):
         return read_csv(source, "," if source.format == "csv" else "\t")
     if source.format == "parquet":
@@ -169,9 +185,9 @@ def candidate_schema(field_names: list[str]) -> pa.Schema:
 
 def candidates(
     source: Source, index: int, spec: RowSpec, task: str, seed: int,
-    fractions: SplitFractions, block_rows: int,
+    fractions: SplitFractions, block_rows: int, rng: tuple[int, int, int] = (0, -1, 1),
 ) -> Iterator[pa.Table]:
-    """Validated candidate rows of one file, ``block_rows`` at a time."""
+    """Validated candidate rows of one file (or one range of it), ``block_rows`` at a time."""
     names = [c for c, _ in spec.fields]
     schema = candidate_schema(names)
     cols: dict[str, list] = {k: [] for k in schema.names}
@@ -183,7 +199,7 @@ def candidates(
             v.clear()
         return t
 
-    for line, row, raw in parse(source, spec.columns):
+    for line, row, raw in parse(source, spec.columns, rng):
         got = row if isinstance(row, Reject) else spec.check(row, source.class_names)
         cols["_src"].append(index)
         cols["_line"].append(line)
@@ -211,13 +227,17 @@ def candidates(
 
 
 class CorpusDatasource(Datasource):
-    """One read task per input file (a file is read sequentially, so line numbers hold)."""
+    """One read task per file, or per line-aligned byte range of a big JSONL file (each
+    read sequentially, so line numbers hold)."""
 
     def __init__(self, sources: list[Source], spec: RowSpec, task: str, seed: int,
                  fractions: SplitFractions, block_rows: int):
         super().__init__()
         self._sources = sources
         self._args = (spec, task, seed, fractions, block_rows)
+
+    def num_tasks(self) -> int:
+        return sum(len(s.ranges) for s in self._sources)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(s.size for s in self._sources)
@@ -226,13 +246,16 @@ class CorpusDatasource(Datasource):
                        data_context=None) -> list[ReadTask]:
         spec, task, seed, fractions, block_rows = self._args
         schema = candidate_schema([c for c, _ in spec.fields])
-        return [
-            ReadTask(
-                functools.partial(candidates, s, i, spec, task, seed, fractions, block_rows),
-                BlockMetadata(num_rows=None, size_bytes=s.size, input_files=[s.uri],
-                              exec_stats=None),
-                schema=schema,
-                per_task_row_limit=per_task_row_limit,
-            )
-            for i, s in enumerate(self._sources)
-        ]
+        tasks = []
+        for i, s in enumerate(self._sources):
+            for rng in s.ranges:
+                size = (s.size if rng[1] < 0 else rng[1]) - rng[0]
+                tasks.append(ReadTask(
+                    functools.partial(candidates, s, i, spec, task, seed, fractions,
+                                      block_rows, rng),
+                    BlockMetadata(num_rows=None, size_bytes=size, input_files=[s.uri],
+                                  exec_stats=None),
+                    schema=schema,
+                    per_task_row_limit=per_task_row_limit,
+                ))
+        return tasks

@@ -27,6 +27,9 @@ EXTENSIONS = {
     ".arrow": "arrow_stream",
 }
 COMPRESSION = (".gz", ".bz2", ".zst", ".lz4", ".br")
+#: a JSONL file is read by several tasks, one per range of about this many bytes (ranges
+#: start at line starts, found while hashing), so one big file still feeds every actor
+RANGE_BYTES = 8 << 20
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -42,6 +45,8 @@ class Source:
     sha256: str = ""
     # Hugging Face ClassLabel names per column, so integer labels read back as names
     class_names: dict[str, list[str]] = field(default_factory=dict)
+    # (first byte, end byte, number of the first line) of each read task; (0, -1, 1) = all
+    ranges: list[tuple[int, int, int]] = field(default_factory=lambda: [(0, -1, 1)])
 
     def record(self) -> dict[str, Any]:
         return {"path": self.uri, "sha256": self.sha256, "format": self.format,
@@ -197,17 +202,35 @@ def resolve(sources: list[str], fmt: str = "auto") -> list[Source]:
             out.append(Source(uri=prefix + p, path=p, fs=fs, format=f, size=size or 0,
                               class_names=names))
     for s in out:
-        s.sha256 = sha256_of(s)
+        splittable = s.format == "jsonl" and not s.path.lower().endswith(COMPRESSION)
+        s.sha256, s.ranges = scan(s, RANGE_BYTES if splittable else None)
     return out
 
 
-def sha256_of(source: Source, chunk: int = 1 << 22) -> str:
-    """The hash of the file's bytes as stored (compressed files are hashed compressed)."""
+def scan(source: Source, range_bytes: int | None = None, chunk: int = 1 << 22
+         ) -> tuple[str, list[tuple[int, int, int]]]:
+    """The sha256 of the file's bytes as stored (compressed files are hashed compressed)
+    and, with ``range_bytes``, line-aligned byte ranges with their first line numbers."""
     h = hashlib.sha256()
+    pos, lines = 0, 0
+    starts = [(0, 1)]
+    cut = range_bytes
     with source.fs.open_input_stream(source.path) as f:
         while True:
             b = f.read(chunk)
             if not b:
                 break
             h.update(b)
-    return h.hexdigest()
+            if range_bytes:
+                off = 0
+                while cut < pos + len(b):
+                    i = b.find(b"\n", max(cut - pos, off))
+                    if i < 0:
+                        break  # the next line start is in a later chunk
+                    starts.append((pos + i + 1, lines + b.count(b"\n", 0, i + 1) + 1))
+                    cut, off = pos + i + 1 + range_bytes, i + 1
+                lines += b.count(b"\n")
+            pos += len(b)
+    starts = [st for st in starts if st[0] < pos] or [(0, 1)]
+    ends = [st[0] for st in starts[1:]] + [-1]
+    return h.hexdigest(), [(a, e, n) for (a, n), e in zip(starts, ends)]

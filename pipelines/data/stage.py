@@ -3,17 +3,22 @@
 Flow (Ray Data, streaming, order preserved so the output is deterministic)::
 
     resolve + hash sources ─► dataset id ─► complete already? return it (cache hit)
-    read (1 task per file: parse, validate, split key, dedup key)
+    read (1 task per file, or per 8 MiB range of a big JSONL file: parse, validate, split
+          key, dedup key)
       [materialise raw rows if labels must be inferred or rows deduplicated]
-    ─► tokenize (actor pool, tokenizer loaded once per actor) ─► [pack] ─► write per split
-    ─► rejects.jsonl, manifest.json ─► rename the temp folder into place
+    ─► actor pool (tokenizer loaded once per actor): template, tokenize, [pack], write the
+       block's Parquet parts per split ─► rejects.jsonl, manifest.json ─► rename into place
 
-Resources: ``num_actors`` actors of ``actor_cpus`` each plus read/write tasks of
-``task_cpus`` must fit in the cluster, or the tasks would wait on the actors forever; the
-defaults (1 actor on a 2-CPU cluster, half-CPU actor and tasks on a 1-CPU one) always fit.
-The stage returns only after everything is written, so training that follows reads finished
-Parquet and never competes with it for CPUs. ``no_progress_timeout_s`` turns a stall into an
-error (Ray Data's ``execution_no_progress_timeout_s``).
+When no global pass is needed the read fuses into the actors' operator, so each actor
+process reads, tokenizes and writes: on a 2-CPU machine every extra Ray worker process costs
+seconds to start, which is most of the gap to a plain single-process loop.
+
+Resources: ``num_actors`` actors of ``actor_cpus`` each plus ``task_cpus`` for the tasks
+that cannot fuse must fit in the cluster, or those tasks would wait on the actors forever;
+the defaults (1 actor on a 2-CPU cluster, half-CPU actor and task on a 1-CPU one) always
+fit. The stage returns only after everything is written, so training that follows reads
+finished Parquet and never competes with it for CPUs. ``no_progress_timeout_s`` turns a
+stall into an error (Ray Data's ``execution_no_progress_timeout_s``).
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ import pyarrow.compute as pc
 from . import sources as sources_mod
 from . import store
 from .config import SPLITS, DataConfig
-from .encode import EncodeBatch, pack_batch
+from .encode import TokenizeAndWrite
 from .readers import CorpusDatasource
 from .split import duplicates
 from .store import Manifest
 from .validate import RowSpec, sort_labels
 
 log = logging.getLogger(__name__)
-BLOCK_BYTES = 1 << 20  # Ray Data block size for this stage (see _data_context)
+BLOCK_BYTES = 4 << 20  # Ray Data block size for this stage (see _data_context)
 
 
 def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = None) -> Manifest:
@@ -144,17 +149,22 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
          actors: int, actor_cpus: float, task_cpus: float):
     import ray
 
+    label_names = config.labels
+    infer = config.task == "classification" and label_names is None
+    # Without a global pass first, the read fuses into the actors' operator (that needs the
+    # same resources): each actor reads, tokenizes and writes, and no task worker starts.
+    fused = not (infer or config.dedup or config.max_rows)
+    datasource = CorpusDatasource(srcs, spec, config.task, config.seed, config.split,
+                                  config.batch_size)
     ds = ray.data.read_datasource(
-        CorpusDatasource(srcs, spec, config.task, config.seed, config.split, config.batch_size),
-        num_cpus=task_cpus,
-        # one block stream per file, not re-split into many small blocks
-        override_num_blocks=len(srcs),
+        datasource,
+        num_cpus=actor_cpus if fused else task_cpus,
+        # one block stream per file or range, not re-split into many small blocks
+        override_num_blocks=datasource.num_tasks(),
     )
     if config.max_rows:
         ds = ds.limit(config.max_rows)
-    label_names = config.labels
     dropped = 0
-    infer = config.task == "classification" and label_names is None
     if infer or config.dedup:
         # Both need every row first: one pass over the raw rows, then only small columns
         # (keys, labels) travel to the driver.
@@ -177,22 +187,18 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
                 ds = ds.map_batches(_drop_rows, fn_kwargs={"orders": drop.to_pylist()},
                                     batch_format="pyarrow", num_cpus=task_cpus)
     ds = ds.map_batches(
-        EncodeBatch,
-        fn_constructor_kwargs={"tokenizer": tok_spec, "task": config.task,
+        TokenizeAndWrite,
+        fn_constructor_kwargs={"folder": str(tmp), "source_uris": [s.uri for s in srcs],
+                               "tokenizer": tok_spec, "task": config.task,
                                "max_length": config.max_length, "label_names": label_names,
                                "use_chat": use_chat, "packing": config.packing},
-        batch_size=config.batch_size, batch_format="pyarrow",
+        # whole blocks (BLOCK_BYTES) as batches: what lets the read fuse in, and one
+        # Parquet part per block and split
+        batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
     )
-    if config.packing:
-        ds = ds.map_batches(pack_batch, fn_kwargs={"seq_len": config.max_length},
-                            batch_format="pyarrow", num_cpus=task_cpus)
-    sink = store.SplitSink(str(tmp), config.task, [s.uri for s in srcs],
-                           rows_per_file=max(config.batch_size, 32768))
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": task_cpus})
-    if sink.result is None:
-        raise RuntimeError("data: the write finished without reporting its results")
-    return sink.result, label_names, dropped
+    stats = store.merge_stats(ds.take_all())
+    return stats, label_names, dropped
 
 
 def _drop_rows(batch: pa.Table, *, orders: list[int]) -> pa.Table:
@@ -225,11 +231,11 @@ def plan_resources(config: DataConfig) -> tuple[int, float, float]:
     if total <= 0:
         raise RuntimeError("data: the Ray cluster has no CPU")
     actors = config.num_actors or max(1, min(8, int(total) - 1))
-    # Room for the actors plus one read and one write task at once: Ray Data holds back an
-    # operator whose share does not fit, so a tighter plan serialises read, tokenize, write.
-    roomy = total >= actors + 2
-    task_cpus = config.task_cpus or (1.0 if roomy else min(0.5, total / (actors + 2)))
-    actor_cpus = config.actor_cpus or (1.0 if roomy else (total - 2 * task_cpus) / actors)
+    # Room for the actors plus one task (a read that cannot fuse into the actors, a filter):
+    # a task whose share does not fit next to the actors would wait for them forever.
+    roomy = total >= actors + 1
+    task_cpus = config.task_cpus or (1.0 if roomy else min(0.5, total / (actors + 1)))
+    actor_cpus = config.actor_cpus or (1.0 if roomy else (total - task_cpus) / actors)
     if actors * actor_cpus + task_cpus > total + 1e-9:
         raise ValueError(
             f"num_actors × actor_cpus + task_cpus = {actors} × {actor_cpus:g} + {task_cpus:g} "
@@ -260,8 +266,8 @@ def _data_context(no_progress_timeout_s: float) -> Iterator[None]:
     ctx.execution_options.preserve_order = True
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s
     # Ray coalesces a read task's output up to this size before passing it on: at the
-    # 128 MiB default a whole file is one block, so one actor tokenizes it while the others
-    # idle and nothing overlaps with the read. Packed rows also depend on it (fixed here).
+    # 128 MiB default a whole file is one block (one batch, one part file, no streaming).
+    # Packed rows also depend on it (packing is per block), so it is fixed here.
     ctx.target_max_block_size = BLOCK_BYTES
     try:
         yield

@@ -1,9 +1,11 @@
-"""The dataset on disk: content-addressed id, manifest, per-split Parquet sink, atomic commit.
+"""The dataset on disk: content-addressed id, manifest, per-split Parquet parts, atomic commit.
 
 Layout of ``{data_root}/{dataset_id}/``::
 
     manifest.json      written last, inside the temporary folder
-    train/ eval/ test/ Parquet files (an empty split holds one empty file with the schema)
+    train/ eval/ test/ Parquet parts ``part-{source}-{line}.parquet``, one per block, named
+                       after the block's first input row (so they sort in input order); an
+                       empty split holds one empty file with the schema
     rejects.jsonl      one JSON object per rejected row: source, line, kind, reason, raw
 
 The folder is built as ``{data_root}/.tmp-{id}-{host}-{pid}-{rand}/`` and renamed into place
@@ -32,7 +34,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
-from ray.data.datasource import Datasink
 
 from .config import SPLITS, DataConfig
 
@@ -162,64 +163,62 @@ def output_schema(task: str) -> pa.Schema:
                       ("labels", labels), ("length", pa.int32())])
 
 
-class SplitSink(Datasink[dict[str, Any]]):
-    """Writes each write task's rows to ``{split}/part-{task}.parquet`` and its rejected rows to
-    ``_rejects/part-{task}.jsonl``; returns per-split row, token and document counts."""
+STAT_KEYS = ("rows", "tokens", "documents")
 
-    def __init__(self, folder: str, task: str, source_uris: list[str], rows_per_file: int):
-        self.folder = folder
-        self.schema = output_schema(task)
-        self.source_uris = source_uris
-        self.rows_per_file = rows_per_file
-        self.result: dict[str, Any] | None = None
 
-    @property
-    def min_rows_per_write(self) -> int | None:
-        return self.rows_per_file
+def write_part(table: pa.Table, folder: str, task: str, source_uris: list[str], name: str
+               ) -> pa.Table:
+    """Write one batch's rows to ``{split}/{name}.parquet`` and its rejected rows to
+    ``_rejects/{name}.jsonl``; return its counts as a one-row table (see :func:`merge_stats`).
 
-    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, Any]:
-        tables = [b for b in blocks if b.num_rows]
-        stats: dict[str, Any] = {"rows": Counter(), "tokens": Counter(), "documents": Counter(),
-                                 "rejected": Counter()}
-        if not tables:
-            return stats
-        table = pa.concat_tables(tables, promote_options="permissive")
-        split = table.column("_split")
-        for s, name in enumerate(SPLITS):
-            part = table.filter(pc.equal(split, s))
-            if not part.num_rows:
-                continue
-            out = part.select(self.schema.names).cast(self.schema)
-            (Path(self.folder) / name).mkdir(exist_ok=True)
-            pq.write_table(out, Path(self.folder) / name / f"part-{ctx.task_idx:05d}.parquet")
-            stats["rows"][name] += out.num_rows
-            stats["tokens"][name] += int(pc.sum(out.column("length")).as_py() or 0)
-            docs = part.column("_docs") if "_docs" in part.column_names else None
-            stats["documents"][name] += int(pc.sum(docs).as_py() or 0) if docs else out.num_rows
-        rej = table.filter(pc.equal(split, -1))
-        if rej.num_rows:
-            (Path(self.folder) / "_rejects").mkdir(exist_ok=True)
-            with open(Path(self.folder) / "_rejects" / f"part-{ctx.task_idx:05d}.jsonl", "w") as f:
-                for r in rej.select(["_src", "_line", "_kind", "_reject", "_raw"]).to_pylist():
-                    f.write(json.dumps({"source": self.source_uris[r["_src"]], "line": r["_line"],
-                                        "kind": r["_kind"], "reason": r["_reject"],
-                                        "raw": r["_raw"], "_src": r["_src"]},
-                                       ensure_ascii=False) + "\n")
-                    stats["rejected"][r["_kind"]] += 1
-        return stats
+    Runs in the tokenizer actors: the batch is written where it was made, with no separate
+    write tasks (on a small machine every extra Ray worker process costs seconds to start).
+    """
+    schema = output_schema(task)
+    stats: dict[str, Any] = {}
+    split = table.column("_split")
+    for s, split_name in enumerate(SPLITS):
+        part = table.filter(pc.equal(split, s))
+        stats.update({f"{k}_{split_name}": 0 for k in STAT_KEYS})
+        if not part.num_rows:
+            continue
+        out = part.select(schema.names).cast(schema)
+        (Path(folder) / split_name).mkdir(exist_ok=True)
+        pq.write_table(out, Path(folder) / split_name / f"{name}.parquet")
+        docs = part.column("_docs") if "_docs" in part.column_names else None
+        stats[f"rows_{split_name}"] = out.num_rows
+        stats[f"tokens_{split_name}"] = int(pc.sum(out.column("length")).as_py() or 0)
+        stats[f"documents_{split_name}"] = int(pc.sum(docs).as_py() or 0) if docs else out.num_rows
+    rejected: Counter = Counter()
+    rej = table.filter(pc.equal(split, -1))
+    if rej.num_rows:
+        (Path(folder) / "_rejects").mkdir(exist_ok=True)
+        with open(Path(folder) / "_rejects" / f"{name}.jsonl", "w") as f:
+            for r in rej.select(["_src", "_line", "_kind", "_reject", "_raw"]).to_pylist():
+                f.write(json.dumps({"source": source_uris[r["_src"]], "line": r["_line"],
+                                    "kind": r["_kind"], "reason": r["_reject"],
+                                    "raw": r["_raw"], "_src": r["_src"]},
+                                   ensure_ascii=False) + "\n")
+                rejected[r["_kind"]] += 1
+    stats["rejected"] = json.dumps(dict(rejected))
+    return pa.table({k: [v] for k, v in stats.items()})
 
-    def on_write_complete(self, write_result) -> None:
-        total: dict[str, Counter] = {k: Counter() for k in ("rows", "tokens", "documents",
-                                                             "rejected")}
-        for r in write_result.write_returns:
-            for k in total:
-                total[k].update(r.get(k, {}))
-        self.result = {k: dict(v) for k, v in total.items()}
+
+def merge_stats(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Sum the per-batch counts: ``{"rows": {split: n}, "tokens": …, "documents": …,
+    "rejected": {kind: n}}``."""
+    total: dict[str, Counter] = {k: Counter() for k in (*STAT_KEYS, "rejected")}
+    for r in rows:
+        for k in STAT_KEYS:
+            for split_name in SPLITS:
+                total[k][split_name] += int(r[f"{k}_{split_name}"])
+        total["rejected"].update(json.loads(r["rejected"]))
+    return {k: {n: v for n, v in c.items() if v or k != "rejected"} for k, c in total.items()}
 
 
 def finish_rejects(folder: Path) -> None:
     """Merge the write tasks' reject parts into ``rejects.jsonl``, ordered by source and line."""
-    parts = sorted((folder / "_rejects").glob("part-*.jsonl")) if (folder / "_rejects").is_dir() else []
+    parts = sorted((folder / "_rejects").glob("*.jsonl")) if (folder / "_rejects").is_dir() else []
     rows = [json.loads(line) for p in parts for line in p.read_text().splitlines() if line]
     rows.sort(key=lambda r: (r.pop("_src"), r["line"]))
     with open(folder / "rejects.jsonl", "w") as f:

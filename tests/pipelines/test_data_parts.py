@@ -180,6 +180,31 @@ def test_given_labels_reject_unknown(tmp_path):
     assert [r["_kind"] for r in _rows(p, "jsonl", spec)] == [None, "unknown_label"]
 
 
+def test_big_jsonl_is_read_in_line_aligned_ranges(tmp_path):
+    rows = builtin.movie_review_rows()[:400]
+    p = builtin.write_rows(rows, tmp_path / "big.jsonl", "jsonl")
+    with open(p, "ab") as f:  # a blank line and a bad line near the end
+        f.write(b"\n{broken\n" + json.dumps(rows[0]).encode() + b"\n")
+    (whole,) = S.resolve([str(p)])
+    assert whole.ranges == [(0, -1, 1)]  # under RANGE_BYTES: one task
+    sha, ranges = S.scan(whole, range_bytes=4096, chunk=1000)
+    assert sha == whole.sha256 and len(ranges) > 10
+    assert ranges[0][:1] == (0,) and ranges[-1][1] == -1
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    data = p.read_bytes()
+    for start, _, first in ranges:  # each range starts a line, numbered right
+        assert start == 0 or data[start - 1:start] == b"\n"
+        assert data[:start].count(b"\n") + 1 == first
+
+    def read(src, rngs):
+        return [r for rng in rngs for t in candidates(src, 0, CLS, "classification", 0,
+                                                     SplitFractions(), 64, rng)
+                for r in t.to_pylist()]
+
+    assert read(whole, ranges) == read(whole, whole.ranges)
+    assert [r["_line"] for r in read(whole, ranges)][-2:] == [402, 403]
+
+
 # --- split + dedup ------------------------------------------------------------------------
 
 
