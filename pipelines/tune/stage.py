@@ -185,6 +185,7 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: st
 
     outcomes = [_outcome(r, reports, callbacks[0]) for r in grid]
     outcomes.sort(key=lambda o: o["trial_id"])
+    _close_open_runs(mlc, tracker, outcomes)
     best = obj.best([{**o["metrics"], "_trial": o["trial_id"]} for o in outcomes])
     best_trial = next((o for o in outcomes if best and o["trial_id"] == best["_trial"]), None)
     front_ids = {p["_trial"] for p in pareto_front(
@@ -197,6 +198,20 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: st
     return SearchResult(search_id, str(exp_path), outcomes, best_trial,
                         [o for o in outcomes if o["trial_id"] in front_ids],
                         tracker.parent_id, mlc.tracking_uri)
+
+
+def _close_open_runs(mlc, tracker: SearchTracker, outcomes: list[dict[str, Any]]) -> None:
+    """A trial that ended while its driver was dead had no callback: end its run now, with
+    its adapter, so no run of a finished search stays RUNNING."""
+    for o in outcomes:
+        run = mlc.get_run(o["mlflow_run_id"])
+        if run.info.status != "RUNNING":
+            continue
+        has_adapter = any(f.path == ADAPTER for f in mlc.list_artifacts(run.info.run_id))
+        adapter = o["adapter_dir"] if o["adapter_dir"] and not has_adapter else None
+        tracker.finish(run.info.run_id, "FAILED" if o["status"] == "error" else "FINISHED",
+                       artifacts={ADAPTER: Path(adapter)} if adapter else None,
+                       tags={"peftpipe.stopped_early": o["status"] == "stopped early"})
 
 
 def _outcome(result, reports: int, mlflow_cb: MlflowTrialCallback) -> dict[str, Any]:

@@ -4,6 +4,8 @@ and the registered adapter predicting as at the end of its trial."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -138,3 +140,71 @@ def test_promote_reject_rollback_and_serve(searched) -> None:
         with torch.no_grad():
             outs.append(pm.eval()(**batch).logits)
     torch.testing.assert_close(outs[0], outs[1])
+
+
+RESUME = {"scheduler": "fifo", "max_concurrent_trials": 1,
+          "space": {"methods": {"lora": {"rank": 4}, "linear_probe": {}, "lora_plus": {"rank": 4}},
+                    "lr": [1e-2]}}
+
+DRIVER = """
+import sys, ray
+from pathlib import Path
+from pipelines import tracking
+from pipelines.tune.stage import search
+from tests.pipelines.test_tune import RESUME, small_search
+tmp = Path(sys.argv[1])
+ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR", _temp_dir=sys.argv[2])
+data, train, cfg = small_search(tmp, **RESUME)
+search(train, cfg, manifest=data, run_dir=tmp / "run", tracking=tracking.TrackingConfig(), verbose=False)
+"""
+
+
+def _finished_trials(run: Path) -> set[str]:
+    import json
+
+    done = set()
+    for state in run.glob("trials/*/checkpoint_*/train_state.json"):
+        if json.loads(state.read_text()).get("finalized"):
+            done.add(state.parent.parent.name)
+    return done
+
+
+def test_search_resumes_after_its_driver_is_killed(ray_with_dashboard, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.tune.stage import search
+
+    ray_tmp = Path("/tmp") / f"rt-{os.getpid()}-{tmp_path.name[-12:]}"
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), str(ray_tmp)],
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "run"
+    try:
+        deadline = time.time() + 400
+        # Kill once one trial has finished and the next one has started training.
+        while not (_finished_trials(run) and len(list(run.glob("trials/*"))) >= 2):
+            assert proc.poll() is None, "the search driver ended before it could be killed"
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(1)
+        time.sleep(3)  # let Tune record the finished trial in its experiment state
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # The killed driver's Ray processes live under its own temp dir: stop exactly those.
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+    finished = _finished_trials(run)
+    before = {t: sorted(p.name for p in (run / "trials" / t).glob("checkpoint_*")) for t in finished}
+
+    data, train, cfg = small_search(tmp_path, **RESUME)
+    res = search(train, cfg, manifest=data, run_dir=run, verbose=False)
+    assert len(res.trials) == 3 and all(t["status"] == "completed" for t in res.trials)
+    for t, ckpts in before.items():  # finished trials were not run again
+        assert sorted(p.name for p in (run / "trials" / t).glob("checkpoint_*")) == ckpts
+    client = tracking.client(tracking.TrackingConfig(), run)
+    exp = client.get_run(res.parent_run_id).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
