@@ -45,9 +45,14 @@ def methods(
         row = {"method": name, "family": cls.family, "mergeable": cls.mergeable}
         if base is not None:
             try:
-                s = peft_core.apply(copy.deepcopy(base), {"name": name}).summary()
+                pm = peft_core.apply(copy.deepcopy(base), {"name": name})
+                s = pm.summary()
                 row.update(trainable_params=s["trainable_params"],
                            trainable_pct=round(100 * s["trainable_fraction"], 4))
+                formula = getattr(pm.method, "expected_trainable_params", None)
+                if formula is not None:
+                    # Methods that document a closed form: show it beside the count.
+                    row["formula"] = formula(base)
             except peft_core.PeftError as e:
                 row.update(trainable_params=None, trainable_pct=None, error=str(e))
         rows.append(row)
