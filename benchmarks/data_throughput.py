@@ -10,7 +10,10 @@ tokenizer, truncation and labels:
 - ``ray data``: ``pipelines.data.prepare`` (hash inputs, validate every row, split, tokenize in
   an actor pool, write per split, manifest) on a Ray started beforehand with ``--cpus`` CPUs,
   the whole process tree pinned to that many cores; one actor per CPU. Ray start-up is not
-  timed (a pipeline starts Ray once); every other cost, actor start included, is.
+  timed (a pipeline starts Ray once); every other cost, actor start included, is. Two
+  cases: ``fresh`` (the stage is the first Ray Data job of the cluster, so it also pays for
+  Ray Data's own helper actors, about 5 CPU-seconds here) and ``warm`` (a trivial Ray Data
+  job ran first, untimed, as in a cluster that already ran one).
 
 Each measurement runs in a fresh subprocess; variants are interleaved and repeated, medians
 reported. The ratio is ray / plain-loop tokens per second (targets: >= 0.9 on 1 CPU, > 1 on
@@ -83,6 +86,10 @@ def _ray(args: argparse.Namespace) -> dict:
              log_to_driver=False)
     startup = time.perf_counter() - t
     DataContext.get_current().enable_progress_bars = False
+    if args.warm:
+        t = time.perf_counter()
+        ray.data.range(8).map_batches(lambda b: b).materialize()
+        startup += time.perf_counter() - t
     cfg = DataConfig(sources=[args.corpus], task="classification", tokenizer=args.tokenizer,
                      max_length=args.max_length, labels=["negative", "positive"],
                      batch_size=args.batch, num_actors=args.cpus,
@@ -101,12 +108,14 @@ def _worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def _run(args: argparse.Namespace, impl: str, cpus: int, threads: bool = False) -> dict:
+def _run(args: argparse.Namespace, impl: str, cpus: int, threads: bool = False,
+         warm: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "true" if threads else "false"}
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--cpus", str(cpus),
            "--corpus", args.corpus, "--work", args.work, "--tokenizer", args.tokenizer,
            "--max-length", str(args.max_length), "--batch", str(args.batch)]
+    cmd += ["--warm"] if warm else []
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
     if p.returncode or line is None:
@@ -127,6 +136,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return _worker(args)
@@ -140,13 +150,17 @@ def main() -> None:
         rows = (base * (args.rows // len(base) + 1))[: args.rows]
         args.corpus = str(builtin.write_rows(rows, Path(work) / "reviews.jsonl", "jsonl"))
         args.work = work
-        variants = [("plain loop", "plain", 1, False), ("ray data", "ray", 1, False),
-                    ("ray data", "ray", 2, False), ("plain loop, Rust threads", "plain", 2, True)]
+        variants = [("plain loop", "plain", 1, False, False),
+                    ("ray data, fresh", "ray", 1, False, False),
+                    ("ray data, warm", "ray", 1, False, True),
+                    ("ray data, fresh", "ray", 2, False, False),
+                    ("ray data, warm", "ray", 2, False, True),
+                    ("plain loop, Rust threads", "plain", 2, True, False)]
         runs: dict[tuple, list[dict]] = {v: [] for v in variants}
         load0 = os.getloadavg()
         for rep in range(args.repeats):
             for v in variants:  # interleaved, so machine noise hits every variant alike
-                r = _run(args, v[1], v[2], v[3])
+                r = _run(args, v[1], v[2], v[3], v[4])
                 runs[v].append(r)
                 print(f"[{rep + 1}/{args.repeats}] {v[0]} on {v[2]} CPU: "
                       f"{r['tokens'] / r['seconds']:,.0f} tokens/s ({r['seconds']:.1f} s)",
@@ -172,7 +186,8 @@ def main() -> None:
     print(f"\n{args.rows} rows, {tokens} tokens, {args.tokenizer}, max_length {args.max_length}; "
           f"medians of {args.repeats}; load average {load0[0]:.1f} -> {load1[0]:.1f}")
     print(table(table_rows, cols))
-    ratios = {f"{r['cpus']}cpu": r["ratio_vs_plain_1cpu"] for r in table_rows if r["variant"] == "ray data"}
+    ratios = {f"{r['variant'].split(', ')[1]}_{r['cpus']}cpu": r["ratio_vs_plain_1cpu"]
+              for r in table_rows if r["variant"].startswith("ray data")}
     payload = {
         "benchmark": "data_throughput",
         "rows": args.rows, "tokens": tokens, "tokenizer": args.tokenizer,
@@ -181,7 +196,7 @@ def main() -> None:
         "results": table_rows,
         "ratios": ratios,
         "targets": {"1cpu": ">= 0.9", "2cpu": "> 1.0"},
-        "met": {"1cpu": ratios.get("1cpu", 0) >= 0.9, "2cpu": ratios.get("2cpu", 0) > 1.0},
+        "met": {k: (v >= 0.9 if k.endswith("_1cpu") else v > 1.0) for k, v in ratios.items()},
         "runs": {f"{v[0]} / {v[2]} cpu": runs[v] for v in variants},
     }
     path = write_json("data_throughput", payload, args.out)

@@ -186,6 +186,7 @@ def candidate_schema(field_names: list[str]) -> pa.Schema:
 def candidates(
     source: Source, index: int, spec: RowSpec, task: str, seed: int,
     fractions: SplitFractions, block_rows: int, rng: tuple[int, int, int] = (0, -1, 1),
+    dedup: bool = True,
 ) -> Iterator[pa.Table]:
     """Validated candidate rows of one file (or one range of it), ``block_rows`` at a time."""
     names = [c for c, _ in spec.fields]
@@ -216,7 +217,7 @@ def candidates(
             for k in names:
                 cols[k].append(got[k])
             cols["_split"].append(split_of(split_input(task, got), seed, fractions))
-            cols["_dup"].append(dedup_key(got))
+            cols["_dup"].append(dedup_key(got) if dedup else None)
             cols["_kind"].append(None)
             cols["_reject"].append(None)
             cols["_raw"].append(None)
@@ -231,10 +232,10 @@ class CorpusDatasource(Datasource):
     read sequentially, so line numbers hold)."""
 
     def __init__(self, sources: list[Source], spec: RowSpec, task: str, seed: int,
-                 fractions: SplitFractions, block_rows: int):
+                 fractions: SplitFractions, block_rows: int, dedup: bool = True):
         super().__init__()
         self._sources = sources
-        self._args = (spec, task, seed, fractions, block_rows)
+        self._args = (spec, task, seed, fractions, block_rows, dedup)
 
     def num_tasks(self) -> int:
         return sum(len(s.ranges) for s in self._sources)
@@ -244,7 +245,7 @@ class CorpusDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        spec, task, seed, fractions, block_rows = self._args
+        spec, task, seed, fractions, block_rows, dedup = self._args
         schema = candidate_schema([c for c, _ in spec.fields])
         tasks = []
         for i, s in enumerate(self._sources):
@@ -252,7 +253,7 @@ class CorpusDatasource(Datasource):
                 size = (s.size if rng[1] < 0 else rng[1]) - rng[0]
                 tasks.append(ReadTask(
                     functools.partial(candidates, s, i, spec, task, seed, fractions,
-                                      block_rows, rng),
+                                      block_rows, rng, dedup),
                     BlockMetadata(num_rows=None, size_bytes=size, input_files=[s.uri],
                                   exec_stats=None),
                     schema=schema,

@@ -84,8 +84,18 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
     try:
         spec = RowSpec.of(config.fields(), config.labels)
         with _data_context(config.no_progress_timeout_s):
-            stats, label_names, dropped = _run(config, srcs, spec, tmp, use_chat, tok_spec,
-                                               actors, actor_cpus, task_cpus)
+            try:
+                stats, label_names, dropped = _run(config, srcs, spec, tmp, use_chat, tok_spec,
+                                                   actors, actor_cpus, task_cpus)
+            except Exception as e:
+                if _stalled(e):
+                    raise RuntimeError(
+                        f"data: Ray Data made no progress for {config.no_progress_timeout_s:g}s "
+                        f"(no_progress_timeout_s). The stage needs {actors} × {actor_cpus:g} "
+                        f"CPU for its actors and {task_cpus:g} for tasks; "
+                        f"{_free_cpus():g} of the cluster's CPUs are free now. Run the data "
+                        f"stage before training starts, or free CPUs.") from e
+                raise
         store.finish_rejects(tmp)
         store.fill_empty_splits(tmp, config.task)
         rejected = sum(stats["rejected"].values())
@@ -155,7 +165,7 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
     # same resources): each actor reads, tokenizes and writes, and no task worker starts.
     fused = not (infer or config.dedup or config.max_rows)
     datasource = CorpusDatasource(srcs, spec, config.task, config.seed, config.split,
-                                  config.batch_size)
+                                  config.batch_size, dedup=config.dedup)
     ds = ray.data.read_datasource(
         datasource,
         num_cpus=actor_cpus if fused else task_cpus,
@@ -246,6 +256,23 @@ def plan_resources(config: DataConfig) -> tuple[int, float, float]:
         log.warning("data: only %.2g of %.2g CPUs are free; the stage may wait for them "
                     "(it fails after no_progress_timeout_s)", free, total)
     return actors, actor_cpus, task_cpus
+
+
+def _stalled(e: BaseException | None) -> bool:
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, ExecutionTimeoutError) or "made no progress" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _free_cpus() -> float:
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
 
 
 def _ensure_ray(address: str | None) -> None:

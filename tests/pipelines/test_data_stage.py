@@ -222,6 +222,31 @@ def test_all_rows_bad_is_an_error(ray_cluster, tmp_path, task):
     assert list((tmp_path / "data").iterdir()) == []
 
 
+def test_no_free_cpu_fails_fast_instead_of_hanging(ray_cluster, corpus, tmp_path):
+    """Train workers holding every CPU: the stage errors after no_progress_timeout_s."""
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=2)
+    class Holder:  # stands in for train workers that took the whole cluster
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    _, parts, _ = corpus
+    cfg = DataConfig(sources=[str(parts["jsonl"])], task="classification",
+                     tokenizer="builtin:minilm", labels=["negative", "positive"],
+                     no_progress_timeout_s=5, data_root=str(tmp_path / "data"))
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(RuntimeError, match="made no progress for 5s.*before training"):
+            prepare(cfg)
+    finally:
+        ray.kill(holder)
+    assert time.perf_counter() - t0 < 90
+    assert list((tmp_path / "data").iterdir()) == []
+
+
 _KILLED_RUN = """
 import sys
 from pipelines.data import DataConfig, prepare
