@@ -66,6 +66,110 @@ def methods(
         typer.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def promote(
+    run_id: str = typer.Option(None, help="MLflow run whose `adapter` artifact to register."),
+    search_id: str = typer.Option(None, help="Or: a search id; its best trial is registered."),
+    dataset: str = typer.Option(..., help="Dataset folder (manifest.json) whose test split decides."),
+    model_name: str = typer.Option("peft-adapter", help="Registered model name."),
+    metric: str = typer.Option("eval_accuracy", help="Metric compared on the test split."),
+    mode: str = typer.Option("max", help="max or min: which direction is better."),
+    margin: float = typer.Option(0.0, help="How much better the candidate must be."),
+    run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the run dir)."),
+    experiment: str = typer.Option("peft-pipelines", help="MLflow experiment of the search."),
+) -> None:
+    """Register a winner as `candidate`; move `champion` only if it beats the current one."""
+    from pydantic import ValidationError
+
+    from pipelines import promote as promotion
+    from pipelines import registry, tracking
+
+    if (run_id is None) == (search_id is None):
+        _fail("give exactly one of --run-id or --search-id")
+    try:
+        rcfg = registry.RegistryConfig(model_name=model_name, metric=metric, mode=mode, margin=margin)
+    except ValidationError as e:
+        _fail(str(e))
+    tcfg = tracking.TrackingConfig(tracking_uri=tracking_uri, experiment=experiment)
+    try:
+        if search_id is not None:
+            client = tracking.client(tcfg, run_dir)
+            parent = promotion.find_search(client, tracking.experiment_id(client, tcfg, run_dir), search_id)
+            run_id = parent.data.tags.get("peftpipe.best_run_id")
+            if not run_id:
+                _fail(f"search {search_id!r} has no eligible best trial to promote")
+        decision = promotion.promote(run_id=run_id, manifest=dataset, config=rcfg,
+                                     tracking_config=tcfg, run_dir=run_dir)
+    except (promotion.PromotionError, registry.RegistryError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    verb = "promoted to champion" if decision.promoted else "kept as candidate"
+    typer.echo(f"{model_name} v{decision.version} {verb}: {decision.reason}")
+
+
+@app.command()
+def rollback(
+    model_name: str = typer.Argument(..., help="Registered model name."),
+    run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI."),
+) -> None:
+    """Move the `champion` alias back to the version it replaced."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines import registry, tracking
+
+    client = tracking.client(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
+    try:
+        d = registry.rollback(client, model_name)
+    except (registry.RegistryError, MlflowException) as e:
+        _fail(str(e))
+    typer.echo(f"{model_name}: {d.reason}")
+
+
+@app.command()
+def predict(
+    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder."),
+    text: list[str] = typer.Option(..., help="Text to classify (repeat for several)."),
+    run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI."),
+) -> None:
+    """Classify texts with a registered (or saved) classification adapter."""
+    from pipelines import serve, tracking
+
+    uri = tracking.resolve_uri(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
+    try:
+        loaded = serve.load(model, tracking_uri=uri)
+        out = serve.predict(loaded, text)
+    except Exception as e:  # one clear line for the user, whatever failed
+        _fail(str(e))
+    for row in out:
+        typer.echo(json.dumps(row))
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder."),
+    prompt: str = typer.Option(..., help="The prompt."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI."),
+) -> None:
+    """Complete a prompt with a registered (or saved) causal-LM adapter."""
+    from pipelines import serve, tracking
+
+    uri = tracking.resolve_uri(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
+    try:
+        loaded = serve.load(model, tracking_uri=uri)
+        typer.echo(serve.generate(loaded, prompt, max_new_tokens=max_new_tokens))
+    except Exception as e:  # one clear line for the user, whatever failed
+        _fail(str(e))
+
+
 @app.command()
 def demo() -> None:
     """Run the built-in demo recipe end to end."""
