@@ -1,0 +1,25 @@
+"""Fixtures shared by the pipeline tests: one real local Ray cluster per test module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Ray Data must fail fast rather than wait forever when train workers hold every CPU.
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance with 2 CPUs (the size of the CI machine), shut down after the
+    module; reused as is when something already started Ray."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()
