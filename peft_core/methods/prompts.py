@@ -345,7 +345,10 @@ class PTuningV2(_PrefixPrompt):
         table = PromptTable(self.config.num_virtual_tokens, lay.prefix_width, dtype=dtype, device=device)
         if self.config.init == "vocab":
             with torch.no_grad():
-                table.embedding.weight.copy_(_token_activations(model, lay, self.config.num_virtual_tokens))
+                emb = model.get_input_embeddings()
+                ids = torch.randint(0, emb.num_embeddings, (1, self.config.num_virtual_tokens),
+                                    device=device)
+                table.embedding.weight.copy_(_token_activations(model, lay, ids))
         return table
 
     def export_hf(self, peft_model: nn.Module, path: Path) -> dict[str, Any]:
@@ -376,13 +379,11 @@ def _tokenize(cfg: PromptTuningConfig) -> list[int]:
     return list(ids)
 
 
-def _token_activations(model: nn.Module, lay: Layout, n: int) -> torch.Tensor:
-    """Every layer's keys and values for ``n`` random vocabulary tokens, flattened like a prefix."""
+def _token_activations(model: nn.Module, lay: Layout, ids: torch.Tensor) -> torch.Tensor:
+    """Every layer's keys and values for the ``(1, n)`` tokens ``ids``, flattened like a prefix."""
     from transformers import DynamicCache
 
-    emb = model.get_input_embeddings()
-    device = next(emb.parameters()).device
-    ids = torch.randint(0, emb.num_embeddings, (1, n), device=device)
+    n = ids.shape[1]
     cache = DynamicCache(config=model.config)
     was = model.training
     model.eval()
