@@ -181,6 +181,20 @@ def test_batched_generate_matches_unbatched(method: str, side: str) -> None:
         assert torch.equal(out[i, tiny.SEQ - row.shape[1]:tiny.SEQ], row[0])
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_with_beams_and_several_returns(method: str) -> None:
+    """generate() repeats each row per beam; the prefix cache must be built that wide."""
+    pm = _apply(method, tiny.model("gpt2"))
+    _no_eos(pm)
+    ids = tiny.batch("gpt2", size=2)["input_ids"][:, :5]
+    out = pm.generate(input_ids=ids, max_new_tokens=3, num_beams=3, num_return_sequences=2,
+                      do_sample=False)
+    assert out.shape == (4, 8)
+    assert torch.equal(out[:, :5], ids.repeat_interleave(2, dim=0))
+    sampled = pm.generate(input_ids=ids, max_new_tokens=3, do_sample=True, num_return_sequences=3)
+    assert sampled.shape == (6, 8)
+
+
 def test_generate_on_an_encoder_is_refused() -> None:
     pm = _apply("prefix_tuning", tiny.model("bert"))
     with pytest.raises(peft_core.PeftError, match="causal"):
