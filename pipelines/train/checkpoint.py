@@ -67,8 +67,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_resume_state(engine: Any, folder: Path, *, rank: int, state: dict[str, Any]) -> None:
-    """Every rank: its DeepSpeed shard and RNG; rank 0 also the step/position record."""
+def save_resume_state(engine: Any, folder: Path, *, rank: int) -> None:
+    """Every rank: its DeepSpeed shard and RNG state (a collective: every rank calls it)."""
     ds_dir = folder / DS_DIR
     # DeepSpeed creates the folder on rank 0 only; here each rank writes to its own local
     # folder that Ray merges, so each must exist.
@@ -76,8 +76,12 @@ def save_resume_state(engine: Any, folder: Path, *, rank: int, state: dict[str, 
     engine.save_checkpoint(str(ds_dir), tag=DS_TAG, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
-    if rank == 0:
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """Rank 0: the step, data position and metric history; its presence marks the folder
+    as a training checkpoint."""
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=float))
 
 
 def read_state(folder: Path) -> dict[str, Any]:

@@ -100,6 +100,9 @@ class TrainConfig(BaseModel):
 
     # -- evaluation, checkpoints ------------------------------------------------------------
     eval_every: int = Field(50, ge=1)
+    # also evaluate the untrained adapter and report it as step 0 (a baseline; adds one
+    # report without train metrics, so off by default for searches)
+    eval_before_training: bool = False
     eval_batch_size: int | None = Field(None, ge=1)  # default: micro_batch_size
     max_eval_batches: int | None = Field(None, ge=1)  # per worker; None: the whole split
     checkpoint_every: int | None = Field(None, ge=1)  # default: eval_every

@@ -95,6 +95,12 @@ def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
     return out
 
 
+def _memory(device: torch.device) -> dict[str, float]:
+    """Peak and current memory of the largest rank."""
+    peak, now = M.all_reduce([M.peak_mem_mb(device), M.rss_mb()], "max")
+    return {M.PEAK_MEM_MB: peak, "rss_mb": now}
+
+
 def _has_hook(peft_model: Any, name: str) -> bool:
     from peft_core import Method
 
@@ -180,6 +186,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         step, history = int(saved["step"]), list(saved.get("history", []))
 
     static = {
+        # where this worker group started: 0, or the checkpoint step it resumed from
+        "resumed_from": step,
+        # parameter bytes resident per rank (largest rank): what ZeRO-3 divides
+        "param_mem_mb": M.all_reduce([M.param_mem_mb(peft_model)], "max")[0],
         M.TRAINABLE_PARAMS: summary["trainable_params"],
         M.TRAINABLE_FRACTION: summary["trainable_fraction"],
         "total_params": summary["total_params"],
@@ -193,6 +203,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         "dataset_id": info.dataset_id,
     }
     window = M.Window()
+    if step == 0 and config.eval_before_training:
+        report = {M.STEP: 0, **static, **evaluate(engine, evals, fallback, info, device)}
+        report.update(_memory(device))
+        history.append(report)
+        ray.train.report(report)
     engine.train()
     while step < config.max_steps:
         window.start_step()
@@ -217,16 +232,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         save = last or step % config.ckpt_every == 0
         if not save:
             report.update(evaluate(engine, evals, fallback, info, device))
-            report[M.PEAK_MEM_MB] = M.all_reduce([M.peak_mem_mb(device)], "max")[0]
+            report.update(_memory(device))
             history.append(report)
             ray.train.report(report)
             continue
         with tempfile.TemporaryDirectory(prefix="peftpipe-ckpt-") as tmp:
             folder = Path(tmp)
-            state = {"step": step, "world_size": world, "zero_stage": config.zero.stage,
-                     "position": batches.position(step), "seed": config.seed,
-                     "finalized": last, "history": history}
-            ckpt.save_resume_state(engine, folder, rank=rank, state=state)
+            ckpt.save_resume_state(engine, folder, rank=rank)
             if last and _has_hook(peft_model, "finalize"):
                 # Passes after training may read or rewrite any weight: run them on whole
                 # parameters (ZeRO-3 gathers everything once, rank 0's result is kept).
@@ -234,13 +246,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
                                    modifier_rank=0):
                     peft_model.finalize(common)
             report.update(evaluate(engine, evals, fallback, info, device))
-            report[M.PEAK_MEM_MB] = M.all_reduce([M.peak_mem_mb(device)], "max")[0]
+            report.update(_memory(device))
             ckpt.save_adapter(peft_model, folder, stage=config.zero.stage, rank=rank,
                               pipeline=pipeline_info,
                               training={"step": step, "finalized": last,
                                         "eval_loss": report[M.EVAL_LOSS]})
             history.append(report)
             if rank == 0:
+                ckpt.write_state(folder, {
+                    "step": step, "world_size": world, "zero_stage": config.zero.stage,
+                    "position": batches.position(step), "seed": config.seed,
+                    "finalized": last, "history": history})
                 (folder / "metrics.json").write_text(_json(report))
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     # Rank 0's return value reaches the driver as Result.return_value.

@@ -30,6 +30,27 @@ def peak_mem_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    return pages * resource.getpagesize() / 2**20
+
+
+def param_mem_mb(model: torch.nn.Module) -> float:
+    """Bytes of parameters resident on this rank: the local partition (``ds_tensor``) of a
+    ZeRO-3 parameter, the whole tensor otherwise."""
+    total = 0
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p.data if t is None else t
+        total += t.numel() * t.element_size()
+    return total / 2**20
+
+
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     """Element-wise sum or max over ranks (identity when not distributed)."""
     import torch.distributed as dist

@@ -17,11 +17,54 @@ import pyarrow.parquet as pq
 from tests import tiny
 
 
-def save_tiny(arch: str, folder: Path) -> Path:
-    """A tiny random model saved with ``save_pretrained`` (loadable by pipelines.models)."""
+def save_tiny(arch: str, folder: Path, *, vocab_size: int | None = None) -> Path:
+    """A tiny random model saved with ``save_pretrained`` (loadable by pipelines.models);
+    ``vocab_size`` widens its embeddings to fit a real tokenizer (30522 for MiniLM's)."""
+    import torch
+
     m = tiny.model(arch)
+    if vocab_size is not None:
+        # A fresh model from the same config with the wider vocabulary (resizing would
+        # fill the new rows with the mean embedding: every token would look alike).
+        cfg = m.config
+        cfg.vocab_size = vocab_size
+        torch.manual_seed(1)
+        m = type(m)(cfg).eval()
     m.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+MINILM_VOCAB = 30522
+_NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+_POSITIVE = ["great", "good", "wonderful", "excellent", "fun", "lovely", "superb", "brilliant"]
+_NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "poor", "weak", "horrible"]
+
+
+def prepared(root: Path, task: str = "causal_lm", *, rows: int = 80, seed: int = 0):
+    """A small text corpus tokenized by the real data stage (``pipelines.data.prepare``,
+    MiniLM's tokenizer, on the running Ray): counting phrases for ``causal_lm`` (a tiny LM
+    learns them in a few steps), word-list sentiment for ``classification``."""
+    from pipelines.data import DataConfig, prepare
+
+    rng = random.Random(seed)
+    if task == "classification":
+        lines = []
+        for _ in range(rows):
+            label = rng.randrange(2)
+            words = _POSITIVE if label else _NEGATIVE
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 7)))
+            lines.append({"text": text, "label": ["negative", "positive"][label]})
+    else:
+        lines = []
+        for _ in range(rows):
+            start, n = rng.randrange(len(_NUMBERS)), rng.randint(5, 10)
+            lines.append({"text": " ".join(_NUMBERS[(start + k) % len(_NUMBERS)] for k in range(n))})
+    src = root / f"{task}.jsonl"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return prepare(DataConfig(sources=[str(src)], task=task, tokenizer="builtin:minilm",
+                              max_length=24, seed=seed, data_root=str(root / "datasets"),
+                              split={"train": 0.8, "eval": 0.2, "test": 0.0}))
 
 
 def _lm_row(rng: random.Random, lo: int = 3, hi: int = 11) -> dict:
