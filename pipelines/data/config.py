@@ -42,8 +42,10 @@ class DataConfig(BaseModel):
     Columns are named by the ``*_field`` options; a task uses only its own ones.
 
     The resource knobs (``num_actors``, ``actor_cpus``, ``task_cpus``) do not change the
-    output and are not part of the dataset id; ``batch_size`` is, when ``packing`` is on,
-    because documents are packed within a batch.
+    output and are not part of the dataset id. ``batch_size`` is the rows per table a read
+    task yields (Ray Data merges them into ~4 MiB blocks, each tokenized as one batch and
+    written as one Parquet part per split); it is part of the id when ``packing`` is on,
+    because documents are packed within a block.
     """
 
     model_config = ConfigDict(extra="forbid")

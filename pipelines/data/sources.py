@@ -54,15 +54,20 @@ class Source:
 
 
 def _filesystem(source: str) -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, path inside it, prefix that turns such a path back into a URI)."""
+    """(filesystem, path inside it, prefix that turns such a path back into a URI).
+
+    URI options go in the query string, as pyarrow reads them (e.g.
+    ``s3://bucket/data/*.jsonl?region=eu-west-1&endpoint_override=localhost:9000``); they
+    configure the filesystem and are not part of the path.
+    """
     if "://" in source:
         scheme = source.split("://", 1)[0]
+        where, _, query = source.partition("?")
         # from_uri rejects glob characters in the path: resolve the static prefix only.
-        m = _GLOB_CHARS.search(source)
-        static = source if m is None else source[: m.start()]
-        base = static.rsplit("/", 1)[0] if m is not None else static
-        fs, base_path = pafs.FileSystem.from_uri(base)
-        rest = source[len(base):]
+        m = _GLOB_CHARS.search(where)
+        base = where if m is None else where[: m.start()].rsplit("/", 1)[0]
+        fs, base_path = pafs.FileSystem.from_uri(base + (f"?{query}" if query else ""))
+        rest = where[len(base):]
         path = base_path.rstrip("/") + rest if rest else base_path
         prefix = "" if scheme == "file" else f"{scheme}://"
         return fs, path, prefix

@@ -96,6 +96,15 @@ def test_sources_globs_folders_uris_and_hashes(tmp_path):
         S.resolve([str(tmp_path / "data.bin")])
 
 
+def test_object_store_uris_keep_options_out_of_the_path():
+    fs, path, prefix = S._filesystem(
+        "s3://bucket/corpora/*.jsonl?region=eu-west-1&endpoint_override=127.0.0.1:9&scheme=http")
+    assert type(fs).__name__ == "S3FileSystem" and fs.region == "eu-west-1"
+    assert (path, prefix) == ("bucket/corpora/*.jsonl", "s3://")
+    fs, path, _ = S._filesystem("s3://bucket/one.parquet?region=us-east-1")
+    assert path == "bucket/one.parquet"
+
+
 # --- readers + validation -----------------------------------------------------------------
 
 
