@@ -242,6 +242,8 @@ def test_methods_with_hooks_train_through_the_stage(ray_cluster, lm, tmp_path, m
     assert [r["step"] for r in h] == [0, 4]
     assert h[-1]["eval_loss"] < h[0]["eval_loss"], h
     state = adapter(res)
-    assert state and all(t.numel() > 0 for t in state.values())
+    # (a sparse method may select nothing in some layers: those tensors are empty by
+    # design; what must hold is that the trained values are all there)
+    assert sum(t.numel() for t in state.values()) >= h[-1]["trainable_params"] > 0
     assert reloaded_eval_loss(res.adapter_dir, model, data) == pytest.approx(
         h[-1]["eval_loss"], abs=1e-4)
