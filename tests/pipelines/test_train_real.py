@@ -14,6 +14,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def _check_improves(res, metric: str = "eval_loss") -> None:
     h = res.history
+    for r in h:  # shown with pytest -s / -rP: the curve behind the assertion
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
+               if k in ("step", "train_loss", metric, "eval_accuracy", "perplexity",
+                        "step_time_s", "tokens_per_s", "peak_mem_mb")})
     assert h[0]["step"] == 0 and h[-1]["step"] == res.metrics["step"]
     assert h[-1][metric] < h[0][metric] - 0.05, [(r["step"], r[metric]) for r in h]
     assert res.adapter_dir and h[-1]["trainable_fraction"] < 0.05
