@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .errors import NotMergeableError, PeftError
+from .layers import MergeableLayer
 
 
 class Method:
@@ -80,13 +81,21 @@ class Method:
 
     # -- merging ---------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
-        raise NotMergeableError(
-            f"method {self.config.name!r} keeps its parameters outside the base weights, so "
-            "it cannot be merged into them; serve it with the adapter attached instead"
-        )
+        """Fold every :class:`~peft_core.layers.MergeableLayer` into its base weight."""
+        self._merge_layers(model, unmerge=False)
 
     def unmerge(self, model: nn.Module) -> None:
-        self.merge(model)
+        self._merge_layers(model, unmerge=True)
+
+    def _merge_layers(self, model: nn.Module, *, unmerge: bool) -> None:
+        if not self.mergeable:
+            raise NotMergeableError(
+                f"method {self.config.name!r} keeps its parameters outside the base weights, "
+                "so it cannot be merged into them; serve it with the adapter attached instead"
+            )
+        for module in model.modules():
+            if isinstance(module, MergeableLayer):
+                module.unmerge() if unmerge else module.merge()
 
     # -- file formats ----------------------------------------------------------------------
     def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -139,15 +139,9 @@ def predict(
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI."),
 ) -> None:
     """Classify texts with a registered (or saved) classification adapter."""
-    from pipelines import serve, tracking
+    from pipelines import serve
 
-    uri = tracking.resolve_uri(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
-    try:
-        loaded = serve.load(model, tracking_uri=uri)
-        out = serve.predict(loaded, text)
-    except Exception as e:  # one clear line for the user, whatever failed
-        _fail(str(e))
-    for row in out:
+    for row in _serve(model, run_dir, tracking_uri, lambda a: serve.predict(a, text)):
         typer.echo(json.dumps(row))
 
 
@@ -160,12 +154,20 @@ def generate(
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI."),
 ) -> None:
     """Complete a prompt with a registered (or saved) causal-LM adapter."""
+    from pipelines import serve
+
+    typer.echo(_serve(model, run_dir, tracking_uri,
+                      lambda a: serve.generate(a, prompt, max_new_tokens=max_new_tokens)))
+
+
+def _serve(model: str, run_dir: str, tracking_uri: str | None, call):
+    """Load ``model`` (folder or registry URI) and run ``call`` on it; any failure becomes
+    one clear line and exit code 2."""
     from pipelines import serve, tracking
 
     uri = tracking.resolve_uri(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
     try:
-        loaded = serve.load(model, tracking_uri=uri)
-        typer.echo(serve.generate(loaded, prompt, max_new_tokens=max_new_tokens))
+        return call(serve.load(model, tracking_uri=uri))
     except Exception as e:  # one clear line for the user, whatever failed
         _fail(str(e))
 

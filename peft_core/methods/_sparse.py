@@ -26,6 +26,7 @@ from torch.func import functional_call
 from .. import targets
 from ..config import MethodConfig, check
 from ..errors import PeftError
+from ..layers import MergeableLayer
 from ..method import Method
 
 IDX_SUFFIX = ".sparse_idx"
@@ -88,7 +89,7 @@ def add_at(module: nn.Module, idx: torch.Tensor, values: torch.Tensor, sign: flo
         w.view(-1).index_add_(0, _storage_index(module, idx), values.to(w.dtype), alpha=sign)
 
 
-class SparseDeltaLayer(nn.Module):
+class SparseDeltaLayer(MergeableLayer):
     """A frozen linear-like ``base`` whose weight moves only at ``sparse_idx``.
 
     ``sparse_idx`` is a buffer of (out, in)-flat indices, sorted; ``sparse_delta`` the
@@ -148,13 +149,8 @@ class SparseDeltaLayer(nn.Module):
         # Conv1D (and their bias handling) need no code of ours.
         return functional_call(self.base, {"weight": weight}, (x,))
 
-    def merge(self) -> None:
-        add_at(self.base, self.sparse_idx, self.sparse_delta.detach(), +1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        add_at(self.base, self.sparse_idx, self.sparse_delta.detach(), -1.0)
-        self.merged = False
+    def _fold(self, sign: float) -> None:
+        add_at(self.base, self.sparse_idx, self.sparse_delta.detach(), sign)
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseDeltaLayer]]:
@@ -220,14 +216,6 @@ class SparseDeltaMethod(Method):
 
     def extra_state_keys(self, model: nn.Module) -> list[str]:
         return [f"{n}{IDX_SUFFIX}" for n, _ in sparse_layers(model)]
-
-    def merge(self, model: nn.Module) -> None:
-        for _, layer in sparse_layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in sparse_layers(model):
-            layer.unmerge()
 
     def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         layers = dict(sparse_layers(model))

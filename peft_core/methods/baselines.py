@@ -28,31 +28,23 @@ class LinearProbeConfig(MethodConfig):
     name = "linear_probe"
 
 
-class _AlreadyMerged:
-    """The trained weights *are* the model's weights: merging has nothing left to do."""
-
-    mergeable = True
-
-    def merge(self, model: nn.Module) -> None:
-        pass
-
-    def unmerge(self, model: nn.Module) -> None:
-        pass
-
-
 @register
-class Full(_AlreadyMerged, Method):
+class Full(Method):
     config_cls = FullConfig
     family = "baseline"
+    # The trained weights *are* the model's weights: merging has nothing left to do
+    # (no MergeableLayer is injected, so the default merge is a no-op).
+    mergeable = True
 
     def inject(self, model: nn.Module) -> None:
         model.requires_grad_(True)
 
 
 @register
-class LinearProbe(_AlreadyMerged, Method):
+class LinearProbe(Method):
     config_cls = LinearProbeConfig
     family = "baseline"
+    mergeable = True  # as for Full: the head's weights are the trained ones
 
     def inject(self, model: nn.Module) -> None:
         heads = targets.head_names(model)

@@ -19,6 +19,7 @@ from torch import nn
 from .. import targets
 from ..config import MethodConfig, check
 from ..io import write_hf_folder
+from ..layers import MergeableLayer
 from ..method import Method
 from ..registry import register
 
@@ -71,7 +72,7 @@ class MosLoraConfig(LoraConfig):
         check(self.mixer_init in allowed, self.name, "mixer_init", f"one of {allowed}", self.mixer_init)
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(MergeableLayer):
     """A frozen linear-like ``base`` (``nn.Linear`` or GPT-2 ``Conv1D``) plus a low-rank update."""
 
     def __init__(self, base: nn.Module, config: LoraConfig, mixer: str | None = None):
@@ -117,14 +118,6 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             targets.dense_weight(self.base).add_(self.delta_weight().to(self.base.weight.dtype), alpha=sign)
 
-    def merge(self) -> None:
-        self._fold(+1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        self._fold(-1.0)
-        self.merged = False
-
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
@@ -140,14 +133,6 @@ class Lora(Method):
     def inject(self, model: nn.Module) -> None:
         for name, module in targets.linear_targets(model, self.config.target_modules):
             targets.set_submodule(model, name, LoraLayer(module, self.config, self._mixer))
-
-    def merge(self, model: nn.Module) -> None:
-        for _, layer in lora_layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in lora_layers(model):
-            layer.unmerge()
 
     def export_hf(self, peft_model: nn.Module, path: Path) -> dict[str, Any]:
         model = peft_model.base_model

@@ -27,6 +27,7 @@ from torch.func import functional_call
 from .. import targets
 from ..config import check
 from ..errors import PeftError
+from ..layers import MergeableLayer
 from ..method import Method
 from ..registry import register
 from ._sparse import (
@@ -171,7 +172,7 @@ class DiffPruningConfig(SelectiveConfig):
 _OPEN, _CLOSED = 30.0, -30.0
 
 
-class DiffPruningLayer(nn.Module):
+class DiffPruningLayer(MergeableLayer):
     """``W0 + z ⊙ w`` on a frozen linear-like ``base``; ``w`` and the gate logits are dense
     (out, in) parameters during training."""
 
@@ -225,14 +226,6 @@ class DiffPruningLayer(nn.Module):
         with torch.no_grad():
             dense = targets.dense_weight(self.base)
             dense.add_(self.delta_weight(sample=False).to(dense.dtype), alpha=sign)
-
-    def merge(self) -> None:
-        self._fold(+1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        self._fold(-1.0)
-        self.merged = False
 
 
 def diff_pruning_layers(model: nn.Module) -> list[tuple[str, DiffPruningLayer]]:
@@ -295,14 +288,6 @@ class DiffPruning(Method):
         with torch.no_grad():
             nnz = sum(int(torch.count_nonzero(layer.delta_weight(sample=False))) for layer in layers)
         return nnz / sum(layer.numel for layer in layers)
-
-    def merge(self, model: nn.Module) -> None:
-        for _, layer in diff_pruning_layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in diff_pruning_layers(model):
-            layer.unmerge()
 
     def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(state)
