@@ -242,8 +242,13 @@ def test_methods_with_hooks_train_through_the_stage(ray_cluster, lm, tmp_path, m
     assert [r["step"] for r in h] == [0, 4]
     assert h[-1]["eval_loss"] < h[0]["eval_loss"], h
     state = adapter(res)
-    # (a sparse method may select nothing in some layers: those tensors are empty by
-    # design; what must hold is that the trained values are all there)
-    assert sum(t.numel() for t in state.values()) >= h[-1]["trainable_params"] > 0
+    # finalize may shrink the state (diff pruning keeps its budget, prefix tuning drops its
+    # reparameterisation MLP), so sizes are not compared with the trainable count; a
+    # selective method may select nothing in some layers, but any other empty tensor is a
+    # ZeRO-3 shard that was saved instead of the gathered parameter
+    assert sum(t.numel() for t in state.values()) > 0
+    if peft_core.get(method["name"]).family != "selective":
+        assert all(t.numel() > 0 for t in state.values()), {
+            k: tuple(t.shape) for k, t in state.items()}
     assert reloaded_eval_loss(res.adapter_dir, model, data) == pytest.approx(
         h[-1]["eval_loss"], abs=1e-4)
