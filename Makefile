@@ -43,7 +43,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(PY) -m pipelines.cli demo
+	$(PY) -m pipelines.cli run demo
 
 bench: setup
 	$(PY) benchmarks/peft_core_vs_peft.py

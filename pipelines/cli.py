@@ -17,6 +17,14 @@ app = typer.Typer(
 )
 
 
+RECIPE_ARG = typer.Argument(..., help="A recipe YAML file, or the name of a built-in recipe "
+                            "(demo, sentiment_minilm, qa_smollm2, llama_lora_zero3).")
+SET_OPT = typer.Option(None, "--set", help="Override a recipe field: key.path=value "
+                       "(value parsed as YAML; repeat for several).")
+ADDRESS_OPT = typer.Option(None, help="Ray cluster to run on (auto, HOST:PORT, ray://HOST:10001); "
+                           "default: the recipe's ray.address, else a local Ray started for the job.")
+
+
 @app.command()
 def methods(
     model: str = typer.Option(
@@ -73,9 +81,12 @@ def _fail(message: str) -> None:
 
 @app.command()
 def promote(
+    recipe: str = typer.Argument(None, help="A recipe: register the best trial of its last "
+                                 "search (its registry section decides). Or use the options."),
+    set_: list[str] = SET_OPT,
     run_id: str = typer.Option(None, help="MLflow run whose `adapter` artifact to register."),
     search_id: str = typer.Option(None, help="Or: a search id; its best trial is registered."),
-    dataset: str = typer.Option(..., help="Dataset folder (manifest.json) whose test split decides."),
+    dataset: str = typer.Option(None, help="Dataset folder (manifest.json) whose test split decides."),
     model_name: str = typer.Option("peft-adapter", help="Registered model name."),
     metric: str = typer.Option("eval_accuracy", help="Metric compared on the test split."),
     mode: str = typer.Option("max", help="max or min: which direction is better."),
@@ -90,8 +101,12 @@ def promote(
     from pipelines import promote as promotion
     from pipelines import registry, tracking
 
+    if recipe is not None:
+        return _promote_recipe(recipe, set_)
     if (run_id is None) == (search_id is None):
-        _fail("give exactly one of --run-id or --search-id")
+        _fail("give a recipe, or exactly one of --run-id or --search-id")
+    if dataset is None:
+        _fail("--dataset: the dataset folder whose test split decides is required")
     try:
         rcfg = registry.RegistryConfig(model_name=model_name, metric=metric, mode=mode, margin=margin)
     except ValidationError as e:
@@ -110,6 +125,22 @@ def promote(
         _fail(str(e))
     verb = "promoted to champion" if decision.promoted else "kept as candidate"
     typer.echo(f"{model_name} v{decision.version} {verb}: {decision.reason}")
+
+
+def _promote_recipe(recipe: str, set_: list[str] | None) -> None:
+    from pipelines import pipeline, registry
+    from pipelines.promote import PromotionError
+    from pipelines.recipe import RecipeError
+
+    r = _recipe(recipe, set_)
+    try:
+        trials = pipeline.load_trials(r)
+        manifest = pipeline.prepare_stage(r)  # found by its content id, not rebuilt
+        d = pipeline.promote_stage(r, manifest, trials)
+    except (RecipeError, PromotionError, registry.RegistryError) as e:
+        _fail(str(e))
+    verb = "promoted to champion" if d.promoted else "kept as candidate"
+    typer.echo(f"{d.model_name} v{d.version} {verb}: {d.reason}")
 
 
 @app.command()
@@ -172,16 +203,162 @@ def _serve(model: str, run_dir: str, tracking_uri: str | None, call):
         _fail(str(e))
 
 
+# -- the main job and its stages -------------------------------------------------------------
+
+def _recipe(path: str, overrides: list[str] | None):
+    from pipelines.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(path, overrides or [])
+    except RecipeError as e:
+        _fail(str(e))
+
+
+def _stage(recipe, address: str | None, body):
+    """Run ``body()`` inside the job's Ray session; input errors found on the way (before
+    any worker starts) exit 2, failures of the run itself exit 1."""
+    from pydantic import ValidationError
+
+    from pipelines import pipeline
+    from pipelines.recipe import RecipeError, format_errors
+    from pipelines.train.data import DatasetError
+    from pipelines.tune.stage import ResourceError
+
+    pipeline.log_to_file(recipe)
+    try:
+        with pipeline.ray_session(recipe, address):
+            return body()
+    except ValidationError as e:
+        _fail(format_errors(e))
+    except (RecipeError, ResourceError, DatasetError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT,
+        quiet: bool = typer.Option(False, help="No per-trial status lines.")) -> None:
+    """Run the whole job: prepare -> search -> promote -> report."""
+    from pipelines import pipeline
+
+    r = _recipe(recipe, set_)
+    typer.echo(f"peftpipe run {r.name}: model {r.model}, run dir {r.run_dir}")
+    out = pipeline.RunResult(run_dir=r.run_dir)
+
+    def body():
+        out.manifest = pipeline.prepare_stage(r)
+        _say_dataset(out.manifest)
+        stage = pipeline.tune_stage if r.tune is not None else pipeline.train_stage
+        out.search = stage(r, out.manifest, verbose=not quiet)
+
+    _stage(r, address, body)
+    _finish(r, out.manifest, out.search)
+
+
+def _finish(r, manifest, search) -> None:
+    """Promote, report, and tell the user where everything is."""
+    from pipelines import pipeline
+
+    try:
+        decision = pipeline.promote_stage(r, manifest, search)
+    except RuntimeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    report = pipeline.report_stage(r, search, decision)
+    _print_leaderboard(r, search)
+    verb = "is the new champion" if decision.promoted else "stays a candidate"
+    typer.echo(f"\n{r.registry.model_name} v{decision.version} {verb}: {decision.reason}")
+    typer.echo(f"report:  {report}  (+ quality_vs_params.png, eval_loss_curves.png)")
+    uri = search.tracking_uri if hasattr(search, "tracking_uri") else search["tracking_uri"]
+    typer.echo(f"MLflow:  mlflow ui --backend-store-uri {uri}")
+    use = "predict --text 'a wonderful film'" if manifest.task == "classification" else \
+        "generate --prompt 'Hello, who are you?'"
+    typer.echo(f"serve:   peftpipe {use} --model models:/{r.registry.model_name}@champion "
+               f"--run-dir {r.run_dir}")
+
+
+def _say_dataset(m) -> None:
+    hit = " (reused)" if getattr(m, "cache_hit", False) else ""
+    typer.echo(f"dataset {m.dataset_id}{hit}: rows {m.rows}, rejected {m.rejected}")
+
+
+def _print_leaderboard(r, search) -> None:
+    from pipelines import report
+    from pipelines.tune import Objective
+
+    data = search if isinstance(search, dict) else {"trials": search.trials}
+    objective = r.tune.objective if r.tune else Objective(metric=r.registry.metric,
+                                                            mode=r.registry.mode)
+    rows = report.leaderboard(data["trials"], objective)
+    cols = ["rank", "method", "trainable_params", "trainable_pct", objective.metric,
+            "eval_loss", "time_s", "status"]
+    table = [[report._fmt(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c)
+              for i, c in enumerate(cols)]
+    typer.echo("\nleaderboard")
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for t in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+@app.command()
+def prepare(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT,
+            address: str = ADDRESS_OPT) -> None:
+    """Tokenize the recipe's corpora with Ray Data (reused when unchanged)."""
+    from pipelines import pipeline
+
+    r = _recipe(recipe, set_)
+    m = _stage(r, address, lambda: pipeline.prepare_stage(r))
+    _say_dataset(m)
+    typer.echo(m.path)
+
+
+@app.command()
+def train(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT) -> None:
+    """One training run of the recipe's train.method (tracked in MLflow)."""
+    _search_command(recipe, set_, address, single=True)
+
+
+@app.command()
+def tune(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT) -> None:
+    """The recipe's search over methods and hyperparameters (tracked in MLflow)."""
+    _search_command(recipe, set_, address, single=False)
+
+
+def _search_command(recipe: str, set_: list[str] | None, address: str | None, single: bool) -> None:
+    from pipelines import pipeline
+
+    r = _recipe(recipe, set_)
+    if not single and r.tune is None:
+        _fail(f"tune: recipe {recipe!r} has no tune section")
+
+    def body():
+        m = pipeline.prepare_stage(r)
+        stage = pipeline.train_stage if single else pipeline.tune_stage
+        return stage(r, m)
+
+    res = _stage(r, address, body)
+    _print_leaderboard(r, res)
+    typer.echo(f"trials: {r.run_dir}/{pipeline.TRIALS_FILE}")
+
+
+@app.command()
+def report(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT) -> None:
+    """Write report.md and the plots from the recipe's last search."""
+    from pipelines import pipeline
+    from pipelines.recipe import RecipeError
+
+    r = _recipe(recipe, set_)
+    try:
+        path = pipeline.report_stage(r)
+    except RecipeError as e:
+        _fail(str(e))
+    typer.echo(path)
+
+
 @app.command()
 def demo() -> None:
-    """Run the built-in demo recipe end to end."""
-    typer.echo(
-        "peftpipe demo: the end-to-end pipeline (prepare -> search -> promote) is being built.\n"
-        "Once the stages land, this runs the built-in recipe: MiniLM on the movie-review\n"
-        "sentiment data, a Ray Tune search over LoRA, LoRA+, adapters and soft prompts, and\n"
-        "registration of the winner in a local MLflow registry. Today it lists the methods:\n"
-    )
-    methods(model=None, task=None, num_labels=2, as_json=False)
+    """The built-in recipe end to end (same as `peftpipe run demo`)."""
+    run(recipe="demo", set_=None, address=None, quiet=False)
 
 
 def main() -> None:

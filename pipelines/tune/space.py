@@ -9,6 +9,9 @@ Written in YAML as one entry per method, so spaces are conditional by constructi
       full: {}
     lr: {min: 1.0e-4, max: 1.0e-2, log: true}
 
+A method may carry its own ``lr`` domain (soft prompts want learning rates ~10x LoRA's);
+it replaces the shared one for that method's trials.
+
 A list is a choice, ``{min, max[, log, int]}`` a range, anything else a fixed value. Method
 names and hyperparameter names are checked against the peft_core registry, so any
 registered method is searchable without new code here.
@@ -74,7 +77,7 @@ class SearchSpace(BaseModel):
         for name, params in methods.items():
             method_cls = peft_core.get(name)  # unknown name: ConfigError listing the available
             fields = {f.name for f in dataclasses.fields(method_cls.config_cls)}
-            unknown = sorted(set(params or {}) - fields)
+            unknown = sorted(set(params or {}) - fields - {"lr"})
             if unknown:
                 raise ValueError(
                     f"methods.{name}: unknown hyperparameter(s) {unknown}; {name} has {sorted(fields)}"
@@ -88,15 +91,21 @@ class SearchSpace(BaseModel):
     def sample(self, rng: random.Random) -> dict[str, Any]:
         """One random trial config: ``{"method": {...}, "lr": ...}``."""
         name = rng.choice(sorted(self.methods))
-        method = {"name": name, **{k: _sample(v, rng) for k, v in self.methods[name].items()}}
-        return {"method": method, "lr": _sample(self.lr, rng)}
+        params, lr = self._split(name)
+        method = {"name": name, **{k: _sample(v, rng) for k, v in params.items()}}
+        return {"method": method, "lr": _sample(lr, rng)}
+
+    def _split(self, name: str) -> tuple[dict[str, Domain], Domain]:
+        """(the method's own hyperparameters, its learning-rate domain)."""
+        params = dict(self.methods[name])
+        return params, params.pop("lr", self.lr)
 
     def grid(self) -> list[dict[str, Any]]:
         """Every combination, method by method (a fixed grid for ablations)."""
         out = []
-        lrs = _grid(self.lr)
         for name in sorted(self.methods):
-            params = self.methods[name]
+            params, lr = self._split(name)
+            lrs = _grid(lr)
             keys = sorted(params)
             for combo in itertools.product(*(_grid(params[k]) for k in keys)):
                 for lr in lrs:
@@ -112,9 +121,11 @@ class SearchSpace(BaseModel):
         """Optuna define-by-run: the method first, then only that method's hyperparameters."""
         name = trial.suggest_categorical("method", sorted(self.methods))
         method = {"name": name}
-        for key, dom in self.methods[name].items():
+        params, lr = self._split(name)
+        for key, dom in params.items():
             method[key] = _suggest(trial, f"{name}.{key}", dom)
-        return {"method": method, "lr": _suggest(trial, "lr", self.lr)}
+        own_lr = "lr" in self.methods[name]
+        return {"method": method, "lr": _suggest(trial, f"{name}.lr" if own_lr else "lr", lr)}
 
 
 def _sample(dom: Domain, rng: random.Random) -> Any:

@@ -41,6 +41,22 @@ def test_grid_expands_each_method_separately() -> None:
     space.validate_trials(grid)
 
 
+def test_a_method_may_carry_its_own_learning_rate() -> None:
+    space = SearchSpace.model_validate(
+        {"methods": {"lora": {"rank": 4}, "prompt_tuning": {"lr": [3e-2, 1e-1]}}, "lr": 1e-3})
+    assert space.grid() == [
+        {"method": {"name": "lora", "rank": 4}, "lr": 1e-3},
+        {"method": {"name": "prompt_tuning"}, "lr": 3e-2},
+        {"method": {"name": "prompt_tuning"}, "lr": 1e-1},
+    ]
+    import random
+
+    for _ in range(20):
+        t = space.sample(random.Random(_))
+        assert "lr" not in t["method"]
+        assert t["lr"] in ((1e-3,) if t["method"]["name"] == "lora" else (3e-2, 1e-1))
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [
