@@ -76,6 +76,9 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = Field(1.0, gt=0)
+    # How a run's workers are placed on the cluster's nodes (Ray placement group strategy):
+    # PACK fills few nodes, SPREAD prefers different nodes, STRICT_* insist (and wait).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     # -- optimisation -----------------------------------------------------------------------
     batch_size: int = Field(8, ge=1)

@@ -158,7 +158,8 @@ def build_trainer(config: TrainConfig, manifest: Any, run_dir: str | Path | None
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=config.placement_strategy),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,

@@ -1,0 +1,508 @@
+"""A local multi-node Ray cluster on one host, plus an MLflow server, for tests and laptops.
+
+``up`` starts a head and N worker nodes, each a separate ``ray start --block`` process on
+127.0.0.1 with its own CPUs, GPUs and a custom resource naming it (``peftpipe_head``,
+``peftpipe_worker_1``, ...), all sharing one short Ray temp folder; then an ``mlflow
+server`` (SQLite backend, artifacts served from a local folder). Everything about the cluster
+(addresses, ports, pids, folders) goes into one JSON state file, written atomically.
+
+``down`` stops exactly the processes of that cluster: the recorded pids (checked against
+their recorded start times, so a reused pid is never hit), their descendants, and any
+process whose command line names this cluster's own Ray temp folder (Ray's agents and
+workers do), SIGTERM first, SIGKILL after a grace period. Nothing else on the machine is
+touched: other Ray instances keep running.
+
+The cluster never writes ``/tmp/ray/ray_current_cluster``: its temp folder is its own, so a
+``ray.init()`` elsewhere on the machine still starts a fresh local Ray instead of joining it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from . import mlflow_server
+
+STATE_FILE = "cluster.json"
+DEFAULT_ROOT = "runs/cluster"
+HOST = "127.0.0.1"
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not be started, found or stopped."""
+
+
+@dataclasses.dataclass
+class Proc:
+    """A process we started: its pid and start time (to tell it from a later reused pid)."""
+
+    pid: int
+    create_time: float
+
+    @classmethod
+    def of(cls, pid: int) -> Proc:
+        import psutil
+
+        return cls(pid, psutil.Process(pid).create_time())
+
+    def process(self):
+        """The live ``psutil.Process``, or None when gone (or the pid was reused)."""
+        import psutil
+
+        try:
+            p = psutil.Process(self.pid)
+            if abs(p.create_time() - self.create_time) > 0.05 or \
+                    p.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return p
+        except psutil.Error:
+            return None
+
+    def alive(self) -> bool:
+        return self.process() is not None
+
+
+@dataclasses.dataclass
+class Node:
+    name: str  # head, worker-1, worker-2, ...
+    resource: str  # its custom resource (1 unit): peftpipe_head, peftpipe_worker_1, ...
+    num_cpus: float
+    num_gpus: int
+    proc: Proc  # the `ray start --block` process (leader of its own process group)
+    log: str
+    raylet: Proc | None = None
+    node_id: str | None = None
+
+
+@dataclasses.dataclass
+class ClusterState:
+    """Everything ``down``/``status`` and clients need; ``to_dict`` is the state file."""
+
+    root: str
+    temp_dir: str
+    storage: str  # the shared folder every node reaches: run outputs and checkpoints
+    gcs_address: str  # HOST:PORT, for `ray start --address` and ray.init(address=...)
+    dashboard_url: str  # http://HOST:PORT, for Ray Job submission and the State API
+    client_address: str  # ray://HOST:PORT, for Ray Client (ray.init("ray://..."))
+    nodes: list[Node]
+    mlflow_uri: str | None = None
+    mlflow: Proc | None = None
+    created_at: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.root) / STATE_FILE
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node {name!r}; nodes: {[n.name for n in self.nodes]}")
+
+    @property
+    def workers(self) -> list[Node]:
+        return [n for n in self.nodes if n.name != "head"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClusterState:
+        d = dict(d)
+        nodes = []
+        for n in d.pop("nodes"):
+            n = dict(n)
+            n["proc"] = Proc(**n["proc"])
+            n["raylet"] = Proc(**n["raylet"]) if n.get("raylet") else None
+            nodes.append(Node(**n))
+        mlf = d.pop("mlflow", None)
+        return cls(nodes=nodes, mlflow=Proc(**mlf) if mlf else None, **d)
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point clients at this cluster."""
+        env = {"RAY_ADDRESS": self.gcs_address, "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+               "PEFTPIPE_STORAGE": self.storage}
+        if self.mlflow_uri:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        return env
+
+
+# -- the state file ------------------------------------------------------------------------------
+
+def write_state(state: ClusterState) -> Path:
+    """Write the state file atomically (a temp file in the same folder, then rename)."""
+    path = state.state_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state.to_dict(), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_state(root: str | Path = DEFAULT_ROOT) -> ClusterState:
+    path = Path(root) / STATE_FILE
+    if not path.is_file():
+        raise ClusterError(f"no local cluster under {Path(root).resolve()} ({STATE_FILE} missing); "
+                           "start one with `peftpipe cluster up`")
+    try:
+        return ClusterState.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ClusterError(f"{path}: not a cluster state file: {e}") from e
+
+
+def find_state(address: str | None, root: str | Path = DEFAULT_ROOT) -> ClusterState | None:
+    """The local cluster under ``root`` if it serves ``address`` (any of its addresses;
+    None matches), else None."""
+    try:
+        state = read_state(root)
+    except ClusterError:
+        return None
+    if address is None:
+        return state
+    norm = address.rstrip("/").replace("localhost", HOST)
+    ours = {state.gcs_address, state.dashboard_url, state.client_address,
+            state.dashboard_url.removeprefix("http://")}
+    return state if norm in ours or norm.removeprefix("http://") in ours else None
+
+
+# -- starting --------------------------------------------------------------------------------------
+
+def _temp_dir(root: Path) -> str:
+    # Unix socket paths are limited to ~107 bytes and Ray nests session and socket names
+    # under its temp folder: keep it short, and unique per cluster root.
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:8]
+    return f"/tmp/peftpipe-ray-{digest}"
+
+
+def _ray_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("ray")
+    if exe.is_file():
+        return [str(exe)]
+    return [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+
+
+def _node_env(fast_failure_detection: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    # Job drivers run `python ...`: make it this interpreter, wherever `up` was called from.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.pop("RAY_ADDRESS", None)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if fast_failure_detection:
+        # A lost node is declared dead within ~3 s instead of ~30 s (GCS health checks).
+        env.setdefault("RAY_health_check_initial_delay_ms", "1000")
+        env.setdefault("RAY_health_check_period_ms", "1000")
+        env.setdefault("RAY_health_check_timeout_ms", "1000")
+        env.setdefault("RAY_health_check_failure_threshold", "3")
+    return env
+
+
+def _start_node(args: list[str], log: Path, env: dict[str, str]) -> Proc:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        p = subprocess.Popen(_ray_cmd() + ["start", "--block", *args], stdout=out,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                             start_new_session=True)
+    return Proc.of(p.pid)
+
+
+def _get_json(url: str, timeout: float = 3) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait(what: str, check, timeout_s: float, procs: list[tuple[Proc, str]]) -> Any:
+    deadline = time.time() + timeout_s
+    while True:
+        for proc, log in procs:
+            if not proc.alive():
+                tail = Path(log).read_text()[-3000:] if Path(log).is_file() else ""
+                raise ClusterError(f"{what}: process {proc.pid} exited; its log ({log}):\n{tail}")
+        try:
+            got = check()
+            if got:
+                return got
+        except Exception:  # not up yet
+            pass
+        if time.time() > deadline:
+            raise ClusterError(f"{what}: not ready after {timeout_s:g}s")
+        time.sleep(0.5)
+
+
+def alive_nodes(dashboard_url: str) -> list[dict[str, Any]]:
+    """The cluster's nodes as Ray's State API lists them (alive and dead)."""
+    from ray.util.state import list_nodes
+
+    return [dataclasses.asdict(n) if dataclasses.is_dataclass(n) else dict(n)
+            for n in list_nodes(address=dashboard_url, detail=True, timeout=10,
+                                raise_on_missing_output=False)]
+
+
+def _find_child(proc: Proc, name: str) -> Proc | None:
+    p = proc.process()
+    if p is None:
+        return None
+    import psutil
+
+    for c in p.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if c.name() == name:
+                return Proc(c.pid, c.create_time())
+    return None
+
+
+def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
+       head_cpus: float | None = None, gpus: int = 0, object_store_mb: int = 256,
+       dashboard_port: int | None = None, port: int | None = None,
+       client_port: int | None = None, mlflow: bool = True, mlflow_port: int | None = None,
+       fast_failure_detection: bool = True, timeout_s: float = 180) -> ClusterState:
+    """Start the cluster under ``root`` (state file, logs, storage and MLflow store live
+    there) and return its state once every node is alive in the GCS and MLflow answers.
+
+    ``cpus``/``gpus``: what each worker node advertises (logical: nodes share this host's
+    cores); ``head_cpus``: the head's CPUs (default ``cpus``). Ports default to free ones.
+    On any failure everything already started is stopped again.
+    """
+    if workers < 0:
+        raise ClusterError("workers: must be >= 0")
+    root = Path(root).resolve()
+    try:
+        old = read_state(root)
+    except ClusterError:
+        old = None
+    if old is not None:
+        if _live_processes(old):
+            raise ClusterError(f"a cluster is already running under {root} "
+                               f"(dashboard {old.dashboard_url}); `peftpipe cluster down` first")
+        _sweep_files(old)
+    temp_dir = _temp_dir(root)
+    if Path(temp_dir).exists():
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    storage = root / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    logs = root / "logs"
+    free = mlflow_server.free_port
+    port = port or free()
+    dashboard_port = dashboard_port or free()
+    client_port = client_port or free()
+    env = _node_env(fast_failure_detection)
+    object_store = str(int(object_store_mb * 1024 * 1024))
+    common = ["--node-ip-address", HOST, "--temp-dir", temp_dir, "--object-store-memory",
+              object_store, "--disable-usage-stats"]
+
+    state = ClusterState(
+        root=str(root), temp_dir=temp_dir, storage=str(storage),
+        gcs_address=f"{HOST}:{port}", dashboard_url=f"http://{HOST}:{dashboard_port}",
+        client_address=f"ray://{HOST}:{client_port}", nodes=[],
+    )
+    try:
+        head_cpus = cpus if head_cpus is None else head_cpus
+        head = _start_node([
+            "--head", "--port", str(port), "--num-cpus", _num(head_cpus), "--num-gpus", "0",
+            "--resources", json.dumps({"peftpipe_head": 1}), "--node-name", "head",
+            "--include-dashboard", "true", "--dashboard-host", HOST,
+            "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port),
+            "--dashboard-agent-listen-port", str(free()), *common,
+        ], logs / "head.log", env)
+        state.nodes.append(Node("head", "peftpipe_head", head_cpus, 0, head, str(logs / "head.log")))
+        write_state(state)  # from here on, `down` can clean up whatever happens
+        if mlflow:
+            mproc, state.mlflow_uri = mlflow_server.start(root / "mlflow", port=mlflow_port)
+            state.mlflow = Proc.of(mproc.pid)
+            write_state(state)
+        _wait("ray head", lambda: _get_json(state.dashboard_url + "/api/version"), timeout_s,
+              [(head, str(logs / "head.log"))])
+        for i in range(1, workers + 1):
+            name, log = f"worker-{i}", logs / f"worker-{i}.log"
+            proc = _start_node([
+                "--address", state.gcs_address, "--num-cpus", _num(cpus), "--num-gpus", str(gpus),
+                "--resources", json.dumps({f"peftpipe_worker_{i}": 1}), "--node-name", name,
+                "--dashboard-agent-listen-port", str(free()), *common,
+            ], log, env)
+            state.nodes.append(Node(name, f"peftpipe_worker_{i}", cpus, gpus, proc, str(log)))
+            write_state(state)
+
+        def all_alive():
+            nodes = [n for n in alive_nodes(state.dashboard_url) if n["state"] == "ALIVE"]
+            by_name = {n["node_name"]: n for n in nodes}
+            return by_name if all(n.name in by_name for n in state.nodes) else None
+
+        found = _wait("ray nodes", all_alive, timeout_s,
+                      [(n.proc, n.log) for n in state.nodes])
+        for n in state.nodes:
+            n.node_id = found[n.name]["node_id"]
+            n.raylet = _find_child(n.proc, "raylet")
+        if state.mlflow is not None:
+            mlog = root / "mlflow" / "server.log"
+            _wait("mlflow server", lambda: mlflow_server.healthy(state.mlflow_uri), timeout_s,
+                  [(state.mlflow, str(mlog))])
+        write_state(state)
+        return state
+    except BaseException:
+        with contextlib.suppress(Exception):
+            down(root)
+        raise
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+# -- stopping ----------------------------------------------------------------------------------------
+
+def _live_processes(state: ClusterState) -> list:
+    """Every live process of this cluster: recorded ones, their descendants, and any process
+    whose command line names the cluster's own Ray temp folder."""
+    import psutil
+
+    found: dict[int, Any] = {}
+    recorded = [n.proc for n in state.nodes] + [n.raylet for n in state.nodes if n.raylet]
+    if state.mlflow:
+        recorded.append(state.mlflow)
+    for rec in recorded:
+        p = rec.process()
+        if p is None:
+            continue
+        found[p.pid] = p
+        with contextlib.suppress(psutil.Error):
+            for c in p.children(recursive=True):
+                found[c.pid] = c
+    if state.mlflow and state.mlflow.alive():
+        # the server's web workers share its process group
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if os.getpgid(p.pid) == state.mlflow.pid:
+                    found[p.pid] = p
+    marker = state.temp_dir.rstrip("/") + "/"
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            if any(marker in a or a.endswith(state.temp_dir) for a in p.info["cmdline"] or ()):
+                found[p.pid] = p
+    found.pop(os.getpid(), None)
+    alive = []
+    for p in found.values():
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
+
+
+def live_processes(root: str | Path = DEFAULT_ROOT) -> list[int]:
+    """Pids of the cluster's processes that are still running."""
+    return sorted(p.pid for p in _live_processes(read_state(root)))
+
+
+def down(root: str | Path = DEFAULT_ROOT, *, grace_s: float = 15, keep_logs: bool = True) -> list[int]:
+    """Stop every process of the cluster under ``root``; returns the pids that were stopped.
+    Ray's session logs are moved to ``{root}/logs/ray`` (``keep_logs``) and the temp folder
+    removed. Raises :class:`ClusterError` if a process survives SIGKILL."""
+    import psutil
+
+    state = read_state(root)
+    procs = _live_processes(state)
+    stopped = [p.pid for p in procs]
+    # Worker nodes first, then the head, then MLflow: SIGTERM lets `ray start --block`
+    # and the raylets shut their children down cleanly.
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
+    _, rest = psutil.wait_procs(procs, timeout=grace_s)
+    # children may have been spawned meanwhile; sweep again and kill
+    for _ in range(3):
+        rest = list({p.pid: p for p in rest + _live_processes(state)}.values())
+        if not rest:
+            break
+        stopped += [p.pid for p in rest if p.pid not in stopped]
+        for p in rest:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        _, rest = psutil.wait_procs(rest, timeout=5)
+    left = _live_processes(state)
+    if left:
+        raise ClusterError(f"processes still running after SIGKILL: {[p.pid for p in left]}")
+    _reap_children(state)
+    _sweep_files(state, keep_logs=keep_logs)
+    state.state_file.unlink(missing_ok=True)
+    return sorted(set(stopped))
+
+
+def _reap_children(state: ClusterState) -> None:
+    """Collect the exit status of processes this very process started (no zombies left)."""
+    for rec in [n.proc for n in state.nodes] + ([state.mlflow] if state.mlflow else []):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(rec.pid, os.WNOHANG)
+
+
+def _sweep_files(state: ClusterState, keep_logs: bool = True) -> None:
+    temp = Path(state.temp_dir)
+    if not temp.exists():
+        return
+    if keep_logs:
+        dest = Path(state.root) / "logs" / "ray"
+        for session in sorted(temp.glob("session_2*")):
+            logs = session / "logs"
+            if logs.is_dir():
+                target = dest / session.name
+                shutil.rmtree(target, ignore_errors=True)
+                with contextlib.suppress(OSError, shutil.Error):
+                    shutil.copytree(logs, target, ignore_dangling_symlinks=True,
+                                    ignore=shutil.ignore_patterns("*.sock"))
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+# -- status --------------------------------------------------------------------------------------------
+
+def status(root: str | Path = DEFAULT_ROOT) -> dict[str, Any]:
+    """What runs: per node its process and whether the GCS sees it alive; MLflow's health."""
+    state = read_state(root)
+    try:
+        seen = {n["node_name"]: n for n in alive_nodes(state.dashboard_url)
+                if n["state"] == "ALIVE"}
+        reachable = True
+    except Exception:
+        seen, reachable = {}, False
+    nodes = []
+    for n in state.nodes:
+        nodes.append({
+            "name": n.name, "pid": n.proc.pid, "process": "running" if n.proc.alive() else "gone",
+            "ray": "ALIVE" if n.name in seen else "DEAD", "node_id": n.node_id,
+            "cpus": n.num_cpus, "gpus": n.num_gpus, "resource": n.resource,
+        })
+    out = {
+        "root": state.root, "gcs_address": state.gcs_address, "dashboard_url": state.dashboard_url,
+        "client_address": state.client_address, "storage": state.storage,
+        "ray_reachable": reachable, "nodes": nodes, "mlflow_uri": state.mlflow_uri,
+    }
+    if state.mlflow is not None:
+        out["mlflow"] = "healthy" if state.mlflow_uri and mlflow_server.healthy(
+            state.mlflow_uri) else ("running" if state.mlflow.alive() else "gone")
+    return out
+
+
+def kill_node(root: str | Path, name: str, what: str = "raylet") -> int:
+    """Simulate losing a node: SIGKILL its raylet (``what="raylet"``) or its whole
+    ``ray start`` process group (``what="node"``). Returns the pid killed."""
+    state = read_state(root)
+    node = state.node(name)
+    if what == "raylet":
+        raylet = node.raylet or _find_child(node.proc, "raylet")
+        if raylet is None or not raylet.alive():
+            raise ClusterError(f"{name}: no running raylet")
+        os.kill(raylet.pid, signal.SIGKILL)
+        return raylet.pid
+    if what == "node":
+        if not node.proc.alive():
+            raise ClusterError(f"{name}: not running")
+        os.killpg(node.proc.pid, signal.SIGKILL)
+        return node.proc.pid
+    raise ValueError(f"what: expected 'raylet' or 'node', got {what!r}")
