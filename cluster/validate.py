@@ -279,7 +279,6 @@ def check_rayjob(path: str | Path = DEPLOY / "kubernetes" / "rayjob.yaml") -> di
 def check_entrypoint(entrypoint: str, where: str) -> dict[str, Any]:
     """``python -m pipelines.cli run RECIPE [--set ...]``: parsed by the ``peftpipe`` CLI
     itself, the recipe loaded with its overrides (no cluster needed)."""
-    import click
     import typer
 
     words = shlex.split(entrypoint)
@@ -296,8 +295,9 @@ def check_entrypoint(entrypoint: str, where: str) -> dict[str, Any]:
         raise DeployError(f"{where}: this peftpipe has no `run` command")
     try:
         ctx = cmd.make_context("run", rest[1:])
-    except click.ClickException as e:
-        raise DeployError(f"{where}: {e.format_message()}") from e
+    except Exception as e:  # typer may bring its own click: match any usage error
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        raise DeployError(f"{where}: {msg}") from e
     params = dict(ctx.params)
     recipe = next((v for k, v in params.items() if k in ("recipe", "recipe_path", "path")), None)
     overrides = next((v for k, v in params.items() if k in ("set_", "set", "overrides")), None)
@@ -409,7 +409,7 @@ def parse_dockerfile(text: str) -> list[tuple[str, str, int]]:
         if not buf:
             start = n
         if stripped.endswith(escape):
-            buf += stripped[:-1] + " "
+            buf += stripped[:-1].rstrip() + " "
             continue
         buf += stripped
         word, _, args = buf.partition(" ")
