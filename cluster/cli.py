@@ -93,6 +93,21 @@ def status(
         raise typer.Exit(1)
 
 
+@cluster_app.command("validate")
+def validate(deploy: str = typer.Option(None, help="Folder of the deployment files "
+                                        "(default: the ones shipped in cluster/deploy).")) -> None:
+    """Check the deployment files offline: Ray launcher config, KubeRay RayCluster/RayJob,
+    MLflow server deployment, Dockerfile."""
+    from . import validate as checks
+
+    try:
+        ok = checks.check_all(deploy or checks.DEPLOY)
+    except checks.DeployError as e:
+        _fail(str(e))
+    for name, verdict in ok.items():
+        typer.echo(f"{verdict}  {name}")
+
+
 def submit(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or a built-in recipe name (demo)."),
     address: str = typer.Option(None, help="Ray dashboard (job server) address, "

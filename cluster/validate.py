@@ -107,11 +107,18 @@ def check_launcher(path: str | Path = DEPLOY / "ray-cluster-aws.yaml") -> dict[s
 
     where = str(path)
     (cfg,) = load_docs(path)
+    import logging
+
+    quiet = logging.getLogger("ray.autoscaler")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # "setting max workers for head node type to 0"
     try:
         prepared = prepare_config(cfg)
         validate_config(prepared)
     except Exception as e:  # jsonschema.ValidationError, ValueError
         raise DeployError(f"{where}: rejected by Ray's cluster config checks: {e}") from e
+    finally:
+        quiet.setLevel(level)
     types = prepared["available_node_types"]
     head = types[prepared["head_node_type"]]
     if head.get("resources", {}).get("GPU"):

@@ -361,6 +361,12 @@ def demo() -> None:
     run(recipe="demo", set_=None, address=None, quiet=False)
 
 
+from cluster.cli import cluster_app, submit  # noqa: E402
+
+app.add_typer(cluster_app, name="cluster")
+app.command()(submit)
+
+
 def main() -> None:
     # Library load reports ("newly initialized head ...") are expected here, not news.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
