@@ -220,21 +220,32 @@ def test_saved_adapter_reproduces_reported_eval_loss(ray_cluster, lm, runs_root)
         res.metrics["eval_loss"], abs=1e-4)
 
 
+_ZERO3 = ZERO["zero3"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "zero"),
     [
         ({"name": "sam", "budget": 0.05}, {"stage": 1}),  # prepare(): mask chosen from data
         ({"name": "diff_pruning", "budget": 0.05}, {"stage": 2}),  # regularizer + finalize
-        ({"name": "prefix_tuning", "num_virtual_tokens": 4},  # own forward + finalize
-         {"stage": 3, "param_persistence_threshold": 0}),
+        # Soft prompts: their own forward (virtual tokens from a partitioned module), all
+        # tensors partitioned. prompt_tuning: input-level table; p_tuning: MLP encoder
+        # folded into a table by finalize; prefix_tuning: prefix MLP folded likewise;
+        # p_tuning_v2: per-layer prefixes learned directly.
+        ({"name": "prompt_tuning", "num_virtual_tokens": 4}, _ZERO3),
+        ({"name": "p_tuning", "num_virtual_tokens": 4}, _ZERO3),
+        ({"name": "prefix_tuning", "num_virtual_tokens": 4}, _ZERO3),
+        ({"name": "p_tuning_v2", "num_virtual_tokens": 4}, _ZERO3),
     ],
-    ids=["sam-zero1", "diff_pruning-zero2", "prefix_tuning-zero3"],
+    ids=["sam-zero1", "diff_pruning-zero2", "prompt_tuning-zero3", "p_tuning-zero3",
+         "prefix_tuning-zero3", "p_tuning_v2-zero3"],
 )
 def test_methods_with_hooks_train_through_the_stage(ray_cluster, lm, tmp_path, method, zero
                                                     ) -> None:
     """Methods are run by their hooks, never by name: each trains, and its saved adapter
-    (after finalize) reproduces the reported final eval loss when reloaded."""
+    (after finalize) reproduces the reported final eval loss when reloaded. The soft-prompt
+    cases run under ZeRO-3 with 2 workers (P7)."""
     model, data = lm
     res = train(lm_config(model, method=method, zero=zero, max_steps=4, eval_every=4,
                           checkpoint_every=4), manifest=data, run_dir=tmp_path / "run")
@@ -250,5 +261,8 @@ def test_methods_with_hooks_train_through_the_stage(ray_cluster, lm, tmp_path, m
     if peft_core.get(method["name"]).family != "selective":
         assert all(t.numel() > 0 for t in state.values()), {
             k: tuple(t.shape) for k, t in state.items()}
+    # an encoder-reparameterised method was saved as its folded table
+    saved = peft_core.read_adapter_config(res.adapter_dir)["method"]
+    assert saved.get("folded", True) is True, saved
     assert reloaded_eval_loss(res.adapter_dir, model, data) == pytest.approx(
         h[-1]["eval_loss"], abs=1e-4)
