@@ -182,7 +182,9 @@ def train(config: TrainConfig | dict[str, Any], *, manifest: Any,
     if not isinstance(config, TrainConfig):
         config = TrainConfig.model_validate(config)
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False)
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls;
+        # without it a live controller can be taken for dead on a loaded machine.
+        ray.init(address=ray_address, **({} if ray_address else {"include_dashboard": True}))
     trainer = build_trainer(config, manifest, run_dir, name=name, resume_from=resume_from,
                             pid_dir=pid_dir, report_to_tune=False)
     return TrainResult.from_ray(trainer.fit())

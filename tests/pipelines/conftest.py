@@ -13,12 +13,14 @@ os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray instance with 2 CPUs (the size of the CI machine), shut down after the
-    module; reused as is when something already started Ray."""
+    module; reused as is when something already started Ray. With the dashboard: Ray Train's
+    placement-group cleaner asks the State API whether the controller lives, and without it
+    a loaded machine can see a live controller as dead and lose the workers' resources."""
     import ray
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
         started = True
     yield ray
     if started:
