@@ -70,7 +70,7 @@ def test_run_registers_a_champion_writes_the_report_and_serves(tmp_path) -> None
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    assert client.get_model_version_by_alias("e2e-sentiment", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("e2e-sentiment", "champion").version) == "1"
 
     served = peftpipe("predict", "--model", "models:/e2e-sentiment@champion", "--run-dir",
                       str(run_dir), "--text", "a wonderful, moving film", cwd=tmp_path)
