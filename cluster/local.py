@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ class Node:
     log: str
     raylet: Proc | None = None
     node_id: str | None = None
+    node_ip: str | None = None  # Ray announces the host's address even when told 127.0.0.1
 
 
 @dataclasses.dataclass
@@ -216,9 +218,35 @@ def _start_node(args: list[str], log: Path, env: dict[str, str]) -> Proc:
     return Proc.of(p.pid)
 
 
+def client_auth() -> dict[str, str]:
+    """Ray's token authentication (on by default for ``ray start`` since Ray 2.5x): let this
+    process's Ray clients (job submission, State API) use the user's token
+    (``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``) when there is one, and return the HTTP
+    headers that carry it for our own requests. ``RAY_AUTH_MODE`` set by the user wins."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+        from ray._private.authentication.http_token_authentication import (
+            get_auth_headers_if_auth_enabled,
+        )
+    except ImportError:  # a Ray without token authentication
+        return {}
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return dict(get_auth_headers_if_auth_enabled({}))
+
+
 def _get_json(url: str, timeout: float = 3) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
+    req = urllib.request.Request(url, headers=client_auth())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise ClusterError(f"{url}: the dashboard refuses this client ({e.code}); Ray token "
+                               "authentication needs the same token on both sides "
+                               "($RAY_AUTH_TOKEN or ~/.ray/auth_token)") from e
+        raise
 
 
 def _wait(what: str, check, timeout_s: float, procs: list[tuple[Proc, str]]) -> Any:
@@ -232,6 +260,8 @@ def _wait(what: str, check, timeout_s: float, procs: list[tuple[Proc, str]]) -> 
             got = check()
             if got:
                 return got
+        except ClusterError:
+            raise
         except Exception:  # not up yet
             pass
         if time.time() > deadline:
@@ -243,6 +273,7 @@ def alive_nodes(dashboard_url: str) -> list[dict[str, Any]]:
     """The cluster's nodes as Ray's State API lists them (alive and dead)."""
     from ray.util.state import list_nodes
 
+    client_auth()
     return [dataclasses.asdict(n) if dataclasses.is_dataclass(n) else dict(n)
             for n in list_nodes(address=dashboard_url, detail=True, timeout=10,
                                 raise_on_missing_output=False)]
@@ -295,6 +326,7 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
     port = port or free()
     dashboard_port = dashboard_port or free()
     client_port = client_port or free()
+    client_auth()  # nodes inherit RAY_AUTH_MODE=token when the user has a token
     env = _node_env(fast_failure_detection)
     object_store = str(int(object_store_mb * 1024 * 1024))
     common = ["--node-ip-address", HOST, "--temp-dir", temp_dir, "--object-store-memory",
@@ -322,6 +354,8 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
             write_state(state)
         _wait("ray head", lambda: _get_json(state.dashboard_url + "/api/version"), timeout_s,
               [(head, str(logs / "head.log"))])
+        client_auth()  # the head may just have created the user's first token
+        env = _node_env(fast_failure_detection)
         for i in range(1, workers + 1):
             name, log = f"worker-{i}", logs / f"worker-{i}.log"
             proc = _start_node([
@@ -341,6 +375,7 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
                       [(n.proc, n.log) for n in state.nodes])
         for n in state.nodes:
             n.node_id = found[n.name]["node_id"]
+            n.node_ip = found[n.name].get("node_ip")
             n.raylet = _find_child(n.proc, "raylet")
         if state.mlflow is not None:
             mlog = root / "mlflow" / "server.log"

@@ -201,6 +201,7 @@ def run_job(spec: JobSpec, *, wait: bool = True, echo: Callable[[str], None] | N
     from ray.job_submission import JobSubmissionClient
 
     echo = echo or (lambda s: print(s, end="", flush=True))
+    local.client_auth()
     client = JobSubmissionClient(spec.address)
     job_id = client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
                                submission_id=spec.submission_id, metadata=spec.metadata)
