@@ -266,7 +266,9 @@ def _finish(r, manifest, search) -> None:
     report = pipeline.report_stage(r, search, decision)
     _print_leaderboard(r, search)
     verb = "is the new champion" if decision.promoted else "stays a candidate"
-    typer.echo(f"\n{r.registry.model_name} v{decision.version} {verb}: {decision.reason}")
+    score = "" if decision.candidate_score is None else \
+        f" (test {r.registry.metric} {decision.candidate_score:.4f})"
+    typer.echo(f"\n{r.registry.model_name} v{decision.version}{score} {verb}: {decision.reason}")
     typer.echo(f"report:  {report}  (+ quality_vs_params.png, eval_loss_curves.png)")
     uri = search.tracking_uri if hasattr(search, "tracking_uri") else search["tracking_uri"]
     typer.echo(f"MLflow:  mlflow ui --backend-store-uri {uri}")

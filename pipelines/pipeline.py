@@ -195,6 +195,7 @@ def report_stage(recipe: Recipe, search=None, decision=None) -> Path:
         champion = {"model": f"models:/{decision.model_name}@champion" if decision.promoted
                     else f"models:/{decision.model_name}/{decision.champion_version}",
                     "version": decision.version, "promoted": decision.promoted,
+                    f"test_{recipe.registry.metric}": decision.candidate_score,
                     "reason": decision.reason}
     return write_report(data["trials"], objective, Path(recipe.run_dir),
                         title=f"peft-pipelines: {recipe.name}", champion=champion,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_run_registers_a_champion_writes_the_report_and_serves(tmp_path) -> None
     board = lines[lines.index("leaderboard") + 1:]
     assert board[0].split()[:3] == ["rank", "method", "trainable_params"]
     assert {b.split()[1].split("(")[0] for b in board[1:3]} == {"lora", "linear_probe"}
-    assert "e2e-sentiment v1 is the new champion" in out.stdout
+    assert re.search(r"e2e-sentiment v1 \(test eval_accuracy 0\.\d+\) is the new champion", out.stdout)
     assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
 
     trials = json.loads((run_dir / "trials.json").read_text())
