@@ -46,7 +46,7 @@ demo: setup
 	$(PY) -m pipelines.cli run demo
 
 bench: setup
-	$(PY) benchmarks/peft_core_vs_peft.py
+	$(PY) benchmarks/vs_peft.py --quick
 
 clean:
 	rm -rf runs .pytest_cache
