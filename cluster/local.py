@@ -1,9 +1,10 @@
 """A local multi-node Ray cluster on one host, plus an MLflow server, for tests and laptops.
 
 ``up`` starts a head and N worker nodes, each a separate ``ray start --block`` process on
-127.0.0.1 with its own CPUs, GPUs and a custom resource naming it (``peftpipe_head``,
-``peftpipe_worker_1``, ...), all sharing one short Ray temp folder; then an ``mlflow
-server`` (SQLite backend, artifacts served from a local folder). Everything about the cluster
+127.0.0.1 with its own CPUs, GPUs, a custom resource naming it (``peftpipe_head``,
+``peftpipe_worker_1``, ...) and its own Ray temp folder under one short cluster folder (nodes
+on one host must not share ``runtime_resources``: a node installing a job's working dir
+would delete the copy another node's driver runs in); then an ``mlflow server`` (SQLite backend, artifacts served from a local folder). Everything about the cluster
 (addresses, ports, pids, folders) goes into one JSON state file, written atomically.
 
 ``down`` stops exactly the processes of that cluster: the recorded pids (checked against
@@ -82,6 +83,7 @@ class Node:
     num_gpus: int
     proc: Proc  # the `ray start --block` process (leader of its own process group)
     log: str
+    temp_dir: str = ""  # this node's Ray temp folder (sessions, sockets, runtime envs)
     raylet: Proc | None = None
     node_id: str | None = None
     node_ip: str | None = None  # Ray announces the host's address even when told 127.0.0.1
@@ -92,7 +94,7 @@ class ClusterState:
     """Everything ``down``/``status`` and clients need; ``to_dict`` is the state file."""
 
     root: str
-    temp_dir: str
+    temp_dir: str  # the cluster's folder of the nodes' Ray temp folders
     storage: str  # the shared folder every node reaches: run outputs and checkpoints
     gcs_address: str  # HOST:PORT, for `ray start --address` and ray.init(address=...)
     dashboard_url: str  # http://HOST:PORT, for Ray Job submission and the State API
@@ -329,8 +331,8 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
     client_auth()  # nodes inherit RAY_AUTH_MODE=token when the user has a token
     env = _node_env(fast_failure_detection)
     object_store = str(int(object_store_mb * 1024 * 1024))
-    common = ["--node-ip-address", HOST, "--temp-dir", temp_dir, "--object-store-memory",
-              object_store, "--disable-usage-stats"]
+    common = ["--node-ip-address", HOST, "--object-store-memory", object_store,
+              "--disable-usage-stats"]
 
     state = ClusterState(
         root=str(root), temp_dir=temp_dir, storage=str(storage),
@@ -339,14 +341,16 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
     )
     try:
         head_cpus = cpus if head_cpus is None else head_cpus
+        head_tmp = f"{temp_dir}/h"
         head = _start_node([
             "--head", "--port", str(port), "--num-cpus", _num(head_cpus), "--num-gpus", "0",
             "--resources", json.dumps({"peftpipe_head": 1}), "--node-name", "head",
             "--include-dashboard", "true", "--dashboard-host", HOST,
             "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port),
-            "--dashboard-agent-listen-port", str(free()), *common,
+            "--dashboard-agent-listen-port", str(free()), "--temp-dir", head_tmp, *common,
         ], logs / "head.log", env)
-        state.nodes.append(Node("head", "peftpipe_head", head_cpus, 0, head, str(logs / "head.log")))
+        state.nodes.append(Node("head", "peftpipe_head", head_cpus, 0, head, str(logs / "head.log"),
+                                temp_dir=head_tmp))
         write_state(state)  # from here on, `down` can clean up whatever happens
         if mlflow:
             mproc, state.mlflow_uri = mlflow_server.start(root / "mlflow", port=mlflow_port)
@@ -357,13 +361,14 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
         client_auth()  # the head may just have created the user's first token
         env = _node_env(fast_failure_detection)
         for i in range(1, workers + 1):
-            name, log = f"worker-{i}", logs / f"worker-{i}.log"
+            name, log, tmp = f"worker-{i}", logs / f"worker-{i}.log", f"{temp_dir}/w{i}"
             proc = _start_node([
                 "--address", state.gcs_address, "--num-cpus", _num(cpus), "--num-gpus", str(gpus),
                 "--resources", json.dumps({f"peftpipe_worker_{i}": 1}), "--node-name", name,
-                "--dashboard-agent-listen-port", str(free()), *common,
+                "--dashboard-agent-listen-port", str(free()), "--temp-dir", tmp, *common,
             ], log, env)
-            state.nodes.append(Node(name, f"peftpipe_worker_{i}", cpus, gpus, proc, str(log)))
+            state.nodes.append(Node(name, f"peftpipe_worker_{i}", cpus, gpus, proc, str(log),
+                                    temp_dir=tmp))
             write_state(state)
 
         def all_alive():
@@ -484,10 +489,11 @@ def _sweep_files(state: ClusterState, keep_logs: bool = True) -> None:
         return
     if keep_logs:
         dest = Path(state.root) / "logs" / "ray"
-        for session in sorted(temp.glob("session_2*")):
+        by_dir = {Path(n.temp_dir).name: n.name for n in state.nodes if n.temp_dir}
+        for session in sorted(temp.glob("*/session_2*")):
             logs = session / "logs"
             if logs.is_dir():
-                target = dest / session.name
+                target = dest / by_dir.get(session.parent.name, session.parent.name) / session.name
                 shutil.rmtree(target, ignore_errors=True)
                 with contextlib.suppress(OSError, shutil.Error):
                     shutil.copytree(logs, target, ignore_dangling_symlinks=True,

@@ -103,7 +103,8 @@ def test_up_starts_three_nodes_and_mlflow(cluster) -> None:
         assert nodes[n.name]["resources_total"][n.resource] == 1
     # the cluster's Ray lives in its own temp folder: no `ray.init()` elsewhere joins it
     assert cluster.temp_dir.startswith("/tmp/peftpipe-ray-")
-    assert (Path(cluster.temp_dir) / "ray_current_cluster").is_file()
+    assert (Path(cluster.node("head").temp_dir) / "ray_current_cluster").is_file()
+    assert len({n.temp_dir for n in cluster.nodes}) == 3  # one per node: no shared runtime envs
 
 
 def test_search_spreads_trials_over_nodes_and_promotes_through_mlflow(cluster, driver, tiny) -> None:
@@ -158,7 +159,8 @@ def test_search_spreads_trials_over_nodes_and_promotes_through_mlflow(cluster, d
 
 def test_submit_demo_recipe_and_a_broken_one(cluster, tiny) -> None:
     out: list[str] = []
-    shrink = ["data.max_rows=120", "train.max_steps=4", "train.eval_every=2", "train.warmup_steps=0",
+    shrink = ["data.max_rows=120", "data.max_length=32", "train.max_eval_batches=2",
+              "train.max_steps=4", "train.eval_every=2", "train.warmup_steps=0",
               "train.batch_size=8", "train.micro_batch_size=8",
               "tune.space.methods={lora: {rank: 4, lr: 1.0e-3}}", "tune.max_concurrent_trials=1",
               f"tune.cpus_per_worker={CPUS_PER_WORKER}", "registry.model_name=cluster-demo"]
@@ -261,6 +263,8 @@ def test_down_leaves_no_process_behind(cluster) -> None:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not (Path(cluster.root) / local.STATE_FILE).exists()
     assert not Path(cluster.temp_dir).exists()
-    assert list((Path(cluster.root) / "logs" / "ray").glob("session_*/raylet*.out"))
+    kept = Path(cluster.root) / "logs" / "ray"
+    assert {p.parent.parent.name for p in kept.glob("*/session_*/raylet*.out")} == {
+        "head", "worker-1", "worker-2"}
     with pytest.raises(local.ClusterError):
         local.status(cluster.root)
