@@ -442,22 +442,26 @@ def live_processes(root: str | Path = DEFAULT_ROOT) -> list[int]:
     return sorted(p.pid for p in _live_processes(read_state(root)))
 
 
-def down(root: str | Path = DEFAULT_ROOT, *, grace_s: float = 15, keep_logs: bool = True) -> list[int]:
+def down(root: str | Path = DEFAULT_ROOT, *, grace_s: float = 10, keep_logs: bool = True) -> list[int]:
     """Stop every process of the cluster under ``root``; returns the pids that were stopped.
     Ray's session logs are moved to ``{root}/logs/ray`` (``keep_logs``) and the temp folder
-    removed. Raises :class:`ClusterError` if a process survives SIGKILL."""
+    removed. Raises :class:`ClusterError` if a process survives SIGKILL.
+
+    Ray's daemons, workers and MLflow get SIGTERM and ``grace_s`` seconds to exit; the
+    ``ray start --block`` monitors are then SIGKILLed (on SIGTERM they would drain the node
+    for up to 30 s, with nothing left to drain)."""
     import psutil
 
     state = read_state(root)
     procs = _live_processes(state)
     stopped = [p.pid for p in procs]
-    # Worker nodes first, then the head, then MLflow: SIGTERM lets `ray start --block`
-    # and the raylets shut their children down cleanly.
-    for p in procs:
+    monitors = {n.proc.pid for n in state.nodes}
+    daemons = [p for p in procs if p.pid not in monitors]
+    for p in daemons:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
-    _, rest = psutil.wait_procs(procs, timeout=grace_s)
-    # children may have been spawned meanwhile; sweep again and kill
+    rest = _wait_gone(daemons, grace_s)
+    # the monitors, stragglers, and anything spawned meanwhile: SIGKILL, until none is left
     for _ in range(3):
         rest = list({p.pid: p for p in rest + _live_processes(state)}.values())
         if not rest:
@@ -466,7 +470,7 @@ def down(root: str | Path = DEFAULT_ROOT, *, grace_s: float = 15, keep_logs: boo
         for p in rest:
             with contextlib.suppress(psutil.Error):
                 p.kill()
-        _, rest = psutil.wait_procs(rest, timeout=5)
+        rest = _wait_gone(rest, 5)
     left = _live_processes(state)
     if left:
         raise ClusterError(f"processes still running after SIGKILL: {[p.pid for p in left]}")
@@ -474,6 +478,23 @@ def down(root: str | Path = DEFAULT_ROOT, *, grace_s: float = 15, keep_logs: boo
     _sweep_files(state, keep_logs=keep_logs)
     state.state_file.unlink(missing_ok=True)
     return sorted(set(stopped))
+
+
+def _wait_gone(procs: list, timeout: float) -> list:
+    """Wait until every process has exited (a zombie counts: its parent reaps it later);
+    returns those still running after ``timeout``."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while True:
+        rest = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    rest.append(p)
+        if not rest or time.time() > deadline:
+            return rest
+        time.sleep(0.1)
 
 
 def _reap_children(state: ClusterState) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -171,7 +172,8 @@ def test_submit_demo_recipe_and_a_broken_one(cluster, tiny) -> None:
     logs = "".join(out)
     print(f"submit demo: {time.time() - t0:.1f}s")
     assert code == 0, logs[-4000:]
-    assert "SUCCEEDED" in logs and "cluster-demo v1 is the new champion" in logs, logs[-3000:]
+    assert "SUCCEEDED" in logs, logs[-3000:]
+    assert re.search(r"cluster-demo v1 .*is the new champion", logs), logs[-3000:]
     run_dir = Path(cluster.storage) / "demo"  # on the shared storage, not the job's folder
     assert (run_dir / "report.md").is_file()
     from mlflow import MlflowClient
