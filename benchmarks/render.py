@@ -63,10 +63,12 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
+def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2,
+        seeds: int = 2) -> str:
+    """``mean ± std`` (the mean alone for one seed)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    if std is None or math.isnan(std):
+    if std is None or math.isnan(std) or seeds < 2:
         return f"{scale * mean:.{digits}f}"
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
@@ -106,6 +108,8 @@ def vs_peft_block(data: dict[str, Any] | None) -> str:
             "steps x batch": f"{r['steps']} x {r['batch']}",
             "ours step s": f"{o['step_time_s']:.3f}", "peft step s": f"{p['step_time_s']:.3f}",
             "step ratio": f"**{r['ratio_step_time']:.3f}**",
+            "paired median": (f"{r['ratio_step_time_median_paired']:.3f}"
+                              if "ratio_step_time_median_paired" in r else "–"),
             "ours peak MB": f"{o['peak_mem_mb']:.0f}", "peft peak MB": f"{p['peak_mem_mb']:.0f}",
             "mem ratio": f"{r['ratio_peak_mem']:.3f}",
             "step-alloc ratio": f"{r['ratio_step_peak']:.3f}",
@@ -137,8 +141,8 @@ def minilm_block(data: dict[str, Any] | None, plot_name: str) -> str:
     for s in sorted(summary, key=lambda s: -s.get("eval_accuracy", 0)):
         rows.append({
             "method": s["method"], "family": _family(s["method"]), "seeds": s["seeds"],
-            "eval accuracy %": _pm(s.get("eval_accuracy"), s.get("eval_accuracy_std"), 100),
-            "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3),
+            "eval accuracy %": _pm(s.get("eval_accuracy"), s.get("eval_accuracy_std"), 100, seeds=s["seeds"]),
+            "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3, seeds=s["seeds"]),
             "trainable": s["trainable_params"], "trainable %": _pct(s["trainable_fraction"]),
             "stored %": _pct(s["stored_fraction"]), "lr": f"{s['lr']:g}",
             "step s": f"{s['step_time_s']:.3f}", "peak MB": f"{s['peak_mem_mb']:.0f}",
@@ -161,9 +165,9 @@ def smollm2_block(data: dict[str, Any] | None) -> str:
     for s in sorted(summary, key=lambda s: s.get("eval_loss", math.inf)):
         rows.append({
             "method": s["method"], "family": _family(s["method"]), "seeds": s["seeds"],
-            "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3),
-            "exact match %": _pm(s.get("exact_match"), s.get("exact_match_std"), 100, 1),
-            "answer F1 %": _pm(s.get("answer_f1"), s.get("answer_f1_std"), 100, 1),
+            "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3, seeds=s["seeds"]),
+            "exact match %": _pm(s.get("exact_match"), s.get("exact_match_std"), 100, 1, s["seeds"]),
+            "answer F1 %": _pm(s.get("answer_f1"), s.get("answer_f1_std"), 100, 1, s["seeds"]),
             "trainable %": _pct(s.get("trainable_fraction")),
             "stored %": _pct(s.get("stored_fraction")),
             "step s": f"{s['step_time_s']:.2f}" if "step_time_s" in s else "–",
@@ -196,6 +200,7 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     summary = [s for s in summarise(data["runs"]) if s["model"] == "minilm" and "eval_accuracy" in s]
     if not summary:
@@ -224,6 +229,7 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
         ax.plot([], [], "o", color=color[f], label=f)
     ax.plot([], [], "o", mfc="white", color="0.3", label="stored adapter (after finalize)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("trainable parameters during training (% of the model, log scale)")
     ax.set_ylabel("eval accuracy (%)")
     ax.set_title("MiniLM on movie-review sentiment: accuracy against trainable fraction")
