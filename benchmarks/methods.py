@@ -398,8 +398,20 @@ def main() -> None:
 
     torch.set_num_threads(1)
     out_path = args.out or RESULTS / ("methods_quick.json" if args.quick else "methods.json")
+    key = ("model", "method", "seed")
+    prior, commands = merged(out_path, [], key, merge=args.merge)
     runs: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+
+    def save() -> list[dict[str, Any]]:
+        """Write after every run, so a part cut short by a time limit keeps what it did."""
+        fresh = {tuple(r[k] for k in key) for r in runs}
+        every = [r for r in prior if tuple(r[k] for k in key) not in fresh] + runs
+        write_json(out_path.stem, {"commands": commands, "quick": args.quick,
+                                   "wall_s_last": time.perf_counter() - t_start, "runs": every,
+                                   "summary": summarise(every), "targets": targets(every)}, out_path)
+        return every
+
     for kind in kinds:
         methods = (args.methods.split(",") if args.methods else
                    QUICK[kind] if args.quick else
@@ -410,39 +422,36 @@ def main() -> None:
         if unknown:
             p.error(f"--methods: unknown for {kind}: {unknown}; known: {sorted(SETTINGS[kind])}")
         qa = qa_split(kind, n_q) if kind == "smollm2" else None
-        with ray_session(recipe(kind, base_overrides(kind, args))):
-            manifest = dataset(kind)
-            for method in methods:
-                if method == "in_context":
-                    continue
-                for seed in seeds:
-                    r = train_run(kind, method, seed, args, manifest, qa)
-                    runs.append(r)
-                    metric = (f"acc {r['eval_accuracy']:.4f}" if "eval_accuracy" in r
-                              else f"eval_loss {r['eval_loss']:.4f} em {r['exact_match']:.3f}")
-                    print(f"{kind}/{method} seed {seed}: {metric}, step {r['step_time_s']:.3f}s, "
-                          f"peak {r['peak_mem_mb']:.0f} MB, wall {r['wall_s']:.0f}s", flush=True)
-        assert not ray.is_initialized()
+        trained = [m for m in methods if m != "in_context"]
+        if trained:
+            with ray_session(recipe(kind, base_overrides(kind, args))):
+                manifest = dataset(kind)
+                for method in trained:
+                    for seed in seeds:
+                        r = train_run(kind, method, seed, args, manifest, qa)
+                        runs.append(r)
+                        save()
+                        metric = (f"acc {r['eval_accuracy']:.4f}" if "eval_accuracy" in r
+                                  else f"eval_loss {r['eval_loss']:.4f} em {r['exact_match']:.3f}")
+                        print(f"{kind}/{method} seed {seed}: {metric}, step {r['step_time_s']:.3f}s, "
+                              f"peak {r['peak_mem_mb']:.0f} MB, wall {r['wall_s']:.0f}s", flush=True)
+            assert not ray.is_initialized()
         if "in_context" in methods:
             for seed in seeds:
-                for k in (0, args.shots) if seed == seeds[0] else (args.shots,):
+                for k in (0, args.shots) if seed == 0 else (args.shots,):
                     r = few_shot(qa, k, seed, None if not args.quick else 32)
                     runs.append(r)
+                    save()
                     print(f"{kind}/{r['method']} seed {seed}: eval_loss {r['eval_loss']:.4f} "
                           f"em {r['exact_match']:.3f}", flush=True)
-    runs, commands = merged(out_path, runs, ("model", "method", "seed"), merge=args.merge)
-    summary = summarise(runs)
+    every = save()
     cols = ["model", "method", "seeds", "eval_accuracy", "eval_accuracy_std", "eval_loss",
-            "exact_match", "answer_f1", "trainable_fraction", "stored_fraction", "step_time_s", "peak_mem_mb",
-            "wall_s"]
-    print(table(summary, cols))
-    tg = targets(runs)
-    for t in tg:
+            "exact_match", "answer_f1", "trainable_fraction", "stored_fraction", "step_time_s",
+            "peak_mem_mb", "wall_s"]
+    print(table(summarise(every), cols))
+    for t in targets(every):
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['model']}/{t['method']}: {t['target']}: {t['value']}")
-    path = write_json(out_path.stem, {"commands": commands, "quick": args.quick,
-                                      "wall_s_last": time.perf_counter() - t_start,
-                                      "runs": runs, "summary": summary, "targets": tg}, out_path)
-    print(f"wrote {path}")
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":
