@@ -2,10 +2,10 @@
 processes) and a real MLflow server, used the way a user uses a remote cluster:
 
 1. `up`: every node alive in Ray's State API, MLflow healthy, one JSON state file;
-2. a small search whose trials' workers land on different nodes (STRICT_SPREAD, checked from
-   the State API), its winner promoted through the MLflow server;
-3. `submit` of the demo recipe (shrunk by overrides) as a Ray Job: exit 0; a broken recipe
-   submitted unchecked fails on the cluster and its exit code says so;
+2. `submit` of the demo recipe (shrunk by overrides) as a Ray Job: a small search whose
+   trials' workers land on different nodes (STRICT_SPREAD, checked from the State API), its
+   winner promoted through the MLflow server, exit 0; a broken recipe submitted unchecked
+   fails on the cluster and its exit code says so;
 4. a worker node's raylet SIGKILLed mid-training: the run finishes from its checkpoint on the
    remaining nodes;
 5. `down`: no process of the cluster is left.
@@ -108,62 +108,19 @@ def test_up_starts_three_nodes_and_mlflow(cluster) -> None:
     assert len({n.temp_dir for n in cluster.nodes}) == 3  # one per node: no shared runtime envs
 
 
-def test_search_spreads_trials_over_nodes_and_promotes_through_mlflow(cluster, driver, tiny) -> None:
+def test_submit_demo_search_spreads_over_nodes_and_promotes_through_mlflow(cluster) -> None:
+    """`peftpipe submit` of the demo recipe (shrunk by overrides): a 2-trial search whose
+    trials each run 2 workers on different nodes (STRICT_SPREAD), tracked in and promoted
+    through the cluster's MLflow server, outputs on the shared storage."""
     from mlflow import MlflowClient
 
-    from pipelines import registry, tracking
-    from pipelines.promote import promote
-    from pipelines.train import ModelConfig, TrainConfig
-    from pipelines.tune import TuneConfig
-    from pipelines.tune.stage import search
-
-    data, model = tiny
-    run_dir = Path(cluster.storage) / "search"
-    train = TrainConfig(model=ModelConfig(name=str(model)), num_workers=2, batch_size=8,
-                        micro_batch_size=4, max_steps=4, eval_every=2, lr=1e-2,
-                        placement_strategy="STRICT_SPREAD", storage_path=str(run_dir / "unused"))
-    tune_cfg = TuneConfig.model_validate({
-        "space": {"methods": {"lora": {"rank": 4}, "linear_probe": {}}, "lr": [1e-2]},
-        "searcher": "grid", "scheduler": "fifo", "max_concurrent_trials": 2,
-        "workers_per_trial": 2, "cpus_per_worker": CPUS_PER_WORKER,
-        "objective": {"metric": "eval_accuracy", "mode": "max"},
-    })
-    track = tracking.TrackingConfig(tracking_uri=cluster.mlflow_uri, experiment="cluster")
-    t0 = time.time()
-    res = search(train, tune_cfg, manifest=data, run_dir=run_dir, tracking=track, verbose=False)
-    print(f"search: {time.time() - t0:.1f}s")
-    assert [t["status"] for t in res.trials] == ["completed", "completed"], res.trials
-
-    # Where the trials' workers ran, from Ray's State API (actor pid -> node).
-    actors, names = _actors_by_pid(cluster), _node_names(cluster)
-    used: dict[str, list[str]] = {}
-    for trial in (run_dir / "trials").iterdir():
-        pids = [int((trial / "workers" / f"rank{r}.pid").read_text()) for r in (0, 1)]
-        used[trial.name] = [names[actors[p]["node_id"]] for p in pids]
-    assert len(used) == 2, used
-    for trial, nodes in used.items():
-        assert len(set(nodes)) == 2, f"trial {trial}: both workers on {nodes}"
-    assert len({n for nodes in used.values() for n in nodes}) == 3, used
-
-    # Promote the winner through the server: registry, aliases and artifacts live there.
-    rcfg = registry.RegistryConfig(model_name="cluster-tiny", metric="eval_loss", mode="min")
-    decision = promote(run_id=res.best["mlflow_run_id"], manifest=data, config=rcfg,
-                       tracking_config=track, run_dir=run_dir)
-    assert decision.promoted, decision.reason
-    client = MlflowClient(cluster.mlflow_uri)
-    champion = client.get_model_version_by_alias("cluster-tiny", registry.CHAMPION)
-    assert champion.version == decision.version and champion.run_id == res.best["mlflow_run_id"]
-    served = Path(cluster.root) / "mlflow" / "artifacts"
-    assert list(served.rglob("adapter.safetensors")), "the server did not store the adapters"
-    assert not (run_dir / "mlartifacts").exists() and not (run_dir / "mlflow.db").exists()
-
-
-def test_submit_demo_recipe_and_a_broken_one(cluster, tiny) -> None:
     out: list[str] = []
     shrink = ["data.max_rows=120", "data.max_length=32", "train.max_eval_batches=2",
               "train.max_steps=4", "train.eval_every=2", "train.warmup_steps=0",
-              "train.batch_size=8", "train.micro_batch_size=8",
-              "tune.space.methods={lora: {rank: 4, lr: 1.0e-3}}", "tune.max_concurrent_trials=1",
+              "train.batch_size=8", "train.micro_batch_size=4",
+              "train.placement_strategy=STRICT_SPREAD",
+              "tune.space.methods={lora: {rank: 4, lr: 1.0e-3}, linear_probe: {lr: 1.0e-2}}",
+              "tune.scheduler=fifo", "tune.max_concurrent_trials=2", "tune.workers_per_trial=2",
               f"tune.cpus_per_worker={CPUS_PER_WORKER}", "registry.model_name=cluster-demo"]
     t0 = time.time()
     code = sub.submit("demo", address=cluster.dashboard_url, overrides=shrink,
@@ -176,13 +133,35 @@ def test_submit_demo_recipe_and_a_broken_one(cluster, tiny) -> None:
     assert re.search(r"cluster-demo v1 .*is the new champion", logs), logs[-3000:]
     run_dir = Path(cluster.storage) / "demo"  # on the shared storage, not the job's folder
     assert (run_dir / "report.md").is_file()
-    from mlflow import MlflowClient
 
-    assert MlflowClient(cluster.mlflow_uri).get_model_version_by_alias("cluster-demo", "champion")
+    # Where the trials' workers ran, from Ray's State API (actor pid -> node).
+    actors, names = _actors_by_pid(cluster), _node_names(cluster)
+    used: dict[str, list[str]] = {}
+    for trial in (run_dir / "trials").iterdir():
+        pids = [int((trial / "workers" / f"rank{r}.pid").read_text()) for r in (0, 1)]
+        used[trial.name] = [names[actors[p]["node_id"]] for p in pids]
+    assert len(used) == 2, used
+    for trial, nodes in used.items():
+        assert len(set(nodes)) == 2, f"trial {trial}: both workers on {nodes}"
+    assert len({n for nodes in used.values() for n in nodes}) == 3, used
 
-    # A recipe broken in a way only the cluster notices (not checked before submitting):
-    # the job fails and the exit code says it was the recipe (2), not a crash.
-    out.clear()
+    # Tracked in and promoted through the server: runs, registry, aliases and artifacts
+    # live there, nothing in the run folder.
+    client = MlflowClient(cluster.mlflow_uri)
+    champion = client.get_model_version_by_alias("cluster-demo", "champion")
+    assert champion.version == "1"
+    exp = client.get_experiment_by_name("peft-pipelines")
+    trials = client.search_runs([exp.experiment_id], "tags.`peftpipe.kind` = 'trial'")
+    assert champion.run_id in {r.info.run_id for r in trials} and len(trials) == 2
+    served = Path(cluster.root) / "mlflow" / "artifacts"
+    assert list(served.rglob("adapter.safetensors")), "the server did not store the adapters"
+    assert not (run_dir / "mlartifacts").exists() and not (run_dir / "mlflow.db").exists()
+
+
+def test_submit_of_a_broken_recipe_exits_with_its_code(cluster) -> None:
+    """A recipe broken in a way only the cluster notices (not checked before submitting):
+    the job fails and the exit code says it was the recipe (2), not a crash."""
+    out: list[str] = []
     code = sub.submit("demo", address=cluster.dashboard_url, check=False, cluster_root=cluster.root,
                       overrides=["train.max_stepz=3"], echo=out.append, timeout_s=120)
     logs = "".join(out)
@@ -198,7 +177,7 @@ def test_lost_worker_node_is_survived_from_the_checkpoint(cluster, driver, tiny)
     cfg = TrainConfig.model_validate(dict(
         model={"name": str(model)}, method={"name": "lora", "rank": 4}, num_workers=2,
         cpus_per_worker=CPUS_PER_WORKER, placement_strategy="SPREAD", batch_size=8,
-        micro_batch_size=4, max_steps=40, eval_every=4, checkpoint_every=4, max_eval_batches=1,
+        micro_batch_size=4, max_steps=24, eval_every=4, checkpoint_every=4, max_eval_batches=1,
         lr=1e-2, schedule="constant", max_failures=2))
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     names = _node_names(cluster)
@@ -231,7 +210,7 @@ def test_lost_worker_node_is_survived_from_the_checkpoint(cluster, driver, tiny)
     killer.join(timeout=5)
     assert killed, "no worker node was killed"
     steps = [r["step"] for r in res.history]
-    assert steps == list(range(4, 41, 4)), steps
+    assert steps == list(range(4, 25, 4)), steps
     assert res.history[-1]["resumed_from"] >= 4, res.history[-1]
     # the node is gone for good: Ray declared it dead and its `ray start` process ended
     dead = {n["node_name"]: n["state"] for n in local.alive_nodes(cluster.dashboard_url)
