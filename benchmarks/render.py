@@ -264,7 +264,9 @@ def main() -> None:
     doc = fill(doc, "minilm", minilm_block(methods, plot_name))
     doc = fill(doc, "smollm2", smollm2_block(methods))
     doc = fill(doc, "targets", targets_block(methods))
-    out.write_text(doc)
+    tmp = out.with_name(out.name + ".tmp")  # the hand-written prose must survive a crash
+    tmp.write_text(doc)
+    tmp.replace(out)
     print(f"wrote {out}")
     if methods and plot(methods, RESULTS / plot_name):
         print(f"wrote {RESULTS / plot_name}")
