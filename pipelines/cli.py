@@ -139,6 +139,9 @@ def _promote_recipe(recipe: str, set_: list[str] | None) -> None:
         d = pipeline.promote_stage(r, manifest, trials)
     except (RecipeError, PromotionError, registry.RegistryError) as e:
         _fail(str(e))
+    except pipeline.NoWinnerError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     verb = "promoted to champion" if d.promoted else "kept as candidate"
     typer.echo(f"{d.model_name} v{d.version} {verb}: {d.reason}")
 
@@ -238,38 +241,25 @@ def _stage(recipe, address: str | None, body):
 def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT,
         quiet: bool = typer.Option(False, help="No per-trial status lines.")) -> None:
     """Run the whole job: prepare -> search -> promote -> report."""
-    from pipelines import pipeline
+    from pipelines import pipeline, registry
+    from pipelines.promote import PromotionError
 
     r = _recipe(recipe, set_)
     typer.echo(f"peftpipe run {r.name}: model {r.model}, run dir {r.run_dir}")
-    out = pipeline.RunResult(run_dir=r.run_dir)
-
-    def body():
-        out.manifest = pipeline.prepare_stage(r)
-        _say_dataset(out.manifest)
-        stage = pipeline.tune_stage if r.tune is not None else pipeline.train_stage
-        out.search = stage(r, out.manifest, verbose=not quiet)
-
-    _stage(r, address, body)
-    _finish(r, out.manifest, out.search)
-
-
-def _finish(r, manifest, search) -> None:
-    """Promote, report, and tell the user where everything is."""
-    from pipelines import pipeline
-
     try:
-        decision = pipeline.promote_stage(r, manifest, search)
-    except RuntimeError as e:
+        # the whole job runs inside _stage's Ray session (pipeline.run's own is then a no-op)
+        out = _stage(r, address, lambda: pipeline.run(r, address=address, verbose=not quiet))
+    except (pipeline.NoWinnerError, PromotionError, registry.RegistryError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    report = pipeline.report_stage(r, search, decision)
+    manifest, search, decision = out.manifest, out.search, out.decision
+    _say_dataset(manifest)
     _print_leaderboard(r, search)
     verb = "is the new champion" if decision.promoted else "stays a candidate"
     score = "" if decision.candidate_score is None else \
         f" (test {r.registry.metric} {decision.candidate_score:.4f})"
     typer.echo(f"\n{r.registry.model_name} v{decision.version}{score} {verb}: {decision.reason}")
-    typer.echo(f"report:  {report}  (+ quality_vs_params.png, eval_loss_curves.png)")
+    typer.echo(f"report:  {out.report}  (+ quality_vs_params.png, eval_loss_curves.png)")
     uri = search.tracking_uri if hasattr(search, "tracking_uri") else search["tracking_uri"]
     typer.echo(f"MLflow:  mlflow ui --backend-store-uri {uri}")
     use = "predict --text 'a wonderful film'" if manifest.task == "classification" else \

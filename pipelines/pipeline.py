@@ -23,6 +23,10 @@ from typing import Any
 from .recipe import Recipe, RecipeError
 
 log = logging.getLogger("pipelines")
+
+
+class NoWinnerError(RuntimeError):
+    """The search left no trial with the objective's metric: nothing to promote."""
 TRIALS_FILE = "trials.json"
 
 
@@ -175,7 +179,7 @@ def promote_stage(recipe: Recipe, manifest, search=None):
     search = search or load_trials(recipe)
     best = search.best if hasattr(search, "best") else search["best"]
     if not best:
-        raise RuntimeError("promote: no trial finished with the objective's metric within budget")
+        raise NoWinnerError("promote: no trial finished with the objective's metric within budget")
     decision = promote(run_id=best["mlflow_run_id"], manifest=manifest, config=recipe.registry,
                        tracking_config=recipe.tracking, run_dir=recipe.run_dir,
                        tags={"recipe": recipe.name})

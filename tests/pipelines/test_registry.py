@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import peft_core
+from cluster.mlflow_server import mlflow_server
 from pipelines import registry, tracking
 from tests import tiny
-from tests.pipelines.mlflow_server import mlflow_server
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import peft_core
+from cluster.mlflow_server import mlflow_server
 from pipelines import registry, tracking
 from pipelines.promote import promote
 from pipelines.train import ModelConfig, TrainConfig
 from pipelines.tune import TuneConfig
 from tests.pipelines import train_helpers
-from tests.pipelines.mlflow_server import mlflow_server
 
 pytestmark = pytest.mark.timeout(900)
 
