@@ -52,13 +52,18 @@ from benchmarks._common import (  # noqa: E402
 
 # method -> (method config, learning rate). One setting each, not tuned on the eval split:
 # from the papers' usual ranges and the recipes' search spaces, at the high end where a
-# family is known to need it in a short run (adapters, sparse and prompt methods).
-# LoRA+ uses LoRA's learning rate for A and 16x for B (the paper's protocol).
+# family is known to need it in a short run (adapters, sparse and prompt methods). Two were
+# changed once, after their first run stayed at chance (eval accuracy 0.50), for the reasons below.
+# LoRA+ (ratio 16, the paper's default) takes a quarter of LoRA's rate for A, so B moves at 4x
+# LoRA's: at LoRA's own rate, B's 1.6e-2 diverged on MiniLM (accuracy 0.50, seed 0; peft's
+# LoRA+ alike in vs_peft.py), and the paper tunes A's rate lower than LoRA's.
+# Diff pruning trains a dense candidate update (every target entry) until its final projection,
+# so it takes full fine-tuning's rate: at 1e-3 that update wrecked the model (loss stuck at ln 2).
 MINILM: dict[str, tuple[dict[str, Any], float]] = {
     "full": ({"name": "full"}, 1e-4),
     "linear_probe": ({"name": "linear_probe"}, 5e-2),
     "lora": ({"name": "lora", "rank": 8, "alpha": 16}, 1e-3),
-    "lora_plus": ({"name": "lora_plus", "rank": 8, "alpha": 16, "lr_ratio": 16}, 1e-3),
+    "lora_plus": ({"name": "lora_plus", "rank": 8, "alpha": 16, "lr_ratio": 16}, 2.5e-4),
     "moslora": ({"name": "moslora", "rank": 8, "alpha": 16}, 1e-3),
     "laplace_lora": ({"name": "laplace_lora", "rank": 8, "alpha": 16}, 1e-3),
     "adapter_houlsby": ({"name": "adapter_houlsby"}, 3e-3),
@@ -70,14 +75,15 @@ MINILM: dict[str, tuple[dict[str, Any], float]] = {
     "prefix_tuning": ({"name": "prefix_tuning", "num_virtual_tokens": 20,
                        "encoder_hidden_size": 128}, 3e-3),
     "p_tuning_v2": ({"name": "p_tuning_v2", "num_virtual_tokens": 16}, 1e-2),
-    "diff_pruning": ({"name": "diff_pruning", "budget": 0.005}, 1e-3),
+    "diff_pruning": ({"name": "diff_pruning", "budget": 0.005}, 1e-4),
     "pafi": ({"name": "pafi", "budget": 0.005}, 5e-3),
     "sam": ({"name": "sam", "budget": 0.005}, 5e-3),
 }
 SMOLLM2: dict[str, tuple[dict[str, Any], float]] = {
     "full": ({"name": "full"}, 3e-5),
     "lora": ({"name": "lora", "rank": 8, "alpha": 16}, 1e-3),
-    "lora_plus": ({"name": "lora_plus", "rank": 8, "alpha": 16, "lr_ratio": 16}, 1e-3),
+    # half LoRA's rate for A (B at 8e-3): the setting vs_peft.py runs on SmolLM2
+    "lora_plus": ({"name": "lora_plus", "rank": 8, "alpha": 16, "lr_ratio": 16}, 5e-4),
     "adapter_parallel": ({"name": "adapter_parallel"}, 3e-3),
     "prompt_tuning": ({"name": "prompt_tuning", "num_virtual_tokens": 20}, 3e-2),
     "prefix_tuning": ({"name": "prefix_tuning", "num_virtual_tokens": 10}, 1e-2),
