@@ -172,7 +172,7 @@ def train_run(kind: str, method: str, seed: int, args: argparse.Namespace, manif
                    **({"eval_accuracy": h["eval_accuracy"]} if "eval_accuracy" in h else {})}
                   for h in res.history],
     }
-    out["stored_fraction"] = out["stored_params"] / out["total_params"]
+    out["stored_fraction"] = out["stored_params"] / out["total_params"]  # summarise() rebases it
     if "eval_accuracy" in final:
         out["eval_accuracy"] = final["eval_accuracy"]
     if qa is not None:
@@ -322,8 +322,18 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "lr", "steps"):
             if key in rs[0]:
                 row[key] = rs[0][key]
+        if "stored_params" in rs[0] and "total_params" in rs[0]:
+            row["stored_fraction"] = rs[0]["stored_params"] / _base_params(runs, kind, rs[0])
         rows.append(row)
     return rows
+
+
+def _base_params(runs: list[dict[str, Any]], kind: str, run: dict[str, Any]) -> int:
+    """The base model's parameter count: what full fine-tuning trains, else what the run did
+    not train. A run's own ``total_params`` also counts the method's new tensors (diff
+    pruning's dense candidate update doubles it), so a budget is judged against this."""
+    full = next((r for r in runs if r["model"] == kind and r["method"] == "full"), None)
+    return full["total_params"] if full else run["total_params"] - run["trainable_params"]
 
 
 def _mean_curve(runs: list[dict[str, Any]], kind: str, method: str) -> list[tuple[int, float]]:

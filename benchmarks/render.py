@@ -208,15 +208,25 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
     fams = sorted({_family(s["method"]) for s in summary})
     cmap = plt.get_cmap("tab10")
     color = {f: cmap(i) for i, f in enumerate(fams)}
-    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, 5.6), dpi=110)
     full = next((s for s in summary if s["method"] == "full"), None)
     if full:
         acc = 100 * full["eval_accuracy"]
         ax.axhspan(acc - 1, acc, color="0.85", zorder=0, label="full fine-tuning − 1 point")
         ax.axhline(acc, color="0.4", lw=1, ls="--", zorder=1)
     ax.axvline(5, color="tab:red", lw=0.8, ls=":", label="5% of the parameters")
+    pts = {s["method"]: (100 * s["trainable_fraction"], 100 * s["eval_accuracy"]) for s in summary}
+
+    def close(m: str, o: str) -> bool:
+        (x, y), (ox, oy) = pts[m], pts[o]
+        return abs(math.log10(x / ox)) < 0.5 and abs(y - oy) < 1.5
+
+    # Methods close to another one get their labels in a column to the right of the cluster,
+    # joined to their points, so no label sits on another.
+    crowded = sorted((m for m in pts if any(close(m, o) for o in pts if o != m)),
+                     key=lambda m: -pts[m][1])
     for s in summary:
-        x, y = 100 * s["trainable_fraction"], 100 * s["eval_accuracy"]
+        x, y = pts[s["method"]]
         c = color[_family(s["method"])]
         ax.errorbar(x, y, yerr=100 * s.get("eval_accuracy_std", 0), fmt="o", color=c, ms=6,
                     capsize=3, zorder=3)
@@ -224,7 +234,14 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
         if xs > 0 and abs(math.log10(xs / x)) > 0.3:
             ax.plot([x, xs], [y, y], color=c, lw=0.8, ls=":", zorder=2)
             ax.plot(xs, y, "o", mfc="white", color=c, ms=6, zorder=3)
-        ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7.5)
+        if s["method"] not in crowded:
+            ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7.5)
+    if crowded:
+        col_x = 10 ** (max(math.log10(pts[m][0]) for m in crowded) + 0.5)
+        top = max(pts[m][1] for m in crowded) + 0.5
+        for i, m in enumerate(crowded):
+            ax.annotate(m, pts[m], xytext=(col_x, top - 1.2 * i), fontsize=7.5, va="center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.55"})
     for f in fams:
         ax.plot([], [], "o", color=color[f], label=f)
     ax.plot([], [], "o", mfc="white", color="0.3", label="stored adapter (after finalize)")
@@ -234,7 +251,7 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
     ax.set_ylabel("eval accuracy (%)")
     ax.set_title("MiniLM on movie-review sentiment: accuracy against trainable fraction")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
