@@ -38,6 +38,9 @@ outside the generated blocks is written by hand.
 
 ## peft_core against Hugging Face peft
 
+<!-- BEGIN generated: core_vs_peft -->
+<!-- END generated: core_vs_peft -->
+
 <!-- BEGIN generated: vs_peft -->
 <!-- END generated: vs_peft -->
 
@@ -122,6 +125,24 @@ def vs_peft_block(data: dict[str, Any] | None) -> str:
             + f"Worst step-time ratio: {data['worst_step_ratio']:.3f} "
             + f"(target ≤ {data['target']}: {'met' if data['target_met'] else 'MISSED'}).\n\n"
             + _commands(data))
+
+
+def core_vs_peft_block(data: dict[str, Any] | None) -> str:
+    """The LoRA micro-benchmark on a tiny random Llama (each side in its own process)."""
+    if data is None:
+        return "_not run yet: `python benchmarks/peft_core_vs_peft.py`_\n"
+    s = data["settings"]
+    head = (f"LoRA r={s['rank']} on a random Llama (hidden {s['hidden']}, {s['layers']} layers, "
+            f"seq {s['seq']}, batch {s['batch']}), forward + backward + AdamW, median of "
+            f"{s['repeats']} processes x {s['steps']} steps per side:\n\n")
+    rows = [{"impl": r["impl"], "step s": f"{r['step_time_s']:.4f}",
+             "peak RSS MB": f"{r['peak_rss_mb']:.0f}" if r["impl"] != "ratio ours/peft"
+             else f"{r['peak_rss_mb']:.3f}"} for r in data["rows"]]
+    rows[-1]["step s"] = f"**{data['ratio']['step_time']:.3f}**"
+    return (head + table(rows, list(rows[0])) + "\n\n"
+            + f"Target ratio ≤ {data['target']}: {'met' if data['target_met'] else 'MISSED'}. "
+            + "Produced by `python benchmarks/peft_core_vs_peft.py"
+            + (f" --repeats {s['repeats']}`.\n" if s["repeats"] != 3 else "`.\n"))
 
 
 def _family(method: str) -> str:
@@ -275,8 +296,10 @@ def main() -> None:
     out = args.out or ROOT / f"BENCHMARKS{sfx}.md"
     plot_name = f"methods_accuracy{sfx}.png"
     vs, methods = _load(f"vs_peft{sfx}"), _load(f"methods{sfx}")
+    core = _load("peft_core_vs_peft")
     doc = out.read_text() if out.is_file() else SKELETON
-    doc = fill(doc, "machine", machine_block([d for d in (vs, methods) if d]))
+    doc = fill(doc, "machine", machine_block([d for d in (core, vs, methods) if d]))
+    doc = fill(doc, "core_vs_peft", core_vs_peft_block(core))
     doc = fill(doc, "vs_peft", vs_peft_block(vs))
     doc = fill(doc, "minilm", minilm_block(methods, plot_name))
     doc = fill(doc, "smollm2", smollm2_block(methods))
