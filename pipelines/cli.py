@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -74,9 +75,10 @@ def methods(
         typer.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, no traceback: 2 for bad input, 1 for a job that ran and failed."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -140,8 +142,7 @@ def _promote_recipe(recipe: str, set_: list[str] | None) -> None:
     except (RecipeError, PromotionError, registry.RegistryError) as e:
         _fail(str(e))
     except pipeline.NoWinnerError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        _fail(str(e), code=1)
     verb = "promoted to champion" if d.promoted else "kept as candidate"
     typer.echo(f"{d.model_name} v{d.version} {verb}: {d.reason}")
 
@@ -250,8 +251,7 @@ def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDR
         # the whole job runs inside _stage's Ray session (pipeline.run's own is then a no-op)
         out = _stage(r, address, lambda: pipeline.run(r, address=address, verbose=not quiet))
     except (pipeline.NoWinnerError, PromotionError, registry.RegistryError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        _fail(str(e), code=1)
     manifest, search, decision = out.manifest, out.search, out.decision
     _say_dataset(manifest)
     _print_leaderboard(r, search)

@@ -25,9 +25,11 @@ from .recipe import Recipe, RecipeError
 log = logging.getLogger("pipelines")
 
 
+TRIALS_FILE = "trials.json"
+
+
 class NoWinnerError(RuntimeError):
     """The search left no trial with the objective's metric: nothing to promote."""
-TRIALS_FILE = "trials.json"
 
 
 @dataclasses.dataclass
