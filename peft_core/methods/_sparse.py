@@ -214,6 +214,19 @@ class SparseDeltaMethod(Method):
     def budget_k(self, layers: Sequence[SparseDeltaLayer]) -> int:
         return budget_count(sum(layer.numel for layer in layers), self.config.budget)
 
+    def expected_trainable_params(self, model: nn.Module) -> int:
+        """What trains once the mask is chosen (at inject for PaFi, in ``prepare`` for SAM,
+        whose count before ``prepare`` is the head alone): the budget over the target
+        weights plus any new task head. Works on the base model or the adapted one."""
+        layers = [layer for _, layer in sparse_layers(model)]
+        total = (sum(layer.numel for layer in layers) if layers
+                 else target_weight_count(model, self.config.target_modules))
+        n = budget_count(total, self.config.budget)
+        if self.config.train_head:
+            for head in targets.new_task_heads(model):
+                n += sum(targets.numel(p) for p in model.get_submodule(head).parameters())
+        return n
+
     def extra_state_keys(self, model: nn.Module) -> list[str]:
         return [f"{n}{IDX_SUFFIX}" for n, _ in sparse_layers(model)]
 

@@ -101,6 +101,8 @@ def test_budget_is_met(method: str, budget: float, arch: str) -> None:
     chosen = sum(layer.sparse_idx.numel() for _, layer in layers)
     assert abs(chosen / total - budget) / budget < 0.01
     assert sum(p.numel() for n, p in pm.trainable_parameters() if n.endswith(".sparse_delta")) == chosen
+    # the count `peftpipe methods` prints, from the base model alone
+    assert pm.method.expected_trainable_params(tiny.model(arch)) == pm.summary()["trainable_params"]
 
 
 @pytest.mark.parametrize("budget", [0.005, 0.02])
