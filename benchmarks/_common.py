@@ -45,6 +45,10 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join([line(cols), sep, *(line(r) for r in cells)])
 
 
+# Llama's linear layers, written out because peft has no default for every one of them.
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 # -- real models and data, shared by vs_peft.py and methods.py -------------------------------
 # model kind -> the built-in recipe whose model, corpus and data section the benchmarks use
 RECIPES = {"minilm": "sentiment_minilm", "smollm2": "qa_smollm2"}

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import table, write_json  # noqa: E402
+from benchmarks._common import LLAMA_LINEAR, table, write_json  # noqa: E402
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -36,17 +36,16 @@ def _worker(args: argparse.Namespace) -> None:
         max_position_embeddings=args.seq,
     )
     model = LlamaForCausalLM(cfg)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if args.impl == "ours":
         import peft_core
 
         model = peft_core.apply(model, {"name": "lora", "rank": args.rank, "alpha": 2 * args.rank,
-                                        "target_modules": targets})
+                                        "target_modules": LLAMA_LINEAR})
     else:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets))
+            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=LLAMA_LINEAR))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 4096, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))

@@ -136,13 +136,14 @@ def core_vs_peft_block(data: dict[str, Any] | None) -> str:
             f"seq {s['seq']}, batch {s['batch']}), forward + backward + AdamW, median of "
             f"{s['repeats']} processes x {s['steps']} steps per side:\n\n")
     rows = [{"impl": r["impl"], "step s": f"{r['step_time_s']:.4f}",
-             "peak RSS MB": f"{r['peak_rss_mb']:.0f}" if r["impl"] != "ratio ours/peft"
-             else f"{r['peak_rss_mb']:.3f}"} for r in data["rows"]]
-    rows[-1]["step s"] = f"**{data['ratio']['step_time']:.3f}**"
+             "peak RSS MB": f"{r['peak_rss_mb']:.0f}"} for r in data["rows"][:2]]
+    ratio = data["ratio"]
+    rows.append({"impl": "ratio ours/peft", "step s": f"**{ratio['step_time']:.3f}**",
+                 "peak RSS MB": f"{ratio['peak_rss']:.3f}"})
+    flags = " ".join(f"--{k} {v}" for k, v in s.items())
     return (head + table(rows, list(rows[0])) + "\n\n"
             + f"Target ratio ≤ {data['target']}: {'met' if data['target_met'] else 'MISSED'}. "
-            + "Produced by `python benchmarks/peft_core_vs_peft.py"
-            + (f" --repeats {s['repeats']}`.\n" if s["repeats"] != 3 else "`.\n"))
+            + f"Produced by `python benchmarks/peft_core_vs_peft.py {flags}`.\n")
 
 
 def _family(method: str) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import (  # noqa: E402
+    LLAMA_LINEAR,
     RESULTS,
     bench_env,
     dataset,
@@ -46,7 +47,6 @@ from benchmarks._common import (  # noqa: E402
     write_json,
 )
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_VIRTUAL = 20
 ENC_HIDDEN = 128
 

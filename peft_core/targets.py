@@ -208,3 +208,8 @@ def iter_params(model: nn.Module, trainable: bool | None = None) -> Iterator[tup
 def numel(p: torch.Tensor) -> int:
     """Element count that stays right under DeepSpeed ZeRO-3, where ``numel()`` reads 0."""
     return int(getattr(p, "ds_numel", p.numel()))
+
+
+def new_task_head_params(model: nn.Module) -> int:
+    """Parameters of :func:`new_task_heads` (what ``train_head`` adds to a method's count)."""
+    return sum(numel(p) for h in new_task_heads(model) for p in model.get_submodule(h).parameters())

@@ -219,13 +219,9 @@ class SparseDeltaMethod(Method):
         whose count before ``prepare`` is the head alone): the budget over the target
         weights plus any new task head. Works on the base model or the adapted one."""
         layers = [layer for _, layer in sparse_layers(model)]
-        total = (sum(layer.numel for layer in layers) if layers
-                 else target_weight_count(model, self.config.target_modules))
-        n = budget_count(total, self.config.budget)
-        if self.config.train_head:
-            for head in targets.new_task_heads(model):
-                n += sum(targets.numel(p) for p in model.get_submodule(head).parameters())
-        return n
+        n = (self.budget_k(layers) if layers else
+             budget_count(target_weight_count(model, self.config.target_modules), self.config.budget))
+        return n + (targets.new_task_head_params(model) if self.config.train_head else 0)
 
     def extra_state_keys(self, model: nn.Module) -> list[str]:
         return [f"{n}{IDX_SUFFIX}" for n, _ in sparse_layers(model)]

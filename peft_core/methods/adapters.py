@@ -264,8 +264,7 @@ class BottleneckMethod(Method):
         if self.config.train_layer_norms:
             total += sum(targets.numel(p) for _, b in blocks for n in norm_modules(b) for p in n.parameters())
         if self.config.train_head:
-            for head in targets.new_task_heads(model):
-                total += sum(targets.numel(p) for p in model.get_submodule(head).parameters())
+            total += targets.new_task_head_params(model)
         return total
 
 
