@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import targets
+from . import partition, targets
 
 #: elements sampled per tensor for the weight hash; enough to tell checkpoints apart
 _SAMPLE = 257
@@ -18,7 +18,9 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     """Architecture facts plus a hash of a strided sample of every frozen base weight.
 
     Freshly initialised task heads are excluded: they are part of the adapter, not the base.
-    Sampling keeps this O(number of tensors), fast even for billion-parameter models.
+    Sampling keeps this O(number of tensors), fast even for billion-parameter models; the
+    samples are compared at bf16 precision, so the compute dtype a base is loaded in does
+    not change its identity. Partitioned (ZeRO-3) weights are gathered one at a time.
     """
     cfg = getattr(model, "config", None)
     heads = tuple(h + "." for h in targets.new_task_heads(model))
@@ -28,12 +30,13 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         if name.startswith(heads):
             continue
         count += targets.numel(p)
-        flat = p.detach().reshape(-1)
-        if flat.numel() == 0:  # partitioned away (ZeRO-3): shape alone still identifies it
-            sample = torch.empty(0)
-        else:
+        # One tensor at a time: a ZeRO-3 rank never holds more than the largest weight.
+        with partition.whole([p]):
+            flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // _SAMPLE)
-            sample = flat[::step][:_SAMPLE].float().cpu()
+            # Rounded to bf16 so that a base loaded in bf16 and the same base in fp32 (or
+            # fp16) have one identity: an adapter trained on either loads onto both.
+            sample = flat[::step][:_SAMPLE].to(torch.bfloat16).float().cpu()
         h.update(name.encode())
         h.update(str(tuple(getattr(p, "ds_shape", p.shape))).encode())
         h.update(sample.numpy().tobytes())

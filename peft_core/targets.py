@@ -31,6 +31,8 @@ class Architecture:
     the residual add. When ``ffn_out`` lies inside ``ffn`` (Llama, GPT-2) ``ffn`` is the
     whole FFN; otherwise (BERT: ``intermediate`` then ``output.dense``) the FFN sublayer is
     ``ffn_out(ffn(x))``.
+    ``attn_kv``: the projections producing the attention keys and values, relative to a block
+    (IA3 rescales their outputs); GPT-2 fuses q, k, v into one ``c_attn``.
     """
 
     linear_targets: tuple[str, ...]
@@ -40,6 +42,7 @@ class Architecture:
     ffn_out: str
     ffn: str
     attn: str
+    attn_kv: tuple[str, ...] = ()
 
 
 _LLAMA = Architecture(
@@ -50,6 +53,7 @@ _LLAMA = Architecture(
     ffn_out="mlp.down_proj",
     ffn="mlp",
     attn="self_attn",
+    attn_kv=("self_attn.k_proj", "self_attn.v_proj"),
 )
 _GPT2 = Architecture(
     linear_targets=("c_attn", "c_proj", "c_fc"),
@@ -59,6 +63,7 @@ _GPT2 = Architecture(
     ffn_out="mlp.c_proj",
     ffn="mlp",
     attn="attn",
+    attn_kv=("attn.c_attn",),
 )
 _BERT = Architecture(
     # A regex rather than suffixes: "dense" alone would also catch the pooler and the head.
@@ -72,6 +77,7 @@ _BERT = Architecture(
     ffn_out="output.dense",
     ffn="intermediate",
     attn="attention",
+    attn_kv=("attention.self.key", "attention.self.value"),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -110,13 +116,26 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if is_conv1d(module):
-        return module.weight.shape[0], module.nf
+        # ds_shape: the full shape of a ZeRO-3 partitioned weight (its .shape reads (0,))
+        return getattr(module.weight, "ds_shape", module.weight.shape)[0], module.nf
     raise TargetError(f"{type(module).__name__} is not nn.Linear or Conv1D")
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight as an (out, in) matrix view, whichever way the module stores it."""
     return module.weight.T if is_conv1d(module) else module.weight
+
+
+def linear_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """What ``module`` (``nn.Linear`` or ``Conv1D``) computes, with ``weight`` (stored layout)
+    and ``bias`` given: for wrappers that compute with a changed base weight without calling
+    the base module (whose hooks, e.g. ZeRO-3's, would see the swapped tensor)."""
+    if is_conv1d(module):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)  # as Conv1D does
+        return out.view(*x.shape[:-1], weight.shape[-1])
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -17,11 +17,10 @@ the fraction is met to within one entry however the sizes of the targets differ.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .. import targets
 from ..config import MethodConfig, check
@@ -50,17 +49,6 @@ class SelectiveConfig(MethodConfig):
 def budget_count(total: int, budget: float) -> int:
     """How many entries a ``budget`` fraction of ``total`` weights allows (at least one)."""
     return max(1, min(total, round(budget * total)))
-
-
-def check_materialised(name: str, module: nn.Module) -> None:
-    # Selective layers read the base weight directly; a ZeRO-3 shard reads as an empty
-    # tensor and would silently index nothing.
-    w = module.weight
-    if w.numel() == 0 and getattr(w, "ds_numel", 0):
-        raise PeftError(
-            f"{name}: the base weight is partitioned (ZeRO-3); selective methods need the "
-            "target weights whole (use ZeRO stage 0-2, or gather them)"
-        )
 
 
 def _storage_index(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -145,9 +133,11 @@ class SparseDeltaLayer(MergeableLayer):
         if self.merged or self.sparse_idx.numel() == 0:
             return self.base(x)
         weight = weight_with(self.base, self.sparse_idx, self.sparse_delta)
-        # The base module's own forward with the reparameterised weight, so Linear and
-        # Conv1D (and their bias handling) need no code of ours.
-        return functional_call(self.base, {"weight": weight}, (x,))
+        return targets.linear_forward(self.base, x, weight, self.base.bias)
+
+    def peft_external_params(self) -> list[nn.Parameter]:
+        # This forward reads the base weight itself (see partition.external_params).
+        return [p for p in (self.base.weight, self.base.bias) if p is not None]
 
     def _fold(self, sign: float) -> None:
         add_at(self.base, self.sparse_idx, self.sparse_delta.detach(), sign)
@@ -164,24 +154,35 @@ def target_weight_count(model: nn.Module, patterns) -> int:
     )
 
 
-def global_topk(scores: Sequence[torch.Tensor], k: int, *, largest: bool) -> list[torch.Tensor]:
+def global_topk(scores: Iterable[torch.Tensor], k: int, *, largest: bool) -> list[torch.Tensor]:
     """The ``k`` best entries over all ``scores`` together, as sorted flat indices per tensor.
 
     One global selection (rather than ``k`` per matrix) is what makes the budget exact.
+    ``scores`` may be a generator: the selection streams over it, keeping only the ``k``
+    best candidates seen so far, so that scores can be computed one weight at a time
+    (under ZeRO-3, a rank never needs more than one gathered weight).
     """
-    flat = [s.detach().reshape(-1).float() for s in scores]
-    sizes = [f.numel() for f in flat]
-    total = sum(sizes)
+    best_v = torch.empty(0)
+    best_t = torch.empty(0, dtype=torch.long)  # which tensor
+    best_i = torch.empty(0, dtype=torch.long)  # flat index in it
+    devices, total = [], 0
+    for t, s in enumerate(scores):
+        flat = s.detach().reshape(-1).float()
+        devices.append(flat.device)
+        total += flat.numel()
+        m = min(k, flat.numel())
+        if m <= 0:
+            continue
+        v, i = torch.topk(flat.cpu(), m, largest=largest, sorted=False)
+        best_v = torch.cat([best_v, v])
+        best_t = torch.cat([best_t, torch.full_like(i, t)])
+        best_i = torch.cat([best_i, i])
+        if best_v.numel() > k:
+            keep = torch.topk(best_v, k, largest=largest, sorted=False).indices
+            best_v, best_t, best_i = best_v[keep], best_t[keep], best_i[keep]
     if not 0 < k <= total:
         raise PeftError(f"cannot select {k} entries out of {total}")
-    cat = torch.cat([f.cpu() for f in flat])
-    chosen = torch.topk(cat, k, largest=largest, sorted=False).indices.sort().values
-    out, start = [], 0
-    for size, f in zip(sizes, flat):
-        sel = chosen[(chosen >= start) & (chosen < start + size)] - start
-        out.append(sel.to(f.device))
-        start += size
-    return out
+    return [best_i[best_t == t].sort().values.to(dev) for t, dev in enumerate(devices)]
 
 
 def encode_sparse(idx: torch.Tensor, numel: int) -> torch.Tensor:
@@ -199,7 +200,6 @@ class SparseDeltaMethod(Method):
     def inject(self, model: nn.Module) -> None:
         found = targets.linear_targets(model, self.config.target_modules)
         for name, module in found:
-            check_materialised(name, module)
             targets.set_submodule(model, name, SparseDeltaLayer(module).train(module.training))
         layers = [layer for _, layer in sparse_layers(model)]
         chosen = self.select(model, layers)

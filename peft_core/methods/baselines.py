@@ -6,7 +6,7 @@ import dataclasses
 
 from torch import nn
 
-from .. import targets
+from .. import partition, targets
 from ..config import MethodConfig
 from ..errors import TargetError
 from ..method import Method
@@ -54,6 +54,7 @@ class LinearProbe(Method):
             head = model.get_submodule(name)
             emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             if emb is not None and getattr(head, "weight", None) is emb.weight:
-                head.weight = nn.Parameter(emb.weight.detach().clone())
+                with partition.whole([emb.weight]):
+                    head.weight = nn.Parameter(emb.weight.detach().clone())
                 model.config.tie_word_embeddings = False
             head.requires_grad_(True)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import targets
+from .. import partition, targets
 from ..config import MethodConfig, check
 from ..errors import PeftError
 from ..io import write_hf_folder
@@ -273,8 +273,8 @@ class PromptTuning(_InputPrompt):
         else:
             tokens = torch.randint(0, vocab, (n if cfg.init == "vocab" else min(vocab, 1024),),
                                    device=device)
-        with torch.no_grad():
-            # A module call, not a read of .weight, so this also works on a ZeRO-3 model.
+        # A module call, not a read of .weight: ZeRO-3 gathers the matrix for this call only.
+        with partition.gathered_forward(emb):
             vectors = emb(tokens).float()
         if cfg.init == "random":
             return torch.randn(n, lay.dim, device=device) * vectors.std()
@@ -388,7 +388,7 @@ def _token_activations(model: nn.Module, lay: Layout, ids: torch.Tensor) -> torc
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with partition.gathered_forward(model):
             model(input_ids=ids, **{lay.cache_kwarg: cache})
     finally:
         model.train(was)

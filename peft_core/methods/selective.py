@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from .. import targets
+from .. import partition, targets
 from ..config import check
 from ..errors import PeftError
 from ..layers import MergeableLayer
@@ -37,7 +36,6 @@ from ._sparse import (
     SparseDeltaLayer,
     SparseDeltaMethod,
     budget_count,
-    check_materialised,
     encode_sparse,
     global_topk,
     sparse_layers,
@@ -59,8 +57,14 @@ class Pafi(SparseDeltaMethod):
 
     def select(self, model: nn.Module, layers: list[SparseDeltaLayer]) -> list[torch.Tensor]:
         # One global ranking over all targets, as the paper ranks the whole model.
-        mags = [targets.dense_weight(layer.base).abs() for layer in layers]
-        return global_topk(mags, self.budget_k(layers), largest=False)
+        return global_topk((_magnitude(layer) for layer in layers), self.budget_k(layers),
+                           largest=False)
+
+
+def _magnitude(layer: SparseDeltaLayer) -> torch.Tensor:
+    # One target gathered at a time under ZeRO-3 (the generator above is consumed lazily).
+    with partition.whole([layer.base.weight]):
+        return targets.dense_weight(layer.base).abs().float().clone()
 
 
 # -- SAM ---------------------------------------------------------------------------------------
@@ -188,6 +192,7 @@ class DiffPruningLayer(MergeableLayer):
         )
         self.lower, self.upper, self.beta = config.gate_lower, config.gate_upper, config.temperature
         self.merged = False
+        self.pending_l0: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -217,10 +222,23 @@ class DiffPruningLayer(MergeableLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if self.training and torch.is_grad_enabled():
+            # Computed here, where ZeRO-3 has the gate logits gathered, and picked up by
+            # DiffPruning.regularizer after the forward.
+            self.pending_l0 = self.expected_l0()
         delta = self.delta_weight()
         if targets.is_conv1d(self.base):
             delta = delta.T
-        return functional_call(self.base, {"weight": self.base.weight + delta}, (x,))
+        return targets.linear_forward(self.base, x, self.base.weight + delta, self.base.bias)
+
+    def peft_external_params(self) -> list[nn.Parameter]:
+        # This forward reads the base weight itself (see partition.external_params).
+        return [p for p in (self.base.weight, self.base.bias) if p is not None]
+
+    def take_l0(self) -> torch.Tensor:
+        """The expected L0 of the last training forward (once), else computed now."""
+        l0, self.pending_l0 = self.pending_l0, None
+        return l0 if l0 is not None else self.expected_l0()
 
     def _fold(self, sign: float) -> None:
         with torch.no_grad():
@@ -247,7 +265,6 @@ class DiffPruning(Method):
 
     def inject(self, model: nn.Module) -> None:
         for name, module in targets.linear_targets(model, self.config.target_modules):
-            check_materialised(name, module)
             # A new module starts in training mode; follow the model's (gates sample only in training).
             layer = DiffPruningLayer(module, self.config).train(module.training)
             targets.set_submodule(model, name, layer)
@@ -257,7 +274,7 @@ class DiffPruning(Method):
         if self.config.l0_weight == 0 or not layers:
             return None
         total = sum(layer.numel for layer in layers)
-        return self.config.l0_weight * torch.stack([layer.expected_l0() for layer in layers]).sum() / total
+        return self.config.l0_weight * torch.stack([layer.take_l0() for layer in layers]).sum() / total
 
     def finalize(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
         """Project the update onto the budget: keep the ``k`` largest ``|ẑ ⊙ w|`` over all
