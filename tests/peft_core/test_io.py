@@ -16,7 +16,8 @@ def test_folder_contents_and_config(tmp_path) -> None:
     pm.save(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["method"] == {"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0,
-                             "use_rslora": False, "target_modules": None, "train_head": True}
+                             "use_rslora": False, "init": "kaiming", "target_modules": None,
+                             "train_head": True}
     assert cfg["peft_core_version"] == peft_core.__version__
     assert cfg["base_model"]["model_type"] == "llama"
     assert (tmp_path / "a" / "adapter.safetensors").read_bytes()[:8] != b"\x80\x02"  # not a pickle
