@@ -3,7 +3,9 @@
 Methods that need the base matrix itself (DoRA's column norm, PiSSA/OLoRA's factorisation,
 merging) go through these few functions only, so that the ways a weight can be stored
 (a plain tensor, GPT-2's transposed ``Conv1D``, a bitsandbytes 4-bit or 8-bit parameter,
-and, once peft_core has a gather helper, a ZeRO-3 partition) are handled in one place.
+a ZeRO-3 partition) are handled in one place. Outside a forward, callers hold the weight
+whole with :func:`whole`; inside one, a layer declares it with ``peft_external_params`` so
+the ZeRO-3 runtime gathers it (:mod:`peft_core.partition`).
 
 bitsandbytes is only imported when a quantized layer is actually met, so peft_core keeps
 working without it.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import targets
+from .. import partition, targets
 from ..errors import PeftError
 
 _QUANTIZED_PARAMS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}
@@ -24,6 +26,11 @@ def quantization_of(module: nn.Module) -> str | None:
     """``"4-bit"`` / ``"8-bit"`` when ``module``'s weight is a bitsandbytes quantized parameter."""
     w = getattr(module, "weight", None)
     return _QUANTIZED_PARAMS.get(type(w).__name__) if w is not None else None
+
+
+def whole(module: nn.Module, *, modified: bool = False):
+    """Context in which ``module``'s weight is whole (gathered under ZeRO-3)."""
+    return partition.whole([module.weight], modified=modified)
 
 
 def has_quantized_layers(model: nn.Module) -> bool:

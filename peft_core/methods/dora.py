@@ -45,10 +45,14 @@ class DoraLayer(LoraLayer):
 
     def __init__(self, base: nn.Module, config: DoraConfig, mixer: str | None = None):
         super().__init__(base, config, mixer)
-        with torch.no_grad():
+        with torch.no_grad(), _weights.whole(base):
             norm = self._weight_norm()
         self.lora_magnitude = nn.Parameter(norm.to(self.lora_A.weight.dtype))
         self._merge_norm: torch.Tensor | None = None
+
+    def peft_external_params(self) -> list[nn.Parameter]:
+        """The forward reads the whole base weight (for the norm): ZeRO-3 must gather it."""
+        return [self.base.weight]
 
     def _weight_norm(self) -> torch.Tensor:
         """``||W0 + s·B A||`` per output row, without gradient (the paper's constant)."""

@@ -142,13 +142,16 @@ class LoraLayer(MergeableLayer):
                 nn.init.normal_(a, std=1 / config.rank)
                 nn.init.zeros_(b)
             else:
-                a0, b0 = principal_factors(_weights.read_weight(self.base), config.rank,
-                                           self.scaling, config.init)
-                a.copy_(a0)
-                b.copy_(b0)
-                self.register_buffer("lora_A0", a.detach().clone())
-                self.register_buffer("lora_B0", b.detach().clone())
-                self.set_initial_factors(a0, b0, previous=None)
+                # Every rank computes the same factors from the same whole weight, so the
+                # rewritten residual agrees across ranks (rank 0's is kept under ZeRO-3).
+                with _weights.whole(self.base, modified=True):
+                    a0, b0 = principal_factors(_weights.read_weight(self.base), config.rank,
+                                               self.scaling, config.init)
+                    a.copy_(a0)
+                    b.copy_(b0)
+                    self.register_buffer("lora_A0", a.detach().clone())
+                    self.register_buffer("lora_B0", b.detach().clone())
+                    self.set_initial_factors(a0, b0, previous=None)
 
     def set_initial_factors(
         self, a0: torch.Tensor, b0: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor] | None
@@ -162,7 +165,8 @@ class LoraLayer(MergeableLayer):
         delta = self.scaling * (b0.float() @ a0.float())
         if previous is not None:
             delta = delta - self.scaling * (previous[1].float() @ previous[0].float())
-        _weights.add_to_weight(self.base, delta, -1.0, why=why)
+        with _weights.whole(self.base, modified=True):
+            _weights.add_to_weight(self.base, delta, -1.0, why=why)
         with torch.no_grad():
             self.lora_A0.copy_(a0)
             self.lora_B0.copy_(b0)
