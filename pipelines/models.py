@@ -84,21 +84,29 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_model(name_or_path: str, task: str, *, num_labels: int | None = None, dtype=None):
-    """Load a base model for ``task``: ``classification`` or a causal-LM task."""
+def load_model(name_or_path: str, task: str, *, num_labels: int | None = None, dtype=None,
+               quantization=None):
+    """Load a base model for ``task``: ``classification`` or a causal-LM task.
+
+    ``quantization`` (a :class:`pipelines.quantize.QuantizationConfig` or its dict) loads
+    the linear layers quantized with bitsandbytes (see :mod:`pipelines.quantize`).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from .quantize import from_pretrained_kwargs
+
     path = resolve(name_or_path)
     dtype = dtype or torch.float32
+    quantized = from_pretrained_kwargs(quantization)
     if task == "classification":
         if not num_labels:
             raise ValueError("num_labels: a classification model needs the number of labels")
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype
+            path, num_labels=num_labels, dtype=dtype, **quantized
         )
         if model.config.pad_token_id is None:
             tok = load_tokenizer(name_or_path)
             model.config.pad_token_id = tok.pad_token_id
         return model
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
