@@ -9,6 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Task = Literal["classification", "instruction", "causal_lm"]
 Format = Literal["auto", "jsonl", "parquet", "csv", "tsv", "hf_disk"]
 SPLITS = ("train", "eval", "test")
+#: default ``max_chars``: longer fields are rejected as ``oversized`` (a 2 MB "text" is a
+#: scraping accident, not a training row; tokenizers turn it into a single unknown token)
+MAX_CHARS = 100_000
+
+
+class DataError(ValueError):
+    """The input data cannot make a dataset (no rows, every row rejected, splits too small,
+    an unreadable file); the message names the file, field or row and what was expected."""
+
+
+class MissingSourceError(DataError, FileNotFoundError):
+    """A source matches no file."""
 
 
 class SplitFractions(BaseModel):
@@ -58,8 +70,12 @@ class DataConfig(BaseModel):
     prompt_field: str = "prompt"
     response_field: str = "response"
     labels: list[str] | None = None
+    # display names of the classes: a list in class order (``labels`` order, else the
+    # inferred order) or a mapping label value -> name; predictions and reports show them
+    label_names: list[str] | dict[str, str] | None = None
     tokenizer: str
     max_length: int = Field(256, ge=4)
+    max_chars: int | None = Field(MAX_CHARS, ge=1)
     packing: bool = False
     chat_template: bool | None = None
     dedup: bool = False
@@ -91,6 +107,25 @@ class DataConfig(BaseModel):
             raise ValueError(f"duplicate label(s) {dup}")
         return out
 
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _names_as_strings(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("expected a non-empty mapping of label value -> name")
+            out = {str(k): str(n) for k, n in v.items()}
+            names = list(out.values())
+        elif isinstance(v, list) and v:
+            names = out = [str(n) for n in v]
+        else:
+            raise ValueError("expected a list of class names or a mapping label value -> name")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate class name(s) {dup}")
+        return out
+
     @field_validator("sources")
     @classmethod
     def _non_empty_sources(cls, v: list[str]) -> list[str]:
@@ -105,6 +140,10 @@ class DataConfig(BaseModel):
             raise ValueError(f"packing: only the causal_lm task packs documents, not {self.task}")
         if self.labels is not None and self.task != "classification":
             raise ValueError(f"labels: only the classification task has labels, not {self.task}")
+        if self.label_names is not None and self.task != "classification":
+            raise ValueError(f"label_names: only the classification task has labels, not {self.task}")
+        if self.labels is not None and self.label_names is not None:
+            check_label_names(self.label_names, self.labels)
         if self.chat_template is not None and self.task != "instruction":
             raise ValueError(f"chat_template: only the instruction task uses it, not {self.task}")
         return self
@@ -116,3 +155,22 @@ class DataConfig(BaseModel):
         if self.task == "instruction":
             return {"prompt": self.prompt_field, "response": self.response_field}
         return {"text": self.text_field}
+
+
+def check_label_names(names: list[str] | dict[str, str], values: list[str]) -> list[str]:
+    """The display name of each class (``values`` in class order), or a ValueError that
+    names ``label_names`` and what was expected."""
+    if isinstance(names, list):
+        if len(names) != len(values):
+            raise ValueError(f"label_names: {len(names)} name(s) {names} for {len(values)} "
+                             f"class(es) {values}; give one name per class, in that order")
+        return list(names)
+    unknown = sorted(set(names) - set(values))
+    if unknown:
+        raise ValueError(f"label_names: {unknown} are not label values of the data; "
+                         f"the classes are {values}")
+    out = [names.get(v, v) for v in values]
+    dup = sorted({n for n in out if out.count(n) > 1})
+    if dup:
+        raise ValueError(f"label_names: class name(s) {dup} would name two classes")
+    return out

@@ -178,9 +178,34 @@ class TokenizeAndWrite:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if not batch.num_rows:
-            return store.write_part(batch, self.folder, self.encode.task, self.source_uris, "")
+            stats = store.write_part(batch, self.folder, self.encode.task, self.source_uris, "")
+            return _with_facts(stats, b"", {})
         name = f"part-{batch.column('_src')[0].as_py():05d}-{batch.column('_line')[0].as_py():012d}"
+        keys, examples = _facts(batch, self.encode.task)
         out = self.encode(batch)
         if self.encode.packing:
             out = pack_batch(out, seq_len=self.encode.max_length)
-        return store.write_part(out, self.folder, self.encode.task, self.source_uris, name)
+        stats = store.write_part(out, self.folder, self.encode.task, self.source_uris, name)
+        return _with_facts(stats, keys, examples)
+
+
+def _facts(batch: pa.Table, task: str) -> tuple[bytes, dict[str, str]]:
+    """What the driver needs beyond the counts: the valid rows' duplicate keys (16 bytes
+    each, concatenated: duplicates are counted over the whole corpus on the driver) and the
+    first valid input of each split (an example for the user, e.g. the serve hint)."""
+    valid = batch.filter(pc.is_null(batch.column("_reject")))
+    keys = b"".join(k for k in valid.column("_dup").to_pylist() if k is not None)
+    col = "prompt" if task == "instruction" else "text"
+    examples: dict[str, str] = {}
+    for s, split_name in enumerate(store.SPLITS):
+        rows = valid.filter(pc.equal(valid.column("_split"), s))
+        if rows.num_rows:
+            examples[split_name] = rows.column(col)[0].as_py()[:200]
+    return keys, examples
+
+
+def _with_facts(stats: pa.Table, keys: bytes, examples: dict[str, str]) -> pa.Table:
+    import json
+
+    stats = stats.append_column("dup_keys", pa.array([keys], pa.binary()))
+    return stats.append_column("examples", pa.array([json.dumps(examples)], pa.string()))

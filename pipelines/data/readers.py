@@ -94,7 +94,9 @@ def read_csv(source: Source, delimiter: str) -> Iterator[Parsed]:
     csv.field_size_limit(sys.maxsize)  # long documents are rows too
     with _open(source) as f:
         text_lines = (b.decode("utf-8", "surrogateescape") + "\n" for _, b in _byte_lines(f))
-        reader = csv.reader(text_lines, delimiter=delimiter)
+        # strict: a quote that does not close where a field ends is an error, not a field
+        # that swallows the rows after it (csv's lenient default merges them silently)
+        reader = csv.reader(text_lines, delimiter=delimiter, strict=True)
         try:
             header = next(reader)
         except StopIteration:
@@ -108,7 +110,10 @@ def read_csv(source: Source, delimiter: str) -> Iterator[Parsed]:
             except StopIteration:
                 return
             except csv.Error as e:
-                yield prev + 1, Reject("bad_row", f"unparseable CSV record: {e}"), ""
+                span = (f"lines {prev + 1}-{reader.line_num}" if reader.line_num > prev + 1
+                        else f"line {prev + 1}")
+                yield prev + 1, Reject("bad_row", f"CSV record at {span} cannot be split "
+                                                  f"into fields ({e}; unbalanced quote?)"), ""
                 prev = reader.line_num
                 continue
             start, prev = prev + 1, reader.line_num
@@ -186,7 +191,6 @@ def candidate_schema(field_names: list[str]) -> pa.Schema:
 def candidates(
     source: Source, index: int, spec: RowSpec, task: str, seed: int,
     fractions: SplitFractions, block_rows: int, rng: tuple[int, int, int] = (0, -1, 1),
-    dedup: bool = True,
 ) -> Iterator[pa.Table]:
     """Validated candidate rows of one file (or one range of it), ``block_rows`` at a time."""
     names = [c for c, _ in spec.fields]
@@ -217,7 +221,8 @@ def candidates(
             for k in names:
                 cols[k].append(got[k])
             cols["_split"].append(split_of(split_input(task, got), seed, fractions))
-            cols["_dup"].append(dedup_key(got) if dedup else None)
+            # computed whether or not duplicates are dropped: they are always counted
+            cols["_dup"].append(dedup_key(got))
             cols["_kind"].append(None)
             cols["_reject"].append(None)
             cols["_raw"].append(None)
@@ -232,10 +237,10 @@ class CorpusDatasource(Datasource):
     read sequentially, so line numbers hold)."""
 
     def __init__(self, sources: list[Source], spec: RowSpec, task: str, seed: int,
-                 fractions: SplitFractions, block_rows: int, dedup: bool = True):
+                 fractions: SplitFractions, block_rows: int):
         super().__init__()
         self._sources = sources
-        self._args = (spec, task, seed, fractions, block_rows, dedup)
+        self._args = (spec, task, seed, fractions, block_rows)
 
     def num_tasks(self) -> int:
         return sum(len(s.ranges) for s in self._sources)
@@ -245,7 +250,7 @@ class CorpusDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        spec, task, seed, fractions, block_rows, dedup = self._args
+        spec, task, seed, fractions, block_rows = self._args
         schema = candidate_schema([c for c, _ in spec.fields])
         tasks = []
         for i, s in enumerate(self._sources):
@@ -253,7 +258,7 @@ class CorpusDatasource(Datasource):
                 size = (s.size if rng[1] < 0 else rng[1]) - rng[0]
                 tasks.append(ReadTask(
                     functools.partial(candidates, s, i, spec, task, seed, fractions,
-                                      block_rows, rng, dedup),
+                                      block_rows, rng),
                     BlockMetadata(num_rows=None, size_bytes=size, input_files=[s.uri],
                                   exec_stats=None),
                     schema=schema,

@@ -18,6 +18,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from .config import DataError, MissingSourceError
+
 #: file extension -> reader format (a compression suffix is looked through)
 EXTENSIONS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -153,8 +155,8 @@ def _expand(i: int, src: str, fmt: str) -> tuple[pafs.FileSystem, str, list[tupl
         f = fmt if fmt not in ("auto", "hf_disk") else _format_of(p)
         if f is None:
             if explicit:
-                raise ValueError(
-                    f"sources[{i}]: cannot tell the format of {src!r} from its name; "
+                raise DataError(
+                    f"data.sources.{i}: cannot tell the format of {src!r} from its name; "
                     f"set format to one of jsonl, parquet, csv, tsv, hf_disk"
                 )
             return  # a folder may hold READMEs and the like
@@ -171,7 +173,7 @@ def _expand(i: int, src: str, fmt: str) -> tuple[pafs.FileSystem, str, list[tupl
         return fs, prefix, found
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"sources[{i}]: {src!r} does not exist")
+        raise MissingSourceError(f"data.sources.{i}: {src!r} does not exist")
     if info.type == pafs.FileType.Directory:
         if fmt == "hf_disk" or (fmt == "auto" and is_hf_folder(fs, path)):
             for p, names in _hf_shards(fs, path):
@@ -182,7 +184,7 @@ def _expand(i: int, src: str, fmt: str) -> tuple[pafs.FileSystem, str, list[tupl
                 if f.type == pafs.FileType.File and not Path(f.path).name.startswith("."):
                     add_file(f.path, f.size, explicit=False)
     elif fmt == "hf_disk":
-        raise ValueError(f"sources[{i}]: format hf_disk needs a folder, {src!r} is a file")
+        raise DataError(f"data.sources.{i}: format hf_disk needs a folder, {src!r} is a file")
     else:
         add_file(path, info.size, explicit=True)
     return fs, prefix, found
@@ -199,7 +201,7 @@ def resolve(sources: list[str], fmt: str = "auto") -> list[Source]:
     for i, src in enumerate(sources):
         fs, prefix, found = _expand(i, src, fmt)
         if not found:
-            raise FileNotFoundError(f"sources[{i}]: {src!r} matches no readable file")
+            raise MissingSourceError(f"data.sources.{i}: {src!r} matches no readable file")
         for p, f, size, names in found:
             if (prefix, p) in seen:
                 continue
@@ -209,7 +211,34 @@ def resolve(sources: list[str], fmt: str = "auto") -> list[Source]:
     for s in out:
         splittable = s.format == "jsonl" and not s.path.lower().endswith(COMPRESSION)
         s.sha256, s.ranges = scan(s, RANGE_BYTES if splittable else None)
+        check_readable(s)
+    if out and not any(s.size for s in out):
+        names = ", ".join(s.uri for s in out[:3]) + (" ..." if len(out) > 3 else "")
+        raise DataError(f"data.sources: every input file is empty (0 bytes): {names}")
     return out
+
+
+def check_readable(source: Source) -> None:
+    """Columnar files are opened here, on the driver: a truncated or foreign file is one
+    clear error naming it instead of a failed read task. Row formats (JSONL, CSV) are read
+    leniently row by row, so their bad rows become rejects."""
+    if not source.size or source.format not in ("parquet", "arrow_stream"):
+        return
+    try:
+        if source.format == "parquet":
+            import pyarrow.parquet as pq
+
+            with source.fs.open_input_file(source.path) as f:
+                pq.ParquetFile(f).schema_arrow  # noqa: B018 - reads and checks the footer
+        else:
+            import pyarrow as pa
+
+            with source.fs.open_input_stream(source.path) as f:
+                pa.ipc.open_stream(f).schema  # noqa: B018
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        kind = "Parquet" if source.format == "parquet" else "Arrow IPC stream"
+        raise DataError(f"data.sources: {source.uri} is not a readable {kind} file "
+                        f"({source.size} bytes): {e}") from e
 
 
 def scan(source: Source, range_bytes: int | None = None, chunk: int = 1 << 22

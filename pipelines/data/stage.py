@@ -24,6 +24,7 @@ stall into an error (Ray Data's ``execution_no_progress_timeout_s``).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 from collections import Counter
@@ -36,22 +37,28 @@ import pyarrow.compute as pc
 
 from . import sources as sources_mod
 from . import store
-from .config import SPLITS, DataConfig
+from .config import SPLITS, DataConfig, DataError, check_label_names
 from .encode import TokenizeAndWrite
 from .readers import CorpusDatasource
 from .split import duplicates
 from .store import Manifest
-from .validate import RowSpec, sort_labels
+from .validate import RowSpec, label_type_drift, sort_labels
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 4 << 20  # Ray Data block size for this stage (see _data_context)
 
 
-def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = None) -> Manifest:
+def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = None,
+            require: dict[str, tuple[int, str]] | None = None) -> Manifest:
     """Build (or find) the tokenized dataset for ``config``; return its manifest.
 
     Uses the running Ray if there is one, else connects to ``ray_address`` (``"auto"``, a
     ``host:port``) or starts a local Ray. ``manifest.cache_hit`` says whether it was reused.
+    ``require``: split -> (least rows, why), e.g. ``{"train": (8, "train.batch_size")}``;
+    a dataset with fewer rows is a :class:`DataError` (and is not kept).
+
+    Input problems (no rows, every row rejected, an unreadable file, splits too small) are a
+    :class:`DataError` that names the file, field or row.
     """
     config = _validated(config)
     did, srcs, tok_identity = _identify(config)
@@ -61,6 +68,7 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
     if store.is_complete(root, did):
         m = store.load_manifest(root, did)
         m.cache_hit = True
+        check_split_sizes(m.rows, require)
         log.info("data: dataset %s is complete at %s; reusing it", did, m.path)
         return m
 
@@ -82,11 +90,11 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
     store.remove_stale(root, did)
     tmp = store.temp_folder(root, did)
     try:
-        spec = RowSpec.of(config.fields(), config.labels)
+        spec = RowSpec.of(config.fields(), config.labels, config.max_chars)
         with _data_context(config.no_progress_timeout_s):
             try:
-                stats, label_names, dropped = _run(config, srcs, spec, tmp, use_chat, tok_spec,
-                                                   actors, actor_cpus, task_cpus)
+                stats, label_values, dropped, found, examples = _run(
+                    config, srcs, spec, tmp, use_chat, tok_spec, actors, actor_cpus, task_cpus)
             except Exception as e:
                 if _stalled(e):
                     raise RuntimeError(
@@ -100,7 +108,13 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
         store.fill_empty_splits(tmp, config.task)
         rejected = sum(stats["rejected"].values())
         if not sum(stats["rows"].values()):
-            raise ValueError(_all_rejected(tmp / "rejects.jsonl", rejected))
+            if not rejected:
+                raise DataError(_no_rows(srcs))
+            raise DataError(_all_rejected(tmp / "rejects.jsonl", rejected))
+        check_split_sizes(stats["rows"], require)
+        label_names = _display_names(config, label_values)
+        counts = {s: {label_names[int(i)]: n for i, n in sorted(c.items(), key=lambda x: int(x[0]))}
+                  for s, c in stats["label_counts"].items()} if label_names else {}
         manifest = Manifest(
             dataset_id=did,
             task=config.task,
@@ -112,13 +126,17 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
                       "eos_token_id": facts.eos_token_id,
                       "worker_tokenizer": "rust" if tok_spec.backend_json else "transformers"},
             label_names=label_names,
+            label_values=label_values,
+            label_counts=counts,
+            examples=examples,
             num_labels=len(label_names or []),
             rows={s: stats["rows"].get(s, 0) for s in SPLITS},
             tokens={s: stats["tokens"].get(s, 0) for s in SPLITS},
             documents={s: stats["documents"].get(s, 0) for s in SPLITS},
             rejected=rejected,
             rejected_by_kind=dict(sorted(stats["rejected"].items())),
-            duplicates=dropped,
+            duplicates=found,
+            duplicates_dropped=dropped,
             read_rows=sum(stats["documents"].values()) + rejected + dropped,
             columns={f.name: str(f.type) for f in store.output_schema(config.task)},
             sources=records,
@@ -161,11 +179,13 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
 
     label_names = config.labels
     infer = config.task == "classification" and label_names is None
+    if config.labels is not None and config.label_names is not None:
+        _display_names(config, config.labels)
     # Without a global pass first, the read fuses into the actors' operator (that needs the
     # same resources): each actor reads, tokenizes and writes, and no task worker starts.
     fused = not (infer or config.dedup or config.max_rows)
     datasource = CorpusDatasource(srcs, spec, config.task, config.seed, config.split,
-                                  config.batch_size, dedup=config.dedup)
+                                  config.batch_size)
     ds = ray.data.read_datasource(
         datasource,
         num_cpus=actor_cpus if fused else task_cpus,
@@ -183,13 +203,30 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
         meta = _gather(ds, cols, task_cpus)
         good = meta.filter(pc.is_null(meta.column("_reject")))
         if good.num_rows == 0:
-            raise ValueError(_all_rejected_meta(meta, srcs))
+            raise DataError(_all_rejected_meta(meta, srcs) if meta.num_rows else _no_rows(srcs))
         if infer:
+            drift = label_type_drift(good.column("label").to_pylist())
+            if drift:
+                odd, why = drift
+                bad = good.take(pa.array(odd, pa.int64()))
+                reasons = {o: f"{config.label_field!r}: label {lab!r} has another type than "
+                              f"the rest ({why}); set data.labels to accept it as a class"
+                           for o, lab in zip(bad.column("_order").to_pylist(),
+                                             bad.column("label").to_pylist())}
+                ds = ds.map_batches(_mark_rejects, fn_kwargs={"reasons": reasons,
+                                                              "kind": "label_type"},
+                                    batch_format="pyarrow", num_cpus=task_cpus)
+                keep = pc.invert(pc.is_in(good.column("_order"),
+                                          value_set=pa.array(list(reasons), pa.int64())))
+                good = good.filter(keep)
             label_names = sort_labels(pc.unique(good.column("label")).to_pylist())
             if len(label_names) < 2:
-                raise ValueError(
-                    f"{config.label_field}: the valid rows have {len(label_names)} distinct "
-                    f"label(s) {label_names}; classification needs at least 2 (or set labels)")
+                raise DataError(
+                    f"data.label_field: the valid rows of {config.label_field!r} have "
+                    f"{len(label_names)} distinct label(s) {label_names}; classification "
+                    f"needs at least 2 (or set data.labels)")
+            if config.label_names is not None:
+                _display_names(config, label_names)
         if config.dedup:
             drop = duplicates(good.select(["_dup", "_order"]))
             dropped = len(drop)
@@ -207,8 +244,61 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
         batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
     )
-    stats = store.merge_stats(ds.take_all())
-    return stats, label_names, dropped
+    results = ds.take_all()
+    stats = store.merge_stats(results)
+    blob = b"".join(r["dup_keys"] for r in results)
+    keys = [blob[i:i + 16] for i in range(0, len(blob), 16)]
+    found = dropped + len(keys) - len(set(keys))
+    examples: dict[str, str] = {}
+    for r in results:  # in input order: the first example of each split wins
+        for k, v in json.loads(r["examples"]).items():
+            examples.setdefault(k, v)
+    return stats, label_names, dropped, found, examples
+
+
+def _mark_rejects(batch: pa.Table, *, reasons: dict[int, str], kind: str) -> pa.Table:
+    """Rows whose ``_order`` is in ``reasons`` become rejects of ``kind`` (kept for
+    rejects.jsonl, out of every split)."""
+    orders = batch.column("_order").to_pylist()
+    hit = [o in reasons for o in orders]
+    if not any(hit):
+        return batch
+    cols = {c: batch.column(c).to_pylist() for c in ("_split", "_kind", "_reject", "_raw")}
+    for i, (o, h) in enumerate(zip(orders, hit)):
+        if h:
+            cols["_split"][i], cols["_kind"][i], cols["_reject"][i] = -1, kind, reasons[o]
+            cols["_raw"][i] = cols["_raw"][i] or _raw_of(batch, i)
+    for c, t in (("_split", pa.int8()), ("_kind", pa.string()), ("_reject", pa.string()),
+                 ("_raw", pa.string())):
+        batch = batch.set_column(batch.schema.get_field_index(c), c, pa.array(cols[c], t))
+    return batch
+
+
+def _raw_of(batch: pa.Table, i: int) -> str:
+    fields = [c for c in batch.column_names if not c.startswith("_")]
+    return json.dumps({c: batch.column(c)[i].as_py() for c in fields}, ensure_ascii=False)[:300]
+
+
+def _display_names(config: DataConfig, values: list[str] | None) -> list[str] | None:
+    if values is None or config.label_names is None:
+        return values
+    try:
+        return check_label_names(config.label_names, values)
+    except ValueError as e:
+        raise DataError(f"data.{e}") from None
+
+
+def check_split_sizes(rows: dict[str, int], require: dict[str, tuple[int, str]] | None) -> None:
+    """Every split in ``require`` holds at least its number of rows, or a DataError that
+    says how many rows each split has and what needs more."""
+    if not require:
+        return
+    short = [f"{s} needs at least {n} ({why})" for s, (n, why) in require.items()
+             if rows.get(s, 0) < n]
+    if short:
+        have = ", ".join(f"{s} {rows.get(s, 0)}" for s in SPLITS)
+        raise DataError(f"data.split: the splits have {have} rows; " + "; ".join(short)
+                        + " (more data, other data.split fractions, or a smaller batch)")
 
 
 def _drop_rows(batch: pa.Table, *, orders: list[int]) -> pa.Table:
@@ -305,13 +395,16 @@ def _data_context(no_progress_timeout_s: float) -> Iterator[None]:
 
 def _summary(kinds: Counter, examples: list[str], total: int) -> str:
     parts = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
-    ex = "; ".join(examples[:3])
-    return f"all {total} rows were rejected ({parts}); first: {ex}"
+    ex = "\n  ".join(examples[:3])
+    return f"data.sources: all {total} rows were rejected ({parts}); the first:\n  {ex}"
+
+
+def _no_rows(srcs) -> str:
+    names = ", ".join(s.uri for s in srcs[:3]) + (" ..." if len(srcs) > 3 else "")
+    return f"data.sources: no rows in {names} (empty, blank lines or a header only)"
 
 
 def _all_rejected(rejects_path: Path, total: int) -> str:
-    import json
-
     rows = [json.loads(x) for x in rejects_path.read_text().splitlines() if x]
     kinds = Counter(r["kind"] for r in rows)
     return _summary(kinds, [f"{r['source']}:{r['line']}: {r['reason']}" for r in rows], total)

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .config import SPLITS, DataConfig
 
 #: bump when the output of the same inputs changes (templates, columns, split rule)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: strict CSV, oversized and label-type rejects, duplicates counted
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "vocab.txt", "vocab.json", "merges.txt",
@@ -69,7 +69,16 @@ class Manifest(BaseModel):
     documents: dict[str, int]
     rejected: int
     rejected_by_kind: dict[str, int] = Field(default_factory=dict)
+    # exact duplicate rows found (every task field equal), counted whether or not ``dedup``
+    # dropped them; ``duplicates_dropped`` is how many were dropped
     duplicates: int = 0
+    duplicates_dropped: int = 0
+    # the label values of the data in class order (``label_names`` are their display names)
+    label_values: list[str] | None = None
+    # rows per class in each split, by class name (classification)
+    label_counts: dict[str, dict[str, int]] = Field(default_factory=dict)
+    # the first valid input of each split (shown to the user, e.g. as the serve hint)
+    examples: dict[str, str] = Field(default_factory=dict)
     read_rows: int
     columns: dict[str, str]
     sources: list[dict[str, Any]]
@@ -119,6 +128,8 @@ def dataset_id(config: DataConfig, sources: list[dict[str, Any]], tokenizer_id: 
         "task": config.task,
         "fields": config.fields(),
         "labels": config.labels,
+        "label_names": config.label_names,
+        "max_chars": config.max_chars,
         "max_length": config.max_length,
         "template": template,
         "dedup": config.dedup,
@@ -176,6 +187,7 @@ def write_part(table: pa.Table, folder: str, task: str, source_uris: list[str], 
     """
     schema = output_schema(task)
     stats: dict[str, Any] = {}
+    label_counts: dict[str, dict[str, int]] = {}
     split = table.column("_split")
     for s, split_name in enumerate(SPLITS):
         part = table.filter(pc.equal(split, s))
@@ -189,6 +201,9 @@ def write_part(table: pa.Table, folder: str, task: str, source_uris: list[str], 
         stats[f"rows_{split_name}"] = out.num_rows
         stats[f"tokens_{split_name}"] = int(pc.sum(out.column("length")).as_py() or 0)
         stats[f"documents_{split_name}"] = int(pc.sum(docs).as_py() or 0) if docs else out.num_rows
+        if task == "classification":
+            counts = pc.value_counts(out.column("labels").combine_chunks()).to_pylist()
+            label_counts[split_name] = {str(c["values"]): c["counts"] for c in counts}
     rejected: Counter = Counter()
     rej = table.filter(pc.equal(split, -1))
     if rej.num_rows:
@@ -201,6 +216,7 @@ def write_part(table: pa.Table, folder: str, task: str, source_uris: list[str], 
                                    ensure_ascii=False) + "\n")
                 rejected[r["_kind"]] += 1
     stats["rejected"] = json.dumps(dict(rejected))
+    stats["label_counts"] = json.dumps(label_counts)
     return pa.table({k: [v] for k, v in stats.items()})
 
 
@@ -208,12 +224,17 @@ def merge_stats(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Sum the per-batch counts: ``{"rows": {split: n}, "tokens": …, "documents": …,
     "rejected": {kind: n}}``."""
     total: dict[str, Counter] = {k: Counter() for k in (*STAT_KEYS, "rejected")}
+    labels: dict[str, Counter] = {s: Counter() for s in SPLITS}
     for r in rows:
         for k in STAT_KEYS:
             for split_name in SPLITS:
                 total[k][split_name] += int(r[f"{k}_{split_name}"])
         total["rejected"].update(json.loads(r["rejected"]))
-    return {k: {n: v for n, v in c.items() if v or k != "rejected"} for k, c in total.items()}
+        for split_name, counts in json.loads(r.get("label_counts") or "{}").items():
+            labels[split_name].update(counts)
+    out = {k: {n: v for n, v in c.items() if v or k != "rejected"} for k, c in total.items()}
+    out["label_counts"] = {s: dict(c) for s, c in labels.items()}
+    return out
 
 
 def finish_rejects(folder: Path) -> None:

@@ -18,7 +18,9 @@ KINDS = (
     "empty",  # only whitespace
     "undecodable",  # bytes that are not UTF-8
     "invalid_json",  # a JSONL line that does not parse, or is not an object
-    "bad_row",  # a CSV record with the wrong number of columns
+    "bad_row",  # a CSV record with the wrong number of columns, or one the parser cannot split
+    "label_type",  # a label of another type than the others (a word among integer labels)
+    "oversized",  # a field longer than ``max_chars`` characters
     "unknown_label",  # a label outside the configured label set
     "too_long",  # the template leaves nothing to train on within max_length
 )
@@ -42,10 +44,13 @@ class RowSpec:
 
     fields: tuple[tuple[str, str], ...]
     labels: frozenset[str] | None = None
+    max_chars: int | None = None
 
     @classmethod
-    def of(cls, fields: dict[str, str], labels: list[str] | None = None) -> RowSpec:
-        return cls(tuple(fields.items()), frozenset(labels) if labels is not None else None)
+    def of(cls, fields: dict[str, str], labels: list[str] | None = None,
+           max_chars: int | None = None) -> RowSpec:
+        return cls(tuple(fields.items()), frozenset(labels) if labels is not None else None,
+                   max_chars)
 
     @property
     def columns(self) -> list[str]:
@@ -88,6 +93,9 @@ class RowSpec:
                 return Reject("undecodable", f"{col!r}: bytes that are not UTF-8")
             if not v.strip():
                 return Reject("empty", f"{col!r}: empty text")
+            if self.max_chars is not None and len(v) > self.max_chars:
+                return Reject("oversized", f"{col!r}: {len(v):,} characters, more than "
+                                           f"data.max_chars ({self.max_chars:,})")
             out[canon] = v
         return out
 
@@ -126,3 +134,22 @@ def sort_labels(labels: list[str]) -> list[str]:
         return sorted(labels, key=int)
     except ValueError:
         return sorted(labels)
+
+
+def is_integer_label(label: str) -> bool:
+    """``"3"`` or ``"-1"``: what an integer label looks like once read as text."""
+    return label.lstrip("-").isdigit()
+
+
+def label_type_drift(labels: list[str]) -> tuple[list[int], str] | None:
+    """Positions of the labels whose type differs from the majority's (integers against
+    words), and why; None when all labels have one type. A word among integer labels is
+    far more often a shifted column or a stray header than a new class."""
+    ints = [is_integer_label(x) for x in labels]
+    n_int = sum(ints)
+    if n_int in (0, len(labels)):
+        return None
+    keep_ints = n_int >= len(labels) - n_int
+    odd = [i for i, v in enumerate(ints) if v != keep_ints]
+    kind = "integer" if keep_ints else "non-integer"
+    return odd, f"{len(labels) - len(odd)} other labels are {kind}"

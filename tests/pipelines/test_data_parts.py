@@ -87,7 +87,7 @@ def test_sources_globs_folders_uris_and_hashes(tmp_path):
     import hashlib
 
     assert two[0].sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
-    with pytest.raises(FileNotFoundError, match=r"sources\[0\]"):
+    with pytest.raises(FileNotFoundError, match=r"data\.sources\.0"):
         S.resolve([str(tmp_path / "nope" / "*.jsonl")])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         S.resolve([str(tmp_path / "missing.jsonl")])
@@ -150,11 +150,38 @@ def test_csv_line_numbers_and_bad_records(tmp_path):
     assert [(r["_line"], r["_kind"]) for r in rows] == [
         (2, None), (3, None), (5, "undecodable"), (6, "bad_row"), (7, "empty"), (8, None)]
     assert rows[1]["text"] == "a quoted\nmulti-line row"
-    # read as TSV, the header is one column "text,label": every row misses 'text'
+    # read as TSV, the header is one column "text,label": every row misses 'text', and
+    # the quoted field followed by ",negative" cannot be split (strict quoting)
     t = tmp_path / "bad.tsv"
     t.write_bytes(p.read_bytes())
-    assert {(r["_kind"], r["_reject"]) for r in _rows(t, "tsv")} == {
-        ("missing_field", "missing field 'text'")}
+    got = {(r["_line"], r["_kind"]) for r in _rows(t, "tsv")}
+    assert got == {(2, "missing_field"), (3, "bad_row"), (5, "missing_field"),
+                   (6, "missing_field"), (7, "missing_field"), (8, "missing_field")}
+
+
+def test_csv_unbalanced_quote_is_a_reject_not_merged_rows(tmp_path):
+    p = tmp_path / "q.csv"
+    p.write_text('text,label\nfine one,0\n"broken quote,1\n"next row",0\nlast row,1\n'
+                 '"never closed,0\nswallowed,1\n')
+    rows = _rows(p, "csv")
+    assert [(r["_line"], r["_kind"]) for r in rows] == [
+        (2, None), (3, "bad_row"), (5, None), (6, "bad_row")]
+    assert "lines 3-4" in rows[1]["_reject"] and "unbalanced quote" in rows[1]["_reject"]
+    assert rows[2]["text"] == "last row"
+
+
+def test_oversized_fields_and_label_type_drift():
+    from pipelines.data.validate import label_type_drift
+
+    spec = RowSpec.of({"text": "text", "label": "label"}, max_chars=10)
+    assert spec.check({"text": "x" * 10, "label": 1}) == {"text": "x" * 10, "label": "1"}
+    got = spec.check({"text": "x" * 11, "label": 1})
+    assert got.kind == "oversized" and "data.max_chars (10)" in got.reason
+    assert label_type_drift(["0", "1", "1"]) is None
+    assert label_type_drift(["a", "b"]) is None
+    odd, why = label_type_drift(["0", "1", "spam", "1"])
+    assert odd == [2] and "integer" in why
+    assert label_type_drift(["ham", "spam", "1"])[0] == [2]
 
 
 def test_parquet_and_hf_rows(tmp_path):
