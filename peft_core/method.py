@@ -33,6 +33,9 @@ class Method:
     mergeable: ClassVar[bool] = False
     #: whether the freshly injected model computes exactly what the base model did
     identity_at_init: ClassVar[bool] = True
+    #: whether the method trains or rewrites the base weights themselves (full fine-tuning,
+    #: selective deltas); such a method refuses a quantized (bitsandbytes) base
+    writes_base_weights: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

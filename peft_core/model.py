@@ -29,10 +29,21 @@ def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any]) -> PeftMod
     else:
         config.validate()
     method = get(config.name)(config)
+    if method.writes_base_weights and targets.has_quantized_layers(model):
+        raise PeftError(
+            f"method {config.name!r} trains the base weights themselves, and this base model's "
+            "linear layers are quantized (bitsandbytes); load the base in full precision, or "
+            "use a method that keeps the base frozen (lora, dora, ia3, vera, adapters, prompts)"
+        )
     base_fp = fingerprint(model)
     model.requires_grad_(False)
     if config.train_head:
         for head in targets.new_task_heads(model):
+            if targets.has_quantized_layers(model.get_submodule(head)):
+                raise PeftError(
+                    f"task head {head!r} is quantized, so it cannot be trained; keep it in full "
+                    "precision (bitsandbytes' llm_int8_skip_modules; model.quantization does)"
+                )
             model.get_submodule(head).requires_grad_(True)
     method.inject(model)
     return PeftModel(model, method, base_fp)

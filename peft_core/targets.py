@@ -121,6 +121,23 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     raise TargetError(f"{type(module).__name__} is not nn.Linear or Conv1D")
 
 
+#: bitsandbytes parameter classes of quantized linear layers (matched by name: peft_core
+#: does not import bitsandbytes unless a method must dequantize)
+_QUANTIZED_PARAMS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}
+
+
+def quantization_of(module: nn.Module) -> str | None:
+    """``"4-bit"`` / ``"8-bit"`` when ``module``'s own weight is bitsandbytes-quantized."""
+    # Through named_parameters, not attribute access: reading ``module.weight`` counts as
+    # a use of the weight for wrappers that watch it (ZeRO-3 hooks, the prompt tests).
+    w = dict(module.named_parameters(recurse=False)).get("weight")
+    return _QUANTIZED_PARAMS.get(type(w).__name__) if w is not None else None
+
+
+def has_quantized_layers(model: nn.Module) -> bool:
+    return any(quantization_of(m) for m in model.modules())
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight as an (out, in) matrix view, whichever way the module stores it."""
     return module.weight.T if is_conv1d(module) else module.weight

@@ -53,14 +53,20 @@ def bnb_config(q: QuantizationConfig | dict[str, Any]) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
+    from peft_core import targets
+
     q = QuantizationConfig.model_validate(q)
+    # Task heads stay in full precision: a new classification head must train, and the LM
+    # head is left whole as transformers does by default (this list replaces its default).
+    skip = sorted({h for arch in targets.ARCHITECTURES.values() for h in arch.heads} | {"lm_head"})
     if q.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        llm_int8_skip_modules=skip,
     )
 
 

@@ -196,6 +196,7 @@ class SparseDeltaMethod(Method):
 
     family = "selective"
     mergeable = True
+    writes_base_weights = True
 
     def inject(self, model: nn.Module) -> None:
         found = targets.linear_targets(model, self.config.target_modules)

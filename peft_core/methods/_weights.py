@@ -19,22 +19,13 @@ from torch import nn
 from .. import partition, targets
 from ..errors import PeftError
 
-_QUANTIZED_PARAMS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}
-
-
-def quantization_of(module: nn.Module) -> str | None:
-    """``"4-bit"`` / ``"8-bit"`` when ``module``'s weight is a bitsandbytes quantized parameter."""
-    w = getattr(module, "weight", None)
-    return _QUANTIZED_PARAMS.get(type(w).__name__) if w is not None else None
+quantization_of = targets.quantization_of
+has_quantized_layers = targets.has_quantized_layers
 
 
 def whole(module: nn.Module, *, modified: bool = False):
     """Context in which ``module``'s weight is whole (gathered under ZeRO-3)."""
     return partition.whole([module.weight], modified=modified)
-
-
-def has_quantized_layers(model: nn.Module) -> bool:
-    return any(quantization_of(m) for m in model.modules())
 
 
 def adapter_dtype(module: nn.Module) -> torch.dtype:
@@ -66,12 +57,32 @@ def read_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     if kind == "4-bit":
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            return _applied_weight(module)
         return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
     # LLM.int8: row-wise absmax int8 codes (CB) and their scales (SCB).
     scb = getattr(w, "SCB", None)
     if scb is None:
         scb = module.state.SCB
     return bnbf.int8_vectorwise_dequant(w.data, scb).to(torch.float32)
+
+
+def _applied_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a layer applies, read by applying it to the identity.
+
+    bitsandbytes' CPU inference path (eval mode, no grad, AVX512-BF16 CPUs) repacks a 4-bit
+    weight in place into a layout only its own kernel reads; rather than undo that through
+    its private helpers, ask the layer itself. Costs one (in × in) matmul through it.
+    """
+    d_in, _ = targets.linear_dims(module)
+    eye = torch.eye(d_in, device=module.weight.device,
+                    dtype=getattr(module, "compute_dtype", None) or torch.float32)
+    with torch.no_grad():
+        out = module(eye).float()
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            out = out - bias.float()
+    return out.T
 
 
 def write_weight(module: nn.Module, value: torch.Tensor, *, why: str) -> None:

@@ -208,8 +208,9 @@ def adapted_blocks(model: nn.Module, config: MethodConfig) -> list[tuple[str, nn
 
 
 def like_param(module: nn.Module) -> torch.Tensor | None:
-    """A parameter of ``module`` whose device and dtype new adapter weights should copy."""
-    return next(module.parameters(), None)
+    """A parameter of ``module`` whose device and dtype new adapter weights should copy
+    (a floating one: a quantized base's packed weights are uint8)."""
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
 
 
 def norm_modules(block: nn.Module) -> list[nn.Module]:

@@ -35,6 +35,7 @@ class Full(Method):
     # The trained weights *are* the model's weights: merging has nothing left to do
     # (no MergeableLayer is injected, so the default merge is a no-op).
     mergeable = True
+    writes_base_weights = True
 
     def inject(self, model: nn.Module) -> None:
         model.requires_grad_(True)

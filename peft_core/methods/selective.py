@@ -262,6 +262,7 @@ class DiffPruning(Method):
     config_cls = DiffPruningConfig
     family = "selective"
     mergeable = True
+    writes_base_weights = True
 
     def inject(self, model: nn.Module) -> None:
         for name, module in targets.linear_targets(model, self.config.target_modules):
