@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -120,35 +123,122 @@ def test_search_runs_register_promote_rollback(store, tmp_path) -> None:
     torch.testing.assert_close(tiny.logits(pm, b), tiny.logits(ref, b))
 
 
-def test_concurrent_promotions_leave_consistent_aliases(store, tmp_path) -> None:
+# -- concurrency: separate processes released together by a barrier ---------------------------
+
+_EVAL_S = 0.5  # how long one evaluation takes: the window in which a champion can move
+
+
+def _promoter(cfg, root, name, run_id, losses, barrier, out) -> None:
+    """Register ``run_id``'s adapter and run the gate, in a fresh (spawned) process. The score
+    is the adapter's eval loss measured once by the parent (keyed by the version's run), read
+    after an evaluation's time."""
+    try:
+        c = tracking.client(cfg, root)
+        rcfg = registry.RegistryConfig(model_name=name, metric="eval_loss", mode="min")
+
+        def score(version: str) -> float:
+            time.sleep(_EVAL_S)
+            return losses[c.get_model_version(name, version).run_id]
+
+        barrier.wait(timeout=120)
+        v = registry.register_candidate(c, name, run_id)
+        out.put(("ok", registry.decide(c, rcfg, v, score).as_dict()))
+    except BaseException as e:  # surfaced by the parent
+        out.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _roller(cfg, root, name, barrier, out) -> None:
+    try:
+        c = tracking.client(cfg, root)
+        barrier.wait(timeout=120)
+        out.put(("ok", registry.rollback(c, name).as_dict()))
+    except BaseException as e:
+        out.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _run_together(target, argsets: list[tuple]) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(len(argsets)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, barrier, out)) for a in argsets]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=200) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    errors = [r for kind, r in results if kind == "error"]
+    assert not errors, errors
+    return [r for _, r in results]
+
+
+def test_concurrent_promotions_and_rollbacks_serialise(store, tmp_path) -> None:
+    """Three promotions at once from three processes: the champion ends on the best version
+    (lowest eval loss) and the previous_champion chain links every promoted version in order
+    of improvement. Then two rollbacks at once go back two steps, not one."""
     cfg, root = store
     client = tracking.client(cfg, root)
     exp = tracking.experiment_id(client, cfg, root)
     tracker = tracking.SearchTracker(client, exp, search_id=f"c-{tmp_path.name}", tags={})
-    runs = [_logged_trial(tracker, f"t{i}", _adapter(tmp_path / f"a{i}", steps=5 * i)) for i in range(2)]
+    b = tiny.batch("bert", size=16)
+    runs, losses = [], {}
+    for i, steps in enumerate((0, 4, 15)):
+        folder = _adapter(tmp_path / f"a{i}", steps=steps)
+        with torch.no_grad():
+            loss = peft_core.load_adapter(tiny.model("bert"), folder)(**b).loss.item()
+        run = _logged_trial(tracker, f"t{i}", folder)
+        runs.append(run)
+        losses[run] = loss
+    assert len(set(losses.values())) == 3
     name = f"c-{tmp_path.name}"
-    rcfg = registry.RegistryConfig(model_name=name, metric="eval_loss", mode="min")
-    results, errors = [], []
 
-    def promote(run_id: str) -> None:
-        try:
-            c = tracking.client(cfg, root)  # one client per promoter, as separate processes would
-            v = registry.register_candidate(c, name, run_id)
-            results.append(registry.decide(c, rcfg, v, _eval_loss(c, name, tmp_path / run_id)))
-        except Exception as e:  # surfaced below
-            errors.append(e)
+    decisions = _run_together(_promoter, [(cfg, root, name, r, losses) for r in runs])
+    by_version = {str(mv.version): mv for mv in client.search_model_versions(f"name='{name}'")}
+    assert len(by_version) == 3
+    loss_of = {v: losses[mv.run_id] for v, mv in by_version.items()}
+    best = min(loss_of, key=loss_of.get)
+    assert registry.alias_version(client, name, registry.CHAMPION) == best, decisions
+    chain = registry.champion_chain(client, name)
+    promoted = {d["version"] for d in decisions if d["promoted"]}
+    assert set(chain) == promoted, (chain, decisions)  # nobody's promotion was lost
+    assert client.get_model_version(name, chain[-1]).tags["peftpipe.previous_champion"] == ""
+    assert [loss_of[v] for v in chain] == sorted(loss_of[v] for v in chain)  # each improved
+    for newer, older in zip(chain, chain[1:]):
+        assert by_version[newer].tags["peftpipe.champion_version_at_decision"] == older
 
-    threads = [threading.Thread(target=promote, args=(r,)) for r in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not errors, errors
-    versions = {str(mv.version) for mv in client.search_model_versions(f"name='{name}'")}
-    assert versions == {"1", "2"}
-    champion = registry.alias_version(client, name, registry.CHAMPION)
-    candidate = registry.alias_version(client, name, registry.CANDIDATE)
-    assert champion in versions and candidate in versions
-    promoted = [d for d in results if d.promoted]
-    assert champion in {d.version for d in promoted}
-    assert client.get_model_version(name, champion).tags["peftpipe.decision"] == "promoted"
+    # A chain of three champions, then two rollbacks at once: back to the first.
+    for extra in range(3 - len(chain)):
+        v = registry.register_candidate(client, name, runs[0])
+        losses_now = {**loss_of, v: min(loss_of.values()) - 0.1 * (extra + 1)}
+        rcfg = registry.RegistryConfig(model_name=name, metric="eval_loss", mode="min")
+        assert registry.decide(client, rcfg, v, losses_now.__getitem__).promoted
+        loss_of = losses_now
+    chain = registry.champion_chain(client, name)
+    assert len(chain) >= 3
+    _run_together(_roller, [(cfg, root, name), (cfg, root, name)])
+    assert registry.alias_version(client, name, registry.CHAMPION) == chain[2]
+    assert not any(m.name.endswith(registry.LOCK_SUFFIX) for m in client.search_registered_models())
+
+
+def _die_holding(cfg, root, name, barrier, out) -> None:
+    """Take the lock with a short lease and exit without releasing it (a crashed holder)."""
+    registry.RegistryLock(tracking.client(cfg, root), name, lease_s=1.0).acquire()
+    out.put(("ok", {}))
+    out.close()
+    out.join_thread()  # the queue's feeder thread must flush before the hard exit
+    barrier.wait(timeout=60)
+    os._exit(0)
+
+
+def test_lock_is_exclusive_and_a_dead_holders_lock_expires(store, tmp_path) -> None:
+    cfg, root = store
+    client = tracking.client(cfg, root)
+    name = f"l-{tmp_path.name}"
+    lock = registry.RegistryLock(client, name, lease_s=60)
+    with lock, pytest.raises(registry.RegistryError, match="still held by"):
+        registry.RegistryLock(client, name, timeout_s=0.5).acquire()
+    _run_together(_die_holding, [(cfg, root, name)])
+    tags = client.get_registered_model(name + registry.LOCK_SUFFIX).tags
+    assert tags["peftpipe.lock.token"] != lock.token  # the dead process's lock is still there
+    with registry.RegistryLock(client, name, timeout_s=30) as again:
+        tags = client.get_registered_model(name + registry.LOCK_SUFFIX).tags
+        assert tags["peftpipe.lock.token"] == again.token
+    assert not any(m.name.startswith(name) for m in client.search_registered_models())
