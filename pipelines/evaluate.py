@@ -34,7 +34,8 @@ def evaluate_adapter(adapter_dir: str | Path, manifest: Any, *, split: str = "te
             f"adapter {adapter_dir} was trained for {meta.get('task')!r}, dataset "
             f"{info.dataset_id} is {info.task!r}"
         )
-    base = models.load_model(meta["model"], info.task, num_labels=info.num_labels)
+    base = models.load_model(meta["model"], info.task, num_labels=info.num_labels,
+                             quantization=meta.get("quantization"))
     pm = peft_core.load_adapter(base, adapter_dir)
     pm.eval()
     batches = eval_batches(rows, Collator(info), batch_size=batch_size, rank=0, world=1,

@@ -11,9 +11,11 @@ peft_core wraps the quantized layers (LoRA family incl. DoRA = QDoRA, IA3, VeRA,
 soft prompts); methods that write base weights (``full``, selective ones) refuse, and so
 does merging into a quantized weight.
 
-ZeRO-3 is refused: it partitions parameters by flattening them into its own buffers, and
-bitsandbytes' packed parameters (with their quantization state on the side) do not survive
-that. ZeRO 0-2 keep every parameter whole on each rank and work.
+ZeRO-3 is refused: it partitions parameters by flattening them into its own buffers;
+bitsandbytes' packed uint8 weights, with their quantization state kept on the side, would
+need a float storage dtype (``bnb_4bit_quant_storage``) and a ZeRO-3-aware load, a path this
+project has not tested, so it is refused rather than trusted. ZeRO 0-2 keep every
+parameter whole on each rank and work (the quantized base is small).
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ def check_zero_stage(q: QuantizationConfig | dict[str, Any] | None, stage: int) 
     """Refuse ZeRO-3 with a quantized base (see the module docstring)."""
     if q is not None and stage == 3:
         raise ValueError(
-            "model.quantization: a quantized base cannot be partitioned by ZeRO-3 "
-            "(bitsandbytes' packed weights do not survive DeepSpeed's flattening); use "
+            "model.quantization: a quantized base is not supported with ZeRO-3 here "
+            "(bitsandbytes' packed weights are not partitioned by this stack); use "
             "zero.stage 0, 1 or 2, which keep the (small) quantized base whole on every rank"
         )
 

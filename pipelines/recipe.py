@@ -81,6 +81,12 @@ class Recipe(BaseModel):
         data = dict(data)
         run_dir = data.get("run_dir") or f"runs/{data.get('name') or 'peftpipe'}"
         model = data.get("model")
+        model_section = None
+        if isinstance(model, dict):
+            # `model: {name: ..., quantization: {...}}`: the name is what every stage shares;
+            # the whole mapping is the training stage's model section (train.ModelConfig).
+            model_section, model = dict(model), model.get("name")
+            data["model"] = model
         if isinstance(data.get("data"), dict):
             d = dict(data["data"])
             if model is not None:
@@ -90,7 +96,7 @@ class Recipe(BaseModel):
         if isinstance(data.get("train"), dict):
             t = dict(data["train"])
             if model is not None:
-                t.setdefault("model", {"name": model})
+                t.setdefault("model", model_section or {"name": model})
             t.setdefault("storage_path", f"{run_dir}/train")
             tune = data.get("tune")
             if isinstance(tune, dict):

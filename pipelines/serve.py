@@ -61,7 +61,8 @@ def load(model_ref: str, *, tracking_uri: str | None = None) -> LoadedAdapter:
             raise ServeError(f"model: {model_ref!r} is neither a models:/ URI nor a folder")
     info = pipeline_info(folder)
     labels = info.get("label_names")
-    base = models.load_model(info["model"], info["task"], num_labels=len(labels) if labels else None)
+    base = models.load_model(info["model"], info["task"], num_labels=len(labels) if labels else None,
+                             quantization=info.get("quantization"))
     pm = peft_core.load_adapter(base, folder)
     pm.eval()
     tok = models.load_tokenizer(info.get("tokenizer") or info["model"])

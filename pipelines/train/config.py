@@ -13,13 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import peft_core
 
+from ..quantize import QuantizationConfig, check_method, check_zero_stage
+
 
 class ModelConfig(BaseModel):
-    """The base model: a ``pipelines.models`` name (``builtin:smollm2``, a folder, a hub id)."""
+    """The base model: a ``pipelines.models`` name (``builtin:smollm2``, a folder, a hub id);
+    ``quantization`` loads its linear layers quantized (:mod:`pipelines.quantize`, QLoRA)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
+    quantization: QuantizationConfig | None = None
 
 
 class ZeroConfig(BaseModel):
@@ -154,6 +158,8 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"warmup_steps: {self.warmup_steps} must be below max_steps ({self.max_steps})"
             )
+        check_zero_stage(self.model.quantization, self.zero.stage)
+        check_method(self.model.quantization, self.method)
         return self
 
     @property

@@ -150,7 +150,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     fallback = collate(eval_rows[:1] or train_rows[:1])
 
     # -- model and method (identical on every rank: same seed, same prepare batches) --------
-    base = load_model(config.model.name, info.task, num_labels=info.num_labels)
+    base = load_model(config.model.name, info.task, num_labels=info.num_labels,
+                      quantization=config.model.quantization)
     torch.manual_seed(config.seed)
     peft_model = peft_core.apply(base, config.method)
     peft_model.to(device)
@@ -196,6 +197,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     }
     pipeline_info = {
         "model": config.model.name,
+        # evaluate/serve load the base as it was trained on (quantized or not)
+        "quantization": (config.model.quantization.model_dump()
+                         if config.model.quantization else None),
         "task": info.task,
         "tokenizer": info.tokenizer,
         "label_names": info.label_names,
