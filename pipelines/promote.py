@@ -12,7 +12,9 @@ from typing import Any
 
 from . import registry, tracking
 from .evaluate import evaluate_adapter
-from .serve import pipeline_info
+from .serve import mlflow_model, pipeline_info
+
+MODEL_ARTIFACT = "model"
 
 
 class PromotionError(RuntimeError):
@@ -30,13 +32,32 @@ def find_search(client, experiment: str, search_id: str):
     return runs[0]
 
 
+def register_model(client, name: str, run_id: str, *, adapter_path: str = "adapter",
+                   tags: dict[str, Any] | None = None) -> str:
+    """Register run ``run_id``'s adapter artifact as an MLflow Model (a ``pyfunc`` with
+    signature and input example, logged beside it as the run's ``model`` artifact; the base
+    model is referenced, not copied); its facts (base model and fingerprint, task, method)
+    become the version's tags. Returns the version, aliased ``candidate``."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="peftpipe-register-") as tmp:
+        adapter = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=adapter_path, dst_path=tmp,
+            tracking_uri=client.tracking_uri)
+        model = mlflow_model.save(adapter, Path(tmp) / "model")
+        client.log_artifacts(run_id, str(model), MODEL_ARTIFACT)
+        facts = mlflow_model.facts(adapter)
+    return registry.register_candidate(client, name, run_id, artifact_path=MODEL_ARTIFACT,
+                                       tags={**facts, **(tags or {})})
+
+
 def promote(*, run_id: str, manifest: Any, config: registry.RegistryConfig,
             tracking_config: tracking.TrackingConfig, run_dir: str | Path,
             tags: dict[str, Any] | None = None, split: str = "test") -> registry.Decision:
     """Register the adapter logged by MLflow run ``run_id`` and decide on ``champion``."""
     client = tracking.client(tracking_config, run_dir)
     run = client.get_run(run_id)
-    version = registry.register_candidate(
+    version = register_model(
         client, config.model_name, run_id,
         tags={"method": run.data.params.get("method.name", ""),
               "dataset_id": run.data.tags.get("dataset_id", ""),

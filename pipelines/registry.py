@@ -351,7 +351,7 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def download(client, uri: str, dst: str | Path) -> tuple[str, Path]:
-    """Fetch a registered adapter folder; returns (version, local folder)."""
+    """Fetch a registered version; returns (version, its local adapter folder)."""
     import mlflow.artifacts
 
     name, alias, version = parse_model_uri(uri)
@@ -361,7 +361,17 @@ def download(client, uri: str, dst: str | Path) -> tuple[str, Path]:
             raise RegistryError(f"model {name!r} has no version with alias {alias!r}")
     mv = client.get_model_version(name, version)
     Path(dst).mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(
+    local = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=mv.source, dst_path=str(dst), tracking_uri=client.tracking_uri
-    )
-    return version, Path(local)
+    ))
+    return version, adapter_folder(local)
+
+
+#: where an MLflow Model folder written by :mod:`pipelines.serve.mlflow_model` keeps the adapter
+MODEL_ADAPTER = Path("artifacts") / "adapter"
+
+
+def adapter_folder(local: Path) -> Path:
+    """The adapter inside a downloaded version: the MLflow Model's ``adapter`` artifact, or
+    the folder itself for versions registered as bare adapter folders."""
+    return local / MODEL_ADAPTER if (local / "MLmodel").is_file() else local
