@@ -76,9 +76,14 @@ def methods(
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr, no traceback: 2 for bad input, 1 for a job that ran and failed."""
+    """``error:`` lines on stderr, no traceback: 2 for bad input, 1 for a job that ran and
+    failed (the traceback goes to the run's log file)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+VERBOSE_OPT = typer.Option(False, "--verbose", help="Also show Ray's own log lines, Ray Data "
+                           "progress and worker output (always in run_dir/logs).")
 
 
 @app.command()
@@ -213,34 +218,52 @@ def _recipe(path: str, overrides: list[str] | None):
     from pipelines.recipe import RecipeError, load_recipe
 
     try:
-        return load_recipe(path, overrides or [])
+        r = load_recipe(path, overrides or [])
     except RecipeError as e:
         _fail(str(e))
+    for note in r.notes:
+        typer.echo(f"note: {note}", err=True)
+    return r
 
 
-def _stage(recipe, address: str | None, body):
-    """Run ``body()`` inside the job's Ray session; input errors found on the way (before
-    any worker starts) exit 2, failures of the run itself exit 1."""
+def _stage(recipe, address: str | None, body, stage: str | None = None,
+           verbose: bool = False, failures: tuple = ()):
+    """Run ``body()`` inside the job's Ray session; input errors found on the way (recipe,
+    data, resources: before any worker starts) exit 2, failures of the run itself exit 1
+    (``failures``: the caller's own exit-1 errors, passed through); either way the
+    traceback goes to ``run_dir/logs/peftpipe.log``, not to the console."""
+    import logging
+
     from pydantic import ValidationError
 
     from pipelines import pipeline
+    from pipelines.data import DataError
     from pipelines.recipe import RecipeError, format_errors
     from pipelines.train.data import DatasetError
     from pipelines.tune.stage import ResourceError
 
-    pipeline.log_to_file(recipe)
+    log_path = pipeline.log_to_file(recipe)
+    log = logging.getLogger("pipelines.cli")
     try:
-        with pipeline.ray_session(recipe, address):
+        with pipeline.ray_session(recipe, address, stage=stage, verbose=verbose):
             return body()
     except ValidationError as e:
+        log.error("input error", exc_info=True)
         _fail(format_errors(e))
-    except (RecipeError, ResourceError, DatasetError) as e:
+    except (RecipeError, ResourceError, DatasetError, DataError) as e:
+        log.error("input error", exc_info=True)
         _fail(str(e))
+    except failures:
+        raise
+    except Exception as e:  # the job started and failed: one line, the rest in the log
+        log.error("the job failed", exc_info=True)
+        _fail(f"{type(e).__name__}: {e}\n  (traceback in {log_path})", code=1)
 
 
 @app.command()
 def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT,
-        quiet: bool = typer.Option(False, help="No per-trial status lines.")) -> None:
+        quiet: bool = typer.Option(False, help="No per-trial status lines."),
+        verbose: bool = VERBOSE_OPT) -> None:
     """Run the whole job: prepare -> search -> promote -> report."""
     from pipelines import pipeline, registry
     from pipelines.promote import PromotionError
@@ -249,11 +272,13 @@ def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDR
     typer.echo(f"peftpipe run {r.name}: model {r.model}, run dir {r.run_dir}")
     try:
         # the whole job runs inside _stage's Ray session (pipeline.run's own is then a no-op)
-        out = _stage(r, address, lambda: pipeline.run(r, address=address, verbose=not quiet))
+        out = _stage(r, address, lambda: pipeline.run(
+            r, address=address, verbose=not quiet, on_dataset=_say_dataset, ray_verbose=verbose),
+            verbose=verbose, failures=(pipeline.NoWinnerError, PromotionError,
+                                       registry.RegistryError))
     except (pipeline.NoWinnerError, PromotionError, registry.RegistryError) as e:
         _fail(str(e), code=1)
     manifest, search, decision = out.manifest, out.search, out.decision
-    _say_dataset(manifest)
     _print_leaderboard(r, search)
     verb = "is the new champion" if decision.promoted else "stays a candidate"
     score = "" if decision.candidate_score is None else \
@@ -262,61 +287,85 @@ def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDR
     typer.echo(f"report:  {out.report}  (+ quality_vs_params.png, eval_loss_curves.png)")
     uri = search.tracking_uri if hasattr(search, "tracking_uri") else search["tracking_uri"]
     typer.echo(f"MLflow:  mlflow ui --backend-store-uri {uri}")
-    use = "predict --text 'a wonderful film'" if manifest.task == "classification" else \
-        "generate --prompt 'Hello, who are you?'"
+    use = _serve_hint(manifest)
     typer.echo(f"serve:   peftpipe {use} --model models:/{r.registry.model_name}@champion "
                f"--run-dir {r.run_dir}")
 
 
 def _say_dataset(m) -> None:
+    """Rows kept per split, rejected by reason, duplicates found, and where the rejects are."""
     hit = " (reused)" if getattr(m, "cache_hit", False) else ""
-    typer.echo(f"dataset {m.dataset_id}{hit}: rows {m.rows}, rejected {m.rejected}")
+    kept = sum(m.rows.values())
+    splits = ", ".join(f"{s} {n}" for s, n in m.rows.items())
+    line = f"dataset {m.dataset_id}{hit}: {kept} rows kept ({splits}); {m.rejected} rejected"
+    if m.rejected:
+        kinds = ", ".join(f"{n} {k}" for k, n in m.rejected_by_kind.items())
+        line += f" ({kinds}; see {m.path}/rejects.jsonl)"
+    dups = getattr(m, "duplicates", 0)
+    dropped = getattr(m, "duplicates_dropped", 0)
+    if dropped:
+        line += f"; {dups} duplicates found and dropped"
+    elif dups:
+        line += f"; {dups} duplicates found and kept (data.dedup: true drops them)"
+    else:
+        line += "; 0 duplicates"
+    typer.echo(line)
+    if m.label_names:
+        typer.echo(f"classes: {', '.join(m.label_names)}")
+
+
+def _serve_hint(m) -> str:
+    """The serve command for this dataset's model, on an input of its own eval split."""
+    import shlex
+
+    examples = getattr(m, "examples", None) or {}
+    example = examples.get("eval") or examples.get("test") or examples.get("train")
+    if m.task == "classification":
+        return f"predict --text {shlex.quote(example or 'some text')}"
+    return f"generate --prompt {shlex.quote(example or 'Hello, who are you?')}"
 
 
 def _print_leaderboard(r, search) -> None:
-    from pipelines import report
+    from pipelines import pipeline, report
     from pipelines.tune import Objective
 
-    data = search if isinstance(search, dict) else {"trials": search.trials}
-    objective = r.tune.objective if r.tune else Objective(metric=r.registry.metric,
-                                                            mode=r.registry.mode)
-    rows = report.leaderboard(data["trials"], objective)
-    cols = ["rank", "method", "trainable_params", "trainable_pct", objective.metric,
-            "eval_loss", "time_s", "status"]
-    table = [[report._fmt(row.get(c)) for c in cols] for row in rows]
-    widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c)
-              for i, c in enumerate(cols)]
+    data = search if isinstance(search, dict) else pipeline.load_trials(r)
+    objective = Objective.model_validate(
+        data.get("objective") or (r.tune.objective.model_dump() if r.tune else
+                                  {"metric": r.registry.metric, "mode": r.registry.mode}))
     typer.echo("\nleaderboard")
-    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for t in table:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    for line in report.console_table(data["trials"], objective, data.get("reference")):
+        typer.echo(line)
 
 
 @app.command()
 def prepare(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT,
-            address: str = ADDRESS_OPT) -> None:
+            address: str = ADDRESS_OPT, verbose: bool = VERBOSE_OPT) -> None:
     """Tokenize the recipe's corpora with Ray Data (reused when unchanged)."""
     from pipelines import pipeline
 
     r = _recipe(recipe, set_)
-    m = _stage(r, address, lambda: pipeline.prepare_stage(r))
+    m = _stage(r, address, lambda: pipeline.prepare_stage(r), stage="data", verbose=verbose)
     _say_dataset(m)
     typer.echo(m.path)
 
 
 @app.command()
-def train(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT) -> None:
+def train(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT,
+          verbose: bool = VERBOSE_OPT) -> None:
     """One training run of the recipe's train.method (tracked in MLflow)."""
-    _search_command(recipe, set_, address, single=True)
+    _search_command(recipe, set_, address, single=True, verbose=verbose)
 
 
 @app.command()
-def tune(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT) -> None:
+def tune(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDRESS_OPT,
+         verbose: bool = VERBOSE_OPT) -> None:
     """The recipe's search over methods and hyperparameters (tracked in MLflow)."""
-    _search_command(recipe, set_, address, single=False)
+    _search_command(recipe, set_, address, single=False, verbose=verbose)
 
 
-def _search_command(recipe: str, set_: list[str] | None, address: str | None, single: bool) -> None:
+def _search_command(recipe: str, set_: list[str] | None, address: str | None, single: bool,
+                    verbose: bool = False) -> None:
     from pipelines import pipeline
 
     r = _recipe(recipe, set_)
@@ -325,10 +374,11 @@ def _search_command(recipe: str, set_: list[str] | None, address: str | None, si
 
     def body():
         m = pipeline.prepare_stage(r)
+        _say_dataset(m)
         stage = pipeline.train_stage if single else pipeline.tune_stage
         return stage(r, m)
 
-    res = _stage(r, address, body)
+    res = _stage(r, address, body, stage="train" if single else "tune", verbose=verbose)
     _print_leaderboard(r, res)
     typer.echo(f"trials: {r.run_dir}/{pipeline.TRIALS_FILE}")
 
@@ -350,7 +400,7 @@ def report(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT) -> None:
 @app.command()
 def demo() -> None:
     """The built-in recipe end to end (same as `peftpipe run demo`)."""
-    run(recipe="demo", set_=None, address=None, quiet=False)
+    run(recipe="demo", set_=None, address=None, quiet=False, verbose=False)
 
 
 from cluster.cli import cluster_app, submit  # noqa: E402

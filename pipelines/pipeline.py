@@ -44,29 +44,37 @@ class RunResult:
 # -- Ray and logs ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def ray_session(recipe: Recipe, address: str | None = None) -> Iterator[None]:
+def ray_session(recipe: Recipe, address: str | None = None, *, stage: str | None = None,
+                verbose: bool = False) -> Iterator[None]:
     """Join the recipe's cluster (or ``address``) or start a local Ray for the job, check
-    that it can run the recipe, and stop what was started afterwards."""
+    that it can run ``stage`` (``data``, ``train``, ``tune``; None: what ``run`` does), and
+    stop what was started afterwards. Unless ``verbose``, Ray's own log lines and Ray
+    Data's progress go to ``run_dir/logs`` only (see :func:`quiet_ray`)."""
     import ray
 
     address = address or recipe.ray.address
     started = False
+    if not verbose:
+        quiet_ray(recipe)
     if not ray.is_initialized():
         if address is None:
             cpus = recipe.ray.num_cpus or os.cpu_count() or 1
             # Fail before starting anything when the local machine cannot hold the search.
-            recipe.check_resources(cpus, recipe.ray.num_gpus or _local_gpus())
-        kwargs: dict[str, Any] = dict(address=address, log_to_driver=recipe.ray.log_to_driver,
-                                      logging_level=logging.WARNING)
+            recipe.check_resources(cpus, recipe.ray.num_gpus or _local_gpus(), stage)
+        kwargs: dict[str, Any] = dict(
+            address=address, log_to_driver=recipe.ray.log_to_driver or verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING)
         if address is None:
             kwargs.update(num_cpus=recipe.ray.num_cpus, num_gpus=recipe.ray.num_gpus,
                           include_dashboard=recipe.ray.include_dashboard)
         ctx = ray.init(**kwargs)
         started = True
         _link_ray_logs(recipe, ctx)
+        if not verbose:
+            quiet_ray(recipe)  # ray.init re-attaches its console handler
     try:
         res = ray.cluster_resources()
-        recipe.check_resources(res.get("CPU", 0), res.get("GPU", 0))
+        recipe.check_resources(res.get("CPU", 0), res.get("GPU", 0), stage)
         yield
     finally:
         if started:
@@ -93,6 +101,46 @@ def _link_ray_logs(recipe: Recipe, ctx: Any) -> None:
         link.symlink_to(Path(session) / "logs", target_is_directory=True)
 
 
+#: libraries' own loggers: their console lines (INFO progress, warnings) go to the log file
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "alembic")
+
+
+def quiet_ray(recipe: Recipe) -> None:
+    """Ray's (and MLflow's) log records go to ``run_dir/logs/peftpipe.log``; on the
+    console only errors.
+
+    Through Ray's documented knobs where they exist: Ray Data's progress bars
+    (``DataContext.enable_progress_bars``) and its periodic progress log lines
+    (``enable_progress_bars`` off makes it log them instead, so those are raised to
+    WARNING like the rest), the driver's copy of worker output (``log_to_driver``), and
+    ``RAY_DEDUP_LOGS`` left on. The loggers' own console handlers are set to ERROR and a
+    file handler is added (standard ``logging`` API, no Ray internals)."""
+    # MLflow's documented level (read when mlflow is first imported): its INFO lines
+    # ("Creating initial MLflow database tables...") are not news for the user
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Tune's classic output, silent at the search's verbose=0 (the newer output engine
+    # prints an experiment box and TensorBoard hints even when silent); our status lines
+    # stand in for it
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray  # noqa: F401 - configures the "ray" loggers and their handlers on import
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = False
+    path = log_to_file(recipe)
+    file_handler = next((h for h in logging.getLogger().handlers
+                         if getattr(h, "baseFilename", None) == str(path.resolve())), None)
+    for name in RAY_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.ERROR)
+        if file_handler is not None and file_handler not in lg.handlers and not lg.propagate:
+            lg.addHandler(file_handler)
+
+
 def log_to_file(recipe: Recipe) -> Path:
     """Send the pipeline's own log records to ``run_dir/logs/peftpipe.log``."""
     path = Path(recipe.run_dir) / "logs" / "peftpipe.log"
@@ -108,13 +156,26 @@ def log_to_file(recipe: Recipe) -> Path:
 
 # -- stages ------------------------------------------------------------------------------------
 
+def split_requirements(recipe: Recipe) -> dict[str, tuple[int, str]]:
+    """The fewest rows each split needs for the recipe's later stages: a whole batch to
+    train on, and at least one row to evaluate and to promote on."""
+    fr = recipe.data.split
+    need = {"train": (recipe.train.batch_size, f"train.batch_size is {recipe.train.batch_size}")}
+    if fr.eval > 0:
+        need["eval"] = (1, "evaluation")
+    if fr.test > 0:
+        need["test"] = (1, "promotion evaluates on it")
+    return need
+
+
 def prepare_stage(recipe: Recipe):
-    """Tokenize the recipe's corpora with Ray Data (reused when already built)."""
+    """Tokenize the recipe's corpora with Ray Data (reused when already built); splits too
+    small for the recipe's batch or evaluation are a :class:`~pipelines.data.DataError`."""
     from .data import prepare
 
     sources = [_materialise(s, recipe) for s in recipe.data.sources]
     config = recipe.data.model_copy(update={"sources": sources})
-    manifest = prepare(config)
+    manifest = prepare(config, require=split_requirements(recipe))
     log.info("prepare: dataset %s (%s rows) at %s", manifest.dataset_id, manifest.rows,
              manifest.path)
     return manifest
@@ -147,7 +208,7 @@ def tune_stage(recipe: Recipe, manifest, *, verbose: bool = True):
         raise RecipeError("tune: the recipe has no tune section (use `peftpipe train` for one run)")
     result = search(recipe.train, recipe.tune, manifest=manifest, run_dir=recipe.run_dir,
                     tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose)
-    _save_trials(recipe, result)
+    _save_trials(recipe, result, manifest)
     return result
 
 
@@ -167,9 +228,17 @@ def train_stage(recipe: Recipe, manifest, *, verbose: bool = True):
         "workers_per_trial": recipe.train.num_workers,
         "cpus_per_worker": recipe.train.cpus_per_worker, "objective": objective,
     })
-    result = search(recipe.train, one, manifest=manifest, run_dir=recipe.run_dir,
-                    tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose)
-    _save_trials(recipe, result)
+    train = recipe.train
+    if manifest.task != "classification" and "eval_before_training" not in train.model_fields_set:
+        # one evaluation before training gives the untrained model's eval loss: the
+        # reference a language model's run must beat (classification's is the majority class)
+        train = train.model_copy(update={"eval_before_training": True})
+    # One run is not a search: its driver holds no CPU, so it needs exactly
+    # train.num_workers x train.cpus_per_worker (what the recipe check names).
+    result = search(train, one, manifest=manifest, run_dir=recipe.run_dir,
+                    tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose,
+                    trial_driver_cpu=0.0)
+    _save_trials(recipe, result, manifest)
     return result
 
 
@@ -205,16 +274,21 @@ def report_stage(recipe: Recipe, search=None, decision=None) -> Path:
                     "reason": decision.reason}
     return write_report(data["trials"], objective, Path(recipe.run_dir),
                         title=f"peft-pipelines: {recipe.name}", champion=champion,
-                        extra=f"\nSearch `{data['search_id']}`, MLflow: `{data['tracking_uri']}`.\n")
+                        extra=f"\nSearch `{data['search_id']}`, MLflow: `{data['tracking_uri']}`.\n",
+                        ref=data.get("reference"), label_names=data.get("label_names"))
 
 
-def run(recipe: Recipe, *, address: str | None = None, verbose: bool = True) -> RunResult:
+def run(recipe: Recipe, *, address: str | None = None, verbose: bool = True,
+        on_dataset=None, ray_verbose: bool = False) -> RunResult:
     """The whole job: prepare -> search (one training run if the recipe has no ``tune``)
-    -> promote -> report."""
+    -> promote -> report. ``on_dataset(manifest)`` is called once the data stage is done
+    (the CLI prints its summary there, before the trials start)."""
     out = RunResult(Path(recipe.run_dir))
     log_to_file(recipe)
-    with ray_session(recipe, address):
+    with ray_session(recipe, address, verbose=ray_verbose):
         out.manifest = prepare_stage(recipe)
+        if on_dataset is not None:
+            on_dataset(out.manifest)
         step = tune_stage if recipe.tune is not None else train_stage
         out.search = step(recipe, out.manifest, verbose=verbose)
     out.decision = promote_stage(recipe, out.manifest, out.search)
@@ -238,8 +312,16 @@ def _objective(recipe: Recipe) -> dict[str, Any]:
     return {"metric": recipe.registry.metric, "mode": recipe.registry.mode}
 
 
-def _save_trials(recipe: Recipe, search) -> Path:
+def _save_trials(recipe: Recipe, search, manifest=None) -> Path:
+    from .report import reference
+    from .tune import Objective
+
     data = {**_as_dict(search), "objective": _objective(recipe)}
+    if manifest is not None:
+        data["reference"] = reference(manifest, data["trials"],
+                                      Objective.model_validate(data["objective"]))
+        data["label_names"] = getattr(manifest, "label_names", None)
+        data["dataset_id"] = getattr(manifest, "dataset_id", None)
     path = Path(recipe.run_dir) / TRIALS_FILE
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:

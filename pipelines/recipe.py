@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .data.config import DataConfig
 from .registry import RegistryConfig
@@ -67,10 +67,16 @@ class Recipe(BaseModel):
     run_dir: str | None = None  # default: runs/<name>
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig
-    train: TrainConfig
+    train: TrainConfig  # every field has a default; an absent section is {}
     tune: TuneConfig | None = None
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    # what load_recipe adjusted on the way (shown to the user as `note:` lines)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @model_validator(mode="before")
     @classmethod
@@ -87,6 +93,26 @@ class Recipe(BaseModel):
             # the whole mapping is the training stage's model section (train.ModelConfig).
             model_section, model = dict(model), model.get("name")
             data["model"] = model
+        if data.get("train") is None:
+            data["train"] = {}
+        task = data["data"].get("task") if isinstance(data.get("data"), dict) else None
+        # The task's natural objective unless one is given: accuracy for classifiers, the
+        # eval loss for language models (whose accuracy is not defined).
+        default_objective = ({"metric": "eval_accuracy", "mode": "max"}
+                             if task in (None, "classification")
+                             else {"metric": "eval_loss", "mode": "min"})
+        if isinstance(data.get("tune"), dict):
+            tune = dict(data["tune"])
+            objective = tune.get("objective")
+            if objective is None:
+                tune["objective"] = dict(default_objective)
+            elif isinstance(objective, dict) and "metric" not in objective:
+                tune["objective"] = {**default_objective, **objective}
+            data["tune"] = tune
+        reg = data.get("registry")
+        if not isinstance(data.get("tune"), dict) and (
+                reg is None or isinstance(reg, dict) and "metric" not in reg):
+            data["registry"] = {**default_objective, **(reg or {})}
         if isinstance(data.get("data"), dict):
             d = dict(data["data"])
             if model is not None:
@@ -127,10 +153,20 @@ class Recipe(BaseModel):
                 raise ValueError(f"tune.space.methods.{e}") from e
         metric = self.tune.objective.metric if self.tune else self.registry.metric
         if self.data.task != "classification" and "accuracy" in metric and metric != "eval_token_accuracy":
+            where = "tune.objective.metric" if self.tune else "registry.metric"
             raise ValueError(
-                f"tune.objective.metric: {metric!r} needs the classification task; "
+                f"{where}: {metric!r} needs the classification task; "
                 f"for {self.data.task} use eval_loss (mode: min) or eval_token_accuracy"
             )
+        t = self.train
+        if self.tune is not None and t.batch_size % (t.micro_batch_size * self.tune.workers_per_trial):
+            # the search runs train with tune.workers_per_trial workers: the same rule as
+            # TrainConfig's, checked here so `run` and `train` refuse it alike, up front
+            per_step = t.micro_batch_size * self.tune.workers_per_trial
+            raise ValueError(
+                f"train.batch_size: {t.batch_size} is not divisible by train.micro_batch_size "
+                f"({t.micro_batch_size}) x tune.workers_per_trial "
+                f"({self.tune.workers_per_trial}) = {per_step}")
         return self
 
     # -- checks that look at the machine -------------------------------------------------------
@@ -164,11 +200,16 @@ class Recipe(BaseModel):
             except Exception as e:  # unknown name or its package missing
                 raise RecipeError(f"model: {e}") from e
 
-    def check_resources(self, cpus: float, gpus: float) -> None:
-        """The cluster (``cpus``, ``gpus``) can run the configured search at all."""
-        if self.train.use_gpu and gpus < 1:
+    def check_resources(self, cpus: float, gpus: float, stage: str | None = None) -> None:
+        """The cluster (``cpus``, ``gpus``) can run ``stage`` at all: ``data`` (the data
+        stage alone), ``train`` (one run: exactly ``num_workers x cpus_per_worker``) or
+        ``tune`` (the search); None: what ``run`` does (tune if there is a search)."""
+        stage = stage or ("tune" if self.tune is not None else "train")
+        if stage != "data" and self.train.use_gpu and gpus < 1:
             raise RecipeError("train.use_gpu: true, but the Ray cluster has no GPU")
-        if self.tune is None:
+        if stage == "data":
+            need, where = 0.0, ""
+        elif stage == "train" or self.tune is None:
             need = self.train.num_workers * self.train.cpus_per_worker
             where = "train.num_workers x train.cpus_per_worker"
         else:
@@ -261,15 +302,36 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 data: dict[str, Any] | None = None, check_paths: bool = True) -> Recipe:
     """Read, override and validate a recipe; every problem becomes one :class:`RecipeError`
     whose lines name the field (``train.max_steps``) and what was expected."""
-    raw = data if data is not None else read_recipe_file(path)
-    raw = apply_overrides(raw, overrides or [])
+    original = data if data is not None else read_recipe_file(path)
+    raw = apply_overrides(original, overrides or [])
+    notes = _fit_warmup(original, raw, overrides or [])
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(format_errors(e, source=str(path) if path else "recipe")) from None
+    recipe._notes.extend(notes)
     if check_paths:
         recipe.check_paths()
     return recipe
+
+
+def _fit_warmup(original: dict[str, Any], raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """A ``--set train.max_steps`` that shortens a recipe below its own warmup scales the
+    warmup by the same factor (the fraction of training spent warming up is what the
+    recipe chose, as Hugging Face's ``warmup_ratio`` expresses it). A warmup the user set
+    explicitly is left alone and validated as given."""
+    if any(o.partition("=")[0].strip() == "train.warmup_steps" for o in overrides):
+        return []
+    old, new = original.get("train") or {}, raw.get("train") or {}
+    warm, before, after = new.get("warmup_steps"), old.get("max_steps"), new.get("max_steps")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (warm, before, after)):
+        return []
+    if warm < after or before <= warm:
+        return []
+    scaled = min(after - 1, max(0, round(warm * after / before)))
+    raw["train"] = {**new, "warmup_steps": scaled}
+    return [f"train.warmup_steps: {warm} -> {scaled}, scaled with train.max_steps "
+            f"({before} -> {after}); --set train.warmup_steps to choose it"]
 
 
 def format_errors(error: ValidationError, source: str = "recipe") -> str:

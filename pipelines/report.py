@@ -16,14 +16,52 @@ from .tune.objective import Objective, pareto_front
 
 
 def method_label(method: dict[str, Any]) -> str:
-    """``lora(rank=8, alpha=16)``: the name and the hyperparameters that were searched."""
+    """``lora(rank=4)``: the name and the hyperparameters that differ from the method's
+    defaults (a run's config lists every field; the defaults are noise in a table)."""
+    try:
+        import peft_core
+
+        defaults = peft_core.MethodConfig.from_dict({"name": method["name"]}).to_dict()
+    except Exception:  # an unknown (plugin) method: show what it was given
+        defaults = {}
     params = ", ".join(f"{k}={v}" for k, v in sorted(method.items())
-                       if k not in ("name", "target_modules", "train_head"))
+                       if k not in ("name", "target_modules", "train_head")
+                       and (k not in defaults or defaults[k] != v))
     return f"{method['name']}({params})" if params else method["name"]
 
 
-def leaderboard(trials: Sequence[dict[str, Any]], objective: Objective) -> list[dict[str, Any]]:
-    """Rows sorted best first by the objective's metric; trials without it go last."""
+def reference(manifest: Any, trials: Sequence[dict[str, Any]], objective: Objective
+              ) -> dict[str, Any] | None:
+    """What a trial must beat to have learned anything: for classification the accuracy of
+    always predicting the eval split's majority class; for language models the eval loss of
+    the untrained model (a step-0 evaluation of a method that starts as the identity, i.e.
+    the base model itself). None when it is not known."""
+    counts = (getattr(manifest, "label_counts", None) or {}).get("eval") or {}
+    if objective.metric == "eval_accuracy" and counts and sum(counts.values()):
+        name, n = max(counts.items(), key=lambda kv: kv[1])
+        return {"name": f"majority class {name!r}", "metric": objective.metric,
+                "value": n / sum(counts.values())}
+    if objective.metric == "eval_loss":
+        import peft_core
+
+        for t in trials:
+            method = (t.get("method") or {}).get("name")
+            step0 = [v for s, v in (t.get("history") or {}).get("eval_loss", []) if s == 0]
+            if step0 and method in peft_core.available() and peft_core.get(method).identity_at_init:
+                return {"name": "untrained model", "metric": "eval_loss", "value": step0[0]}
+    return None
+
+
+def beats(value: float | None, ref: dict[str, Any] | None, objective: Objective) -> bool | None:
+    if value is None or ref is None or ref.get("metric") != objective.metric:
+        return None
+    return value > ref["value"] if objective.mode == "max" else value < ref["value"]
+
+
+def leaderboard(trials: Sequence[dict[str, Any]], objective: Objective,
+                ref: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows sorted best first by the objective's metric; trials without it go last. With a
+    reference (see :func:`reference`), ``beats_reference`` flags each trial."""
     sign = -1.0 if objective.mode == "max" else 1.0
 
     def key(t: dict[str, Any]):
@@ -47,7 +85,41 @@ def leaderboard(trials: Sequence[dict[str, Any]], objective: Objective) -> list[
             "status": t.get("status", ""),
             "within_budget": objective.eligible(m),
         })
+        if ref is not None:
+            rows[-1]["beats_reference"] = beats(m.get(objective.metric), ref, objective)
     return rows
+
+
+def reference_row(ref: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """The reference as a leaderboard row (no rank, no parameters trained)."""
+    row: dict[str, Any] = {c: None for c in columns}
+    row.update({"rank": "ref", "method": ref["name"], ref["metric"]: ref["value"],
+                "trainable_params": 0, "status": "reference"})
+    return row
+
+
+CONSOLE_COLUMNS = ("rank", "method", "trainable_params", "trainable_pct", "{metric}",
+                   "eval_loss", "time_s", "status")
+
+
+def console_table(trials: Sequence[dict[str, Any]], objective: Objective,
+                  ref: dict[str, Any] | None = None) -> list[str]:
+    """The leaderboard as aligned text lines (the CLI's), the reference row last and a
+    ``beats_ref`` column when a reference is known."""
+    cols = list(dict.fromkeys(c.format(metric=objective.metric) for c in CONSOLE_COLUMNS))
+    rows = leaderboard(trials, objective, ref)
+    if ref is not None:
+        cols.append("beats_reference")
+        rows.append(reference_row(ref, cols))
+    table = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c)
+              for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
+    if ref is not None and any(r.get("beats_reference") is False for r in rows):
+        lines.append(f"note: a trial marked 'no' under beats_reference is no better than the "
+                     f"{ref['name']} ({objective.metric} {ref['value']:.4g})")
+    return lines
 
 
 def _fmt(v: Any) -> str:
@@ -139,16 +211,25 @@ def _save(fig, out: Path) -> Path:
 
 def write_report(trials: Sequence[dict[str, Any]], objective: Objective, out_dir: Path,
                  *, title: str = "peft-pipelines search", champion: dict[str, Any] | None = None,
-                 extra: str = "") -> Path:
-    """``report.md`` + ``quality_vs_params.png`` + ``eval_loss_curves.png`` in ``out_dir``."""
+                 extra: str = "", ref: dict[str, Any] | None = None,
+                 label_names: Sequence[str] | None = None) -> Path:
+    """``report.md`` + ``quality_vs_params.png`` + ``eval_loss_curves.png`` in ``out_dir``;
+    ``ref`` (see :func:`reference`) adds a reference row and flags trials that do not beat it."""
     out_dir = Path(out_dir)
-    rows = leaderboard(trials, objective)
+    rows = leaderboard(trials, objective, ref)
+    if ref is not None and rows:
+        rows.append(reference_row(ref, list(rows[0])))
     pareto = plot_pareto(trials, objective, out_dir / "quality_vs_params.png")
     curves = plot_curves(trials, "eval_loss", out_dir / "eval_loss_curves.png")
     budget = (f", trainable fraction ≤ {100 * objective.max_trainable_fraction:g}%"
               if objective.max_trainable_fraction else "")
-    parts = [f"# {title}\n", f"Objective: {objective.mode} `{objective.metric}`{budget}.\n",
-             "## Leaderboard\n", markdown_table(rows)]
+    parts = [f"# {title}\n", f"Objective: {objective.mode} `{objective.metric}`{budget}.\n"]
+    if label_names:
+        parts.append(f"Classes: {', '.join(f'`{n}`' for n in label_names)}.\n")
+    if ref is not None:
+        parts.append(f"Reference: the {ref['name']} scores {ref['metric']} {ref['value']:.4g}; "
+                     f"a trial with `beats_reference` = no learned nothing beyond it.\n")
+    parts += ["## Leaderboard\n", markdown_table(rows)]
     if champion:
         parts += ["## Champion\n", "".join(f"- {k}: {_fmt(v)}\n" for k, v in champion.items())]
     parts += ["## Plots\n", f"![quality against trainable parameters]({pareto.name})\n",

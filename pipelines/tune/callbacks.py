@@ -68,9 +68,10 @@ class MlflowTrialCallback(Callback):
 class StatusCallback(Callback):
     """One line per trial event (method, step, metric) instead of Ray's wall of logs."""
 
-    def __init__(self, metric: str, stream=None):
+    def __init__(self, metric: str, stream=None, total_steps: int | None = None):
         self.metric = metric
         self.stream = stream or sys.stdout
+        self.total = f"/{total_steps}" if total_steps else ""  # step 50/100: how far along
         self.t0 = time.time()
 
     def _say(self, trial, text: str) -> None:
@@ -84,7 +85,7 @@ class StatusCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         v = result.get(self.metric)
         val = f"{v:.4f}" if isinstance(v, float) else v
-        self._say(trial, f"step {result.get('step', '?'):>4}  {self.metric}={val}  "
+        self._say(trial, f"step {result.get('step', '?'):>4}{self.total}  {self.metric}={val}  "
                          f"train_loss={result.get('train_loss', float('nan')):.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):

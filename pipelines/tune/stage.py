@@ -52,26 +52,34 @@ def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: str, tr
     trainer.fit()
 
 
-def _cpus_per_worker(config: TuneConfig) -> float:
+def _cpus_per_worker(config: TuneConfig, driver_cpu: float = TRIAL_DRIVER_CPU) -> float:
     import ray
 
     total = ray.cluster_resources().get("CPU", 0)
     workers = config.max_concurrent_trials * config.workers_per_trial
     if config.cpus_per_worker is not None:
-        need = workers * config.cpus_per_worker + config.max_concurrent_trials * TRIAL_DRIVER_CPU
+        need = workers * config.cpus_per_worker + config.max_concurrent_trials * driver_cpu
         if need > total:
             raise ResourceError(
                 f"tune: {config.max_concurrent_trials} concurrent trials x {config.workers_per_trial} "
                 f"workers x {config.cpus_per_worker} CPU need {need:g} CPUs; the cluster has {total:g}"
             )
         return config.cpus_per_worker
-    share = math.floor((total - config.max_concurrent_trials * TRIAL_DRIVER_CPU) / workers * 100) / 100
+    share = math.floor((total - config.max_concurrent_trials * driver_cpu) / workers * 100) / 100
     if share < 0.1:
         raise ResourceError(
             f"tune: {workers} concurrent workers on {total:g} CPUs leaves {share:g} CPU each; "
             "lower max_concurrent_trials or workers_per_trial"
         )
     return share
+
+
+def _driver_resources(cpu: float):
+    """The trial driver's bundle. Tune refuses an all-zero bundle, so a driver without a
+    CPU reserves 1 MiB of Ray's ``memory`` resource instead (the workers ask for none)."""
+    from ray import tune
+
+    return tune.PlacementGroupFactory([{"CPU": cpu} if cpu > 0 else {"memory": 1 << 20}])
 
 
 def _trial_configs(config: TuneConfig) -> list[dict[str, Any]] | None:
@@ -93,9 +101,11 @@ def _expected_reports(train: TrainConfig) -> int:
 
 def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: str | Path,
            tracking: TrackingConfig | None = None, recipe: dict[str, Any] | None = None,
-           verbose: bool = True) -> SearchResult:
+           verbose: bool = True, trial_driver_cpu: float = TRIAL_DRIVER_CPU) -> SearchResult:
     """Run (or resume) the search; returns every trial's outcome, the best under the
-    objective and budget, and the Pareto front. Needs a running Ray (``ray.init``)."""
+    objective and budget, and the Pareto front. Needs a running Ray (``ray.init``).
+    ``trial_driver_cpu`` 0 for a single training run: its driver then needs no CPU, so a
+    run fits in exactly ``workers x cpus_per_worker`` (Tune accepts an empty head bundle)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -105,7 +115,7 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: st
     reports = _expected_reports(train)
     train = train.model_copy(update={
         "num_workers": config.workers_per_trial,
-        "cpus_per_worker": _cpus_per_worker(config),
+        "cpus_per_worker": _cpus_per_worker(config, trial_driver_cpu),
         "storage_path": str(run_dir / "trials"),
     })
     TrainConfig.model_validate(train.model_dump())  # batch divisibility with the new worker count
@@ -132,7 +142,7 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: st
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=train.model_dump(mode="json"),
                              dataset=str(info.path), trials_dir=str(run_dir / "trials")),
-        {"CPU": TRIAL_DRIVER_CPU},
+        _driver_resources(trial_driver_cpu),
     )
     obj = config.objective
     if config.scheduler == "asha":
@@ -161,7 +171,7 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: st
         "dataset_id": info.dataset_id, "max_steps": train.max_steps, "batch_size": train.batch_size,
         "zero_stage": train.zero.stage})]
     if verbose:
-        callbacks.append(StatusCallback(obj.metric))
+        callbacks.append(StatusCallback(obj.metric, total_steps=train.max_steps))
     run_config = tune.RunConfig(name=search_id, storage_path=str(run_dir / "search"),
                                 callbacks=callbacks, verbose=0)
     exp_path = run_dir / "search" / search_id

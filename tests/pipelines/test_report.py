@@ -25,15 +25,54 @@ def test_leaderboard_orders_and_marks_budget() -> None:
     rows = leaderboard(TRIALS, Objective(max_trainable_fraction=0.05))
     assert [r["trial"] for r in rows] == ["t2", "t1", "t3"]
     assert [r["within_budget"] for r in rows] == [False, True, True]
-    assert method_label(TRIALS[0]["method"]) == "lora(alpha=16.0, rank=8)"
+    # only what differs from the method's defaults (rank 8, alpha 16)
+    assert method_label(TRIALS[0]["method"]) == "lora"
+    assert method_label({"name": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0}) == "lora(rank=4)"
 
 
 def test_report_files(tmp_path) -> None:
     md = write_report(TRIALS, Objective(max_trainable_fraction=0.05), tmp_path,
                       champion={"model": "demo", "version": "1", "method": "lora"})
     text = md.read_text()
-    assert "| rank | trial | method |" in text and "lora(alpha=16.0, rank=8)" in text
+    assert "| rank | trial | method |" in text and "| t1 | lora |" in text
     assert "## Champion" in text and "quality_vs_params.png" in text
     for name in ("quality_vs_params.png", "eval_loss_curves.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_reference_rows_flag_trials_that_do_not_beat_them(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from pipelines.report import console_table, reference
+
+    # eval split 65% one class: t3 (0.62) does not beat always answering 'positive'
+    m = SimpleNamespace(label_counts={"eval": {"negative": 35, "positive": 65}})
+    ref = reference(m, TRIALS, Objective())
+    assert ref == {"name": "majority class 'positive'", "metric": "eval_accuracy", "value": 0.65}
+    rows = leaderboard(TRIALS, Objective(), ref)
+    assert [r["beats_reference"] for r in rows] == [True, True, False]
+    lines = console_table(TRIALS, Objective(), ref)
+    assert lines[0].split() == ["rank", "method", "trainable_params", "trainable_pct",
+                                "eval_accuracy", "eval_loss", "time_s", "status", "beats_reference"]
+    assert lines[-2].startswith("ref ") and "majority class 'positive'" in lines[-2]
+    assert "no better than the majority class 'positive'" in lines[-1]
+    text = write_report(TRIALS, Objective(), tmp_path, ref=ref,
+                        label_names=["negative", "positive"]).read_text()
+    assert "Reference: the majority class 'positive' scores eval_accuracy 0.65" in text
+    assert "| ref | – | majority class 'positive' |" in text and "`negative`, `positive`" in text
+
+
+def test_lm_reference_is_the_untrained_eval_loss_and_no_repeated_column() -> None:
+    from pipelines.report import console_table, reference
+
+    lm = [dict(TRIALS[0], history={"eval_loss": [(0, 0.70), (40, 0.45)]}),
+          dict(TRIALS[1], metrics={**TRIALS[1]["metrics"], "eval_loss": 0.9})]
+    obj = Objective(metric="eval_loss", mode="min")
+    ref = reference(None, lm, obj)  # LoRA starts as the identity: step 0 is the base model
+    assert ref == {"name": "untrained model", "metric": "eval_loss", "value": 0.70}
+    lines = console_table(lm, obj, ref)
+    assert lines[0].split().count("eval_loss") == 1
+    assert [line.split()[-1] for line in lines[1:3]] == ["yes", "no"]
+    # prompt tuning does not start as the base model: its step 0 is no reference
+    assert reference(None, [dict(lm[0], method={"name": "prompt_tuning"})], obj) is None
