@@ -215,6 +215,42 @@ def targets_block(data: dict[str, Any] | None) -> str:
         "_not enough runs to judge the targets_\n"
 
 
+def scale_block(data: dict[str, Any] | None) -> str:
+    """Per-rank memory and step time by model size, ZeRO stage and workers, the peer stack
+    beside them, the issue's bound per point and its targets (``benchmarks/scale.py``)."""
+    if data is None:
+        return "_not run yet: `python -m benchmarks.scale`_\n"
+    from benchmarks.scale import rows as scale_rows
+
+    lab = data.get("targets_label")
+    runs = [r for r in data["runs"] if r["label"] == lab]
+    others = sorted({r["label"] for r in data["runs"]} - {lab})
+    s = next(iter(runs), {})
+    head = (f"LoRA r=8 (q_proj, v_proj) on random Llamas (SmolLM2's vocabulary, "
+            f"{s.get('precision', '?')}), {s.get('steps', '?')} steps of {s.get('batch', '?')} "
+            f"packed rows of {s.get('seq', '?')} tokens (micro-batch {s.get('micro', '?')} per "
+            "worker); memory is the largest rank's; step time the median after the first step. "
+            "`peer` = Hugging Face `Trainer` + `peft` + DeepSpeed, launched by `torchrun`.\n\n")
+    fixed = data.get("fixed_overhead")
+    bound = ("Bound per point = model bytes / N (N = workers under ZeRO-3, else 1) + largest "
+             "layer + fixed overhead" + (f"; fixed = {fixed['definition']}: {fixed['mb']:.0f} MB"
+                                         if fixed else "") + ".\n\n")
+    body = table(scale_rows(runs), list(scale_rows(runs)[0])) if runs else "_no points_"
+    trows = [{"target": t["target"], "limit": f"≤ {t['limit']}",
+              "measured": "–" if t["value"] is None else f"{t['value']:.3f}",
+              "status": {"met": "met", "missed": "**MISSED**"}.get(t["status"], t["status"]),
+              "detail": t["detail"]} for t in data.get("targets", [])]
+    extra = ""
+    if others:
+        old = [r for r in data["runs"] if r["label"] in others]
+        extra = (f"\nEarlier points ({', '.join(others)}: the training code before the "
+                 "change named in each point's `code` field):\n\n"
+                 + table(scale_rows(old), list(scale_rows(old)[0])) + "\n")
+    return (head + body + "\n\n" + bound
+            + (table(trows, list(trows[0])) + "\n" if trows else "") + extra + "\n"
+            + _commands(data))
+
+
 def plot(data: dict[str, Any], out: Path) -> Path | None:
     """Mean eval accuracy (± std over seeds) against the trainable fraction, log x; a hollow
     marker where the stored adapter is much smaller than what trained, joined to it."""
@@ -305,6 +341,7 @@ def main() -> None:
     doc = fill(doc, "minilm", minilm_block(methods, plot_name))
     doc = fill(doc, "smollm2", smollm2_block(methods))
     doc = fill(doc, "targets", targets_block(methods))
+    doc = fill(doc, "scale", scale_block(_load("scale")))
     tmp = out.with_name(out.name + ".tmp")  # the hand-written prose must survive a crash
     tmp.write_text(doc)
     tmp.replace(out)
