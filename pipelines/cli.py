@@ -398,6 +398,32 @@ def report(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT) -> None:
 
 
 @app.command()
+def plan(
+    recipe: str = RECIPE_ARG,
+    set_: list[str] = SET_OPT,
+    gpus: int = typer.Option(None, help="Total GPUs of the run (default: plan the recipe's "
+                             "train.num_workers CPU processes)."),
+    gpu_mem: str = typer.Option(None, help="Memory of one GPU (one process on CPU): 80GB "
+                                "(10^9 bytes), 80GiB (2^30), 512MB, ... (CPU default: this "
+                                "machine's RAM over the ranks)."),
+    nodes: int = typer.Option(None, help="Nodes the GPUs are spread over (default 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Predict per-device memory for each ZeRO stage and offload choice (no weights loaded)."""
+    from pipelines import plan as planner
+    from pipelines.recipe import RecipeError, load_recipe
+
+    try:
+        # Paths are not checked: a plan needs the model's config, not the data.
+        r = load_recipe(recipe, set_ or [], check_paths=False)
+        mem = planner.parse_size(gpu_mem) if gpu_mem is not None else None
+        p = planner.plan(r, gpus=gpus, gpu_mem_bytes=mem, nodes=nodes)
+    except (RecipeError, planner.PlanError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(p.to_dict(), indent=2) if as_json else planner.format_plan(p))
+
+
+@app.command()
 def demo() -> None:
     """The built-in recipe end to end (same as `peftpipe run demo`)."""
     run(recipe="demo", set_=None, address=None, quiet=False, verbose=False)
