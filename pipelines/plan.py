@@ -595,6 +595,11 @@ def plan_train(train: Any, *, max_length: int, task: str = "causal_lm", gpus: in
     if not gpu and any(c.stage < 3 for c in choices):
         notes.append(f"CPU: each of stages 0-2 loads the whole model in every rank "
                      f"({sum(k for k, _ in model.numels) * d / 2**30:.2f} GiB) before training")
+    if gpu:
+        whole = sum(k for k, _ in model.numels) * d
+        notes.append(f"stages 0-2 build the whole model in host RAM in every rank before moving "
+                     f"it to its GPU: {whole / 2**30:.1f} GiB per rank, "
+                     f"{per_node * whole / 2**30:.1f} GiB per node while loading")
     if gpu and any(c.offload != "none" for c in choices):
         notes.append("offload moves the 'host' bytes to CPU RAM per rank: a node needs "
                      f"{per_node} x that")
