@@ -283,8 +283,13 @@ def _inject(model, method_cfg: Mapping[str, Any]):
 
 def _count(model, method_cfg: Mapping[str, Any]) -> tuple[Any, int, str, list[str]]:
     """(module to run forward on, trainable count, how it was counted, notes)."""
+    import peft_core
+
     notes = []
-    pm, method = _inject(model, method_cfg)
+    try:
+        pm, method = _inject(model, method_cfg)
+    except peft_core.PeftError as e:  # e.g. target modules this architecture does not have
+        raise PlanError(f"train.method: {e}") from None
     formula = getattr(method, "expected_trainable_params", None)
     name = method.config.name
     if pm is None:
@@ -293,7 +298,8 @@ def _count(model, method_cfg: Mapping[str, Any]) -> tuple[Any, int, str, list[st
                             "documents no expected_trainable_params; it cannot be planned from a "
                             "config alone")
         notes.append(f"{name} chooses its weights from their values at injection: trainable count "
-                     "from its expected_trainable_params, activations of the base model alone")
+                     "from its expected_trainable_params, activations of the frozen base model "
+                     "alone (an underestimate)")
         return model, int(formula(model)), "expected_trainable_params", notes
     counted = pm.summary()["trainable_params"]
     if formula is not None:
@@ -301,7 +307,8 @@ def _count(model, method_cfg: Mapping[str, Any]) -> tuple[Any, int, str, list[st
         expected = int(formula(pm.base_model))
         if expected != counted:
             notes.append(f"{name}: {counted:,} trainable at injection, {expected:,} once its "
-                         "prepare pass has chosen them (planned with the latter)")
+                         "prepare pass has chosen them (planned with the latter; activations "
+                         "as at injection, an underestimate)")
         return pm, expected, "expected_trainable_params", notes
     return pm, counted, "counted on the meta model", notes
 

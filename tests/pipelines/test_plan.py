@@ -46,9 +46,9 @@ def real_counts(arch: str, method: dict) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-@pytest.mark.parametrize("method", [{"name": "lora", "rank": 4}, {"name": "adapter_houlsby"},
-                                    {"name": "prompt_tuning"}, {"name": "sam"}, {"name": "pafi"}])
-def test_counts_from_the_config_equal_the_real_model(arch, method, tmp_path) -> None:
+@pytest.mark.parametrize("name", peft_core.available())
+def test_counts_from_the_config_equal_the_real_model(arch, name, tmp_path) -> None:
+    method = {"name": name}
     task = "classification" if arch == "bert" else "causal_lm"
     desc, _ = P.describe_model(str(config_folder(arch, tmp_path)), method, task=task, micro=2,
                                seq=8, precision="fp32")
@@ -174,6 +174,7 @@ def test_plan_command_table_and_json(recipe) -> None:
         (["--gpus", "8", "--nodes", "0", "--gpu-mem", "80GB"], "--nodes:"),
         (["--nodes", "2"], "--nodes:"),
         (["--set", "train.micro_batch_size=0"], "train.micro_batch_size"),
+        (["--set", "train.method={name: lora, target_modules: [no_such_proj]}"], "train.method:"),
     ],
 )
 def test_bad_input_exits_2_naming_the_field(recipe, args, field) -> None:
