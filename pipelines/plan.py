@@ -22,7 +22,8 @@ and frozen count ``F`` (the accounting follows DeepSpeed 0.19's optimizers):
   on the host with optimizer offload;
 - ZeRO buffers: the gradient-reduction bucket (``reduce_bucket_size`` elements; on a GPU it
   is allocated whole, on CPU only what is written counts), and under ZeRO-3 the gathered
-  working set (the largest module's parameters + the prefetch bucket);
+  working set (the largest module's parameters, the prefetch bucket, and what DeepSpeed keeps
+  gathered for reuse within ``stage3_max_reuse_distance``);
 - activations: what autograd saves in the forward pass (measured on the meta model), the
   logits the step keeps, and the largest tensor twice over for backward's working
   gradients; with gradient checkpointing each block keeps only its input and one block is
@@ -74,7 +75,8 @@ GPU_PROCESS_OVERHEAD_BYTES = 1536 * 2**20
 
 #: DeepSpeed's defaults where our DeepSpeed config does not set them (deepspeed/runtime/zero/config.py)
 _DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
-                "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9}
+                "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9,
+                "stage3_max_reuse_distance": 1e9}
 
 Offload = Literal["none", "optimizer", "optimizer+param"]
 OFFLOADS: tuple[Offload, ...] = ("none", "optimizer", "optimizer+param")
@@ -490,10 +492,14 @@ def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu:
         bucket = ds["reduce_bucket_size"]
         buffers += int(bucket if gpu else min(bucket, trainable)) * (4 if stage == 1 else d)
     if stage == 3:
-        # never more than the whole model, however large the prefetch bucket
-        live = min(m.largest_module + ds["stage3_prefetch_bucket_size"],
-                   max(ds["stage3_max_live_parameters"], m.largest_module),
-                   sum(k for k, _ in m.numels))
+        # Gathered parameters: the module running, the prefetch bucket, and every parameter
+        # DeepSpeed keeps because it is used again within stage3_max_reuse_distance elements
+        # of the step's module trace (partitioned_param_coordinator.__params_to_release): a
+        # layer's forward use comes back in backward after twice the parameters behind it,
+        # so about half that distance stays gathered at the turn from forward to backward.
+        # Never more than the whole model.
+        live = min(m.largest_module + ds["stage3_prefetch_bucket_size"]
+                   + ds["stage3_max_reuse_distance"] / 2, sum(k for k, _ in m.numels))
         buffers += int(live) * d
     a = m.activations
     if gradient_checkpointing and a.per_block:
