@@ -122,6 +122,12 @@ def quiet_ray(recipe: Recipe) -> None:
     # prints an experiment box and TensorBoard hints even when silent); our status lines
     # stand in for it
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # download and weight-loading progress bars (MLflow's artifacts, transformers' loads
+    # through huggingface_hub's switch) are noise between the status lines
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
     import ray  # noqa: F401 - configures the "ray" loggers and their handlers on import
     from ray.data import DataContext
 

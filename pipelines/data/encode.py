@@ -51,14 +51,10 @@ def _lengths(ids: pa.ListArray) -> pa.Array:
 class EncodeBatch:
     """Template + tokenizer over a batch of candidate rows (one instance per actor)."""
 
-    def __init__(self, *, tokenizer: Any, task: str, max_length: int,
+    def __init__(self, *, tokenizer: templates.TokenizerSpec, task: str, max_length: int,
                  label_names: list[str] | None, use_chat: bool, packing: bool):
         # One thread per actor: the pool is the parallelism, Rust threads would oversubscribe.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if not isinstance(tokenizer, templates.TokenizerSpec):  # an ObjectRef (see stage)
-            import ray
-
-            tokenizer = ray.get(tokenizer)
         self.enc, self.tok = tokenizer.load()
         self.facts = tokenizer.facts
         self.task = task

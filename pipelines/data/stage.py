@@ -236,10 +236,7 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
     ds = ds.map_batches(
         TokenizeAndWrite,
         fn_constructor_kwargs={"folder": str(tmp), "source_uris": [s.uri for s in srcs],
-                               # by reference: a tokenizer is megabytes, and an actor
-                               # whose constructor arguments live in the object store makes
-                               # Ray log an error line on the console for every pool
-                               "tokenizer": ray.put(tok_spec), "task": config.task,
+                               "tokenizer": tok_spec, "task": config.task,
                                "max_length": config.max_length, "label_names": label_names,
                                "use_chat": use_chat, "packing": config.packing},
         # whole blocks (BLOCK_BYTES) as batches: what lets the read fuse in, and one

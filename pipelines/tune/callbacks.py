@@ -85,8 +85,10 @@ class StatusCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         v = result.get(self.metric)
         val = f"{v:.4f}" if isinstance(v, float) else v
-        self._say(trial, f"step {result.get('step', '?'):>4}{self.total}  {self.metric}={val}  "
-                         f"train_loss={result.get('train_loss', float('nan')):.4f}")
+        loss = result.get("train_loss")
+        # a step-0 report (evaluation before training) has no training loss yet
+        train = f"  train_loss={loss:.4f}" if isinstance(loss, float) and loss == loss else ""
+        self._say(trial, f"step {result.get('step', '?'):>4}{self.total}  {self.metric}={val}{train}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._say(trial, "done")
