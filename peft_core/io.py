@@ -80,13 +80,45 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise PeftError(f"{path}: not an adapter folder ({CONFIG_FILE} not found)")
-    cfg = json.loads(file.read_text())
-    if "method" not in cfg or "base_model" not in cfg:
-        raise PeftError(
-            f"{file}: missing 'method' or 'base_model'; is this a Hugging Face peft folder? "
-            "peft_core reads its own format"
-        )
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise PeftError(f"{file}: not UTF-8 text (byte {e.start}); expected peft_core's "
+                        "adapter config (JSON)") from None
+    except json.JSONDecodeError as e:
+        raise PeftError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}, column "
+                        f"{e.colno}); expected peft_core's adapter config") from None
+    if not isinstance(cfg, dict):
+        raise PeftError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    missing = [k for k in ("method", "base_model") if k not in cfg]
+    if missing:
+        hint = ("; is this a Hugging Face peft folder? peft_core reads its own format"
+                if "peft_type" in cfg else "")
+        raise PeftError(f"{file}: missing {' and '.join(repr(k) for k in missing)}{hint}")
+    for key in ("method", "base_model"):
+        if not isinstance(cfg[key], dict):
+            raise PeftError(f"{file}: {key!r} must be an object, got {type(cfg[key]).__name__}")
     return cfg
+
+
+def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """``adapter.safetensors`` of the folder: a plain file inside it (a link out of the
+    folder is refused) that safetensors can read; every failure names the file."""
+    folder = Path(path).resolve()
+    file = Path(path) / WEIGHTS_FILE
+    if not file.exists():
+        raise PeftError(f"{file}: not found; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    real = file.resolve()
+    if real.parent != folder or not real.is_file():
+        raise PeftError(f"{file}: points outside the adapter folder ({real}); expected a "
+                        "plain file inside it")
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(real))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PeftError(f"{file}: not a readable safetensors file ({e}); expected the "
+                        f"{WEIGHTS_FILE} that peft_core saves") from None
 
 
 def load_adapter(model: nn.Module, path: str | Path, *, check_base: bool = True) -> PeftModel:
@@ -105,8 +137,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_base: bool = True)
             raise FingerprintMismatchError(
                 f"{path}: adapter was trained on another base model; " + "; ".join(diff)
             )
+    state = _read_weights(path)  # before apply: a bad file leaves the model untouched
     peft_model = apply(model, MethodConfig.from_dict(cfg["method"]))
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
     peft_model.load_adapter_state_dict(state)
     return peft_model
 
