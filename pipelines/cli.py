@@ -136,6 +136,7 @@ def promote(
 
 def _promote_recipe(recipe: str, set_: list[str] | None) -> None:
     from pipelines import pipeline, registry
+    from pipelines.data import DataError
     from pipelines.promote import PromotionError
     from pipelines.recipe import RecipeError
 
@@ -144,7 +145,7 @@ def _promote_recipe(recipe: str, set_: list[str] | None) -> None:
         trials = pipeline.load_trials(r)
         manifest = pipeline.prepare_stage(r)  # found by its content id, not rebuilt
         d = pipeline.promote_stage(r, manifest, trials)
-    except (RecipeError, PromotionError, registry.RegistryError) as e:
+    except (RecipeError, DataError, PromotionError, registry.RegistryError) as e:
         _fail(str(e))
     except pipeline.NoWinnerError as e:
         _fail(str(e), code=1)
@@ -198,6 +199,58 @@ def generate(
 
     typer.echo(_serve(model, run_dir, tracking_uri,
                       lambda a: serve.generate(a, prompt, max_new_tokens=max_new_tokens)))
+
+
+@app.command("serve")
+def serve_command(
+    model: str = typer.Option(..., help="models:/NAME@ALIAS (followed as the alias moves) or "
+                              "models:/NAME/VERSION."),
+    address: str = ADDRESS_OPT,
+    replicas: int = typer.Option(1, min=1, help="Model replicas (one base model each)."),
+    host: str = typer.Option("127.0.0.1", help="HTTP host."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    max_adapters: int = typer.Option(4, min=1, help="Adapters kept per replica (LRU)."),
+    max_batch_size: int = typer.Option(16, min=1, help="Dynamic batching: most requests per "
+                                       "batch (1: unbatched)."),
+    replica_cpus: float = typer.Option(1.0, help="CPUs reserved per replica."),
+    run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI."),
+) -> None:
+    """Serve a registered model over HTTP with Ray Serve (/predict, /v1/completions,
+    /v1/chat/completions, /health), following its alias."""
+    import time
+
+    from pipelines import registry, tracking
+    from pipelines.serve import ServeError
+    from pipelines.serve import app as serve_app
+
+    try:
+        registry.parse_model_uri(model)
+    except registry.RegistryError as e:
+        _fail(str(e))
+    uri = tracking.resolve_uri(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
+    settings = serve_app.ServeSettings(model=model, tracking_uri=uri, replicas=replicas,
+                                       max_adapters=max_adapters, max_batch_size=max_batch_size,
+                                       replica_cpus=replica_cpus)
+    import ray
+
+    ray.init(address=address, logging_level="ERROR")
+    try:
+        url = serve_app.start(settings, host=host, port=port)
+    except (registry.RegistryError, ServeError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/health", timeout=60) as r:
+        health = json.loads(r.read())
+    paths = "/predict" if health["task"] == "classification" else \
+        "/v1/completions, /v1/chat/completions"
+    typer.echo(f"serving {model} v{health['version']} at {url} ({paths}, /health); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve_app.stop()
 
 
 def _serve(model: str, run_dir: str, tracking_uri: str | None, call):
