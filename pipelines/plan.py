@@ -6,9 +6,9 @@
 
 The model is built from its config only, on PyTorch's ``meta`` device (shapes, no storage,
 no weights read), so an 8B or 70B model is planned in seconds on a laptop. The recipe's
-method is injected on that empty model to count its trainable parameters, and one forward
-pass on it, with saved-tensor hooks, measures the activations backward keeps, tensor by
-tensor (the same transformers code that trains, at the recipe's micro-batch and length).
+method is injected on that empty model to count its trainable parameters, and one training
+step on it (the same transformers and peft_core code that trains, at the recipe's
+micro-batch and length) is counted tensor by tensor for the activations.
 
 Per rank, for ``N`` ranks, compute dtype ``d`` bytes (fp32 4, bf16 2), trainable count ``T``
 and frozen count ``F`` (the accounting follows DeepSpeed 0.19's optimizers):
@@ -24,10 +24,9 @@ and frozen count ``F`` (the accounting follows DeepSpeed 0.19's optimizers):
   is allocated whole, on CPU only what is written counts), and under ZeRO-3 the gathered
   working set (the largest module's parameters, the prefetch bucket, and what DeepSpeed keeps
   gathered for reuse within ``stage3_max_reuse_distance``);
-- activations: what autograd saves in the forward pass (measured on the meta model), the
-  logits the step keeps, and the largest tensor twice over for backward's working
-  gradients; with gradient checkpointing each block keeps only its input and one block is
-  recomputed at a time;
+- activations: the peak of live tensors over one training step (forward, loss, backward,
+  with the recipe's gradient checkpointing) run on the meta model and counted op by op;
+  parameters and their gradients are not in it;
 - fixed overhead: the process itself (measured, see :data:`CPU_PROCESS_OVERHEAD_BYTES`);
   on CPU also the freed activation memory glibc keeps (:data:`CPU_HEAP_RETENTION`).
 
@@ -42,7 +41,7 @@ import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 #: Nodes with more GPUs than this are not built (8 per HGX/DGX board, the largest common).
@@ -66,11 +65,11 @@ CPU_ZERO3_EXTRA_BYTES = 45 * 2**20
 #: gradients and Adam states: 0.98x predicted), so it counts only where it exceeds them.
 CPU_HEAP_RETENTION = 0.5
 
-#: GPU memory a training process holds outside PyTorch's allocator statistics: the CUDA
-#: context with lazily loaded kernels, cuBLAS/cuDNN workspaces and NCCL's communicator
-#: buffers. Not measured here (no GPU on the project's machine); 1.5 GiB is the order
-#: reported for a Hopper/Ampere process (CUDA context ~0.5 GiB with CUDA_MODULE_LOADING=LAZY,
-#: NCCL buffers a few hundred MiB per communicator, allocator fragmentation on top).
+#: GPU memory a training process holds outside its tensors: the CUDA context (287 MB with
+#: lazy module loading, the default since CUDA 12.2, 667 MB eager, as measured in
+#: pytorch/pytorch#86509), cuBLAS/cuDNN workspaces, NCCL's communicator buffers, and the
+#: caching allocator's fragmentation. Not measured here (this project's machine has no GPU);
+#: 1.5 GiB is a deliberately generous sum of those published orders of magnitude.
 GPU_PROCESS_OVERHEAD_BYTES = 1536 * 2**20
 
 #: DeepSpeed's defaults where our DeepSpeed config does not set them (deepspeed/runtime/zero/config.py)
@@ -176,11 +175,10 @@ class Plan:
 
 @dataclasses.dataclass(frozen=True)
 class _Activations:
-    per_block: tuple[int, ...]  # bytes saved inside each transformer block
-    outside: int  # saved outside the blocks (embeddings, final norm, head, loss)
-    block_inputs: int  # bytes of the hidden states entering all blocks (kept under checkpointing)
-    largest: int  # the largest single saved/output tensor
-    logits: int  # the output logits the step keeps alive through backward (if not saved)
+    peak: int  # live tensors at the step's peak, parameters and their gradients excluded
+    saved: int  # what autograd keeps at the end of the forward pass
+    per_block: tuple[int, ...]  # of which saved inside each transformer block
+    gradient_checkpointing: bool = False
     note: str | None = None
 
 
@@ -223,9 +221,10 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
             return out
 
         @staticmethod
-        def backward(ctx, grad):  # pragma: no cover - the meta model never runs backward
+        def backward(ctx, grad):
+            # the gradients the real kernels return (their values do not matter here)
             q, k, v, _, _ = ctx.saved_tensors
-            return grad, torch.zeros_like(k), torch.zeros_like(v)
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     out = _Saved.apply(query, key, value)
     return out.transpose(1, 2).contiguous(), None
@@ -327,7 +326,7 @@ def _saved_tensors(model) -> Iterator[dict[str, Any]]:
     blocks = [m for _, m in targets.blocks(model)] if _has_blocks(model) else []
     skip = {id(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
     state: dict[str, Any] = {"block": None, "per_block": [0] * len(blocks), "outside": 0,
-                             "inputs": 0, "largest": 0, "seen": set(), "keep": []}
+                             "seen": set(), "keep": []}
 
     def pack(t):
         st = t.untyped_storage()
@@ -337,7 +336,6 @@ def _saved_tensors(model) -> Iterator[dict[str, Any]]:
         state["seen"].add(key)
         state["keep"].append(st)  # ids stay unique while the storages live
         n = st.nbytes()
-        state["largest"] = max(state["largest"], n)
         if state["block"] is None:
             state["outside"] += n
         else:
@@ -345,11 +343,8 @@ def _saved_tensors(model) -> Iterator[dict[str, Any]]:
         return t
 
     def enter(i):
-        def hook(_, args, kwargs):
+        def hook(_, __):
             state["block"] = i
-            h = args[0] if args else kwargs.get("hidden_states")
-            if isinstance(h, torch.Tensor):
-                state["inputs"] += h.numel() * h.element_size()
         return hook
 
     def leave(_, __, ___):
@@ -357,7 +352,7 @@ def _saved_tensors(model) -> Iterator[dict[str, Any]]:
 
     handles = []
     for i, b in enumerate(blocks):
-        handles.append(b.register_forward_pre_hook(enter(i), with_kwargs=True))
+        handles.append(b.register_forward_pre_hook(enter(i)))
         handles.append(b.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -376,26 +371,84 @@ def _has_blocks(model) -> bool:
         return False
 
 
-def _activations(runner, task: str, micro: int, seq: int) -> _Activations:
+@contextlib.contextmanager
+def _live_tensors(existing: Iterable[Any] = ()) -> Iterator[dict[str, int]]:
+    """Bytes of every tensor an op creates while the context is open, alive and at peak;
+    views of the ``existing`` tensors (parameters: ``W.t()`` in every linear) are not new.
+
+    Isolated here because it uses ``torch.utils._python_dispatch.TorchDispatchMode``, the
+    documented ``__torch_dispatch__`` extension point (the module name is underscored): it
+    sees each op's outputs, including backward's, on the meta device too, where PyTorch's
+    memory statistics do not exist. A storage is counted once, freed when it is collected.
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    state = {"now": 0, "peak": 0}
+    keep = [t.untyped_storage() for t in existing]  # alive, so their ids stay theirs
+    seen: set[int] = {id(st) for st in keep}
+
+    def free(key: int, n: int) -> None:
+        state["now"] -= n
+        seen.discard(key)
+
+    class _Live(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    if id(st) in seen:
+                        continue
+                    seen.add(id(st))
+                    n = st.nbytes()
+                    state["now"] += n
+                    state["peak"] = max(state["peak"], state["now"])
+                    weakref.finalize(st, free, id(st), n)
+            return out
+
+    with _Live():
+        yield state
+
+
+def _activations(runner, task: str, micro: int, seq: int, *, gradient_checkpointing: bool,
+                 grad_bytes: int) -> _Activations:
+    """One training step (forward, loss, backward) of ``runner`` on the meta device at
+    ``micro`` x ``seq`` tokens: the peak of live tensors, with the output (logits) kept alive
+    through backward as the training loop keeps it."""
     import torch
 
     base = getattr(runner, "base_model", runner)
+    note = None
+    if gradient_checkpointing:
+        try:
+            runner.enable_gradient_checkpointing()
+        except Exception as e:  # prefix methods refuse it
+            gradient_checkpointing, note = False, f"planned without gradient checkpointing: {e}"
     runner.train()
     ids = torch.empty((micro, seq), dtype=torch.long, device="meta")
     labels = torch.empty((micro,), dtype=torch.long, device="meta") if task == "classification" \
         else ids
-    with _saved_tensors(base) as s:
-        out = runner(input_ids=ids, labels=labels)
-    logits = getattr(out, "logits", None)
-    kept = 0
-    if logits is not None and id(logits.untyped_storage()) not in s["seen"]:
-        kept = logits.numel() * logits.element_size()
-    return _Activations(tuple(s["per_block"]), s["outside"], s["inputs"],
-                        max(s["largest"], kept), kept)
+    with _live_tensors([*runner.parameters(), *runner.buffers()]) as live:
+        with _saved_tensors(base) as saved:
+            out = runner(input_ids=ids, labels=labels)
+        forward_end = live["now"]
+        out.loss.backward()
+        del out
+    # The trainable parameters' gradients appear during backward; the planner counts them
+    # as gradients, so they are taken out here (all of them: an upper bound on those alive
+    # at the peak), never below what the forward pass left.
+    peak = max(live["peak"] - grad_bytes, forward_end)
+    return _Activations(peak, saved["outside"] + sum(saved["per_block"]),
+                        tuple(saved["per_block"]), gradient_checkpointing, note)
 
 
 def describe_model(name: str, method_cfg: Mapping[str, Any], *, task: str, micro: int,
-                   seq: int, precision: str, num_labels: int = 2) -> tuple[_Model, list[str]]:
+                   seq: int, precision: str, num_labels: int = 2,
+                   gradient_checkpointing: bool = False) -> tuple[_Model, list[str]]:
     """Parameter counts and activation bytes of ``name`` with the method, from its config."""
     import torch
 
@@ -412,15 +465,17 @@ def describe_model(name: str, method_cfg: Mapping[str, Any], *, task: str, micro
         if counted != trainable:
             # The extra trainable tensors appear in prepare; plan them as one more tensor.
             numels += ((trainable - counted, True),) if trainable > counted else ()
+    grad_bytes = trainable * (2 if precision == "bf16" else 4)
+    kw = dict(gradient_checkpointing=gradient_checkpointing, grad_bytes=grad_bytes)
     try:
-        acts = _activations(runner, task, micro, seq)
+        acts = _activations(runner, task, micro, seq, **kw)
     except Exception as e:  # a method's forward that needs real values
         try:
-            acts = _activations(getattr(runner, "base_model", runner), task, micro, seq)
+            acts = _activations(getattr(runner, "base_model", runner), task, micro, seq, **kw)
             acts = dataclasses.replace(acts, note=f"activations of the base model alone: the "
                                        f"method's forward cannot run on an empty model ({e})")
         except Exception as e2:
-            acts = _Activations((), 0, 0, 0, 0, note=f"activations not estimated: {e2}")
+            acts = _Activations(0, 0, (), note=f"activations not estimated: {e2}")
     if acts.note:
         notes.append(acts.note)
     arch = type(model).__name__
@@ -443,8 +498,7 @@ def _ds_settings(train_cfg) -> dict[str, float]:
 
 
 def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu: bool,
-            gradient_checkpointing: bool, ds: Mapping[str, float], overhead: int,
-            device_mem: int) -> Choice:
+            ds: Mapping[str, float], overhead: int, device_mem: int) -> Choice:
     n = world
     trainable = m.trainable
     persist = ds["stage3_param_persistence_threshold"]
@@ -501,12 +555,7 @@ def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu:
         live = min(m.largest_module + ds["stage3_prefetch_bucket_size"]
                    + ds["stage3_max_reuse_distance"] / 2, sum(k for k, _ in m.numels))
         buffers += int(live) * d
-    a = m.activations
-    if gradient_checkpointing and a.per_block:
-        act = a.outside + a.block_inputs + max(a.per_block)
-    else:
-        act = a.outside + sum(a.per_block)
-    act += a.logits + 2 * a.largest
+    act = m.activations.peak
     heap = 0 if gpu else int(CPU_HEAP_RETENTION * act)
     # loading: stages 0-2 build the whole model on each rank; ZeRO-3 loads partitioned
     # (each rank keeps its slice, one tensor is whole at a time)
@@ -588,7 +637,8 @@ def plan_train(train: Any, *, max_length: int, task: str = "causal_lm", gpus: in
     d = 2 if precision == "bf16" else 4
     model, notes = describe_model(train.model.name, train.method, task=task,
                                   micro=train.micro_batch_size, seq=max_length,
-                                  precision=precision, num_labels=num_labels)
+                                  precision=precision, num_labels=num_labels,
+                                  gradient_checkpointing=train.gradient_checkpointing)
     ds = _ds_settings(train)
     overhead = GPU_PROCESS_OVERHEAD_BYTES if gpu else CPU_PROCESS_OVERHEAD_BYTES
     choices = []
@@ -597,8 +647,7 @@ def plan_train(train: Any, *, max_length: int, task: str = "causal_lm", gpus: in
             if (off == "optimizer" and stage == 0) or (off == "optimizer+param" and stage != 3):
                 continue
             choices.append(_choice(model, stage=stage, offload=off, world=world, d=d, gpu=gpu,
-                                   gradient_checkpointing=train.gradient_checkpointing, ds=ds,
-                                   overhead=overhead, device_mem=mem))
+                                   ds=ds, overhead=overhead, device_mem=mem))
     z = train.zero
     current: tuple[int, Offload] = (z.stage, "optimizer+param" if z.offload_param else
                                     "optimizer" if z.offload_optimizer else "none")

@@ -74,8 +74,44 @@ def test_activations_are_exactly_what_the_real_model_saves(arch, tmp_path) -> No
         with P._saved_tensors(pm.base_model) as saved:
             pm(input_ids=ids, labels=labels)
         assert desc.activations.per_block == tuple(saved["per_block"])
-        assert desc.activations.outside == saved["outside"]
+        assert desc.activations.saved == saved["outside"] + sum(saved["per_block"])
         assert sum(desc.activations.per_block) > 0
+
+
+def _wider(arch: str):
+    """tiny.model's architecture, wide enough that activations dominate the step."""
+    cfg = tiny.model(arch).config
+    cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size = 128, 256, 2000
+    torch.manual_seed(0)
+    return type(tiny.model(arch))(cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("name", ["lora", "full", "adapter_houlsby"])
+def test_activation_peak_matches_a_real_step(arch, checkpointing, name, tmp_path) -> None:
+    """The peak of live tensors over a real CPU training step (forward, loss, backward),
+    counted op by op, against the meta-device prediction."""
+    task = "classification" if arch == "bert" else "causal_lm"
+    model = _wider(arch)
+    model.config.save_pretrained(tmp_path / "cfg")
+    desc, _ = P.describe_model(str(tmp_path / "cfg"), {"name": name}, task=task, micro=4, seq=32,
+                               precision="fp32", gradient_checkpointing=checkpointing)
+    pm = peft_core.apply(model, {"name": name})
+    pm.train()
+    if checkpointing:
+        pm.enable_gradient_checkpointing()
+    ids = torch.randint(3, tiny.VOCAB, (4, 32))
+    labels = torch.randint(0, 2, (4,)) if arch == "bert" else ids
+    with P._live_tensors([*pm.parameters(), *pm.buffers()]) as live:
+        out = pm(input_ids=ids, labels=labels)
+        forward_end = live["now"]
+        out.loss.backward()
+        del out
+    real = max(live["peak"] - 4 * desc.trainable, forward_end)
+    # Llama: equal up to 5 % (full fine-tuning, whose gradients overlap the peak). BERT: the meta step over-counts by up to 25 % (on the safe
+    # side; the cause, somewhere in its attention/dropout path, is not tracked down).
+    assert 0.99 <= desc.activations.peak / real <= (1.05 if arch == "llama" else 1.30)
 
 
 def test_zero_accounting(tmp_path) -> None:
