@@ -361,3 +361,20 @@ def test_dataset_id_follows_inputs_tokenizer_and_options(tmp_path):
     with open(copy, "a") as f:
         f.write(json.dumps({"text": "one more review", "label": "positive"}) + "\n")
     assert did != dataset_id_for({**base, "sources": [str(copy)]})
+
+
+def test_label_names_name_the_classes():
+    from pipelines.data.config import check_label_names
+
+    base = dict(sources=["x.jsonl"], task="classification", tokenizer="t")
+    assert DataConfig(**base, label_names={0: "ham", 1: "spam"}).label_names == {"0": "ham", "1": "spam"}
+    assert check_label_names(["ham", "spam"], ["0", "1"]) == ["ham", "spam"]
+    assert check_label_names({"1": "spam"}, ["0", "1"]) == ["0", "spam"]  # unnamed stay
+    with pytest.raises(ValueError, match=r"label_names: 1 name\(s\) \['ham'\] for 2 class"):
+        check_label_names(["ham"], ["0", "1"])
+    with pytest.raises(ValueError, match=r"label_names: \['2'\] are not label values"):
+        check_label_names({"2": "x"}, ["0", "1"])
+    with pytest.raises(ValidationError, match="label_names: 3 name"):
+        DataConfig(**base, labels=[0, 1], label_names=["a", "b", "c"])
+    with pytest.raises(ValidationError, match="only the classification task"):
+        DataConfig(**{**base, "task": "causal_lm"}, label_names=["a", "b"])
