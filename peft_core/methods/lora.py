@@ -151,7 +151,7 @@ class LoraLayer(MergeableLayer):
                     b.copy_(b0)
                     self.register_buffer("lora_A0", a.detach().clone())
                     self.register_buffer("lora_B0", b.detach().clone())
-                    self.set_initial_factors(a0, b0, previous=None)
+                    self._rewrite_residual(a0, b0, previous=None)
 
     def set_initial_factors(
         self, a0: torch.Tensor, b0: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor] | None
@@ -161,12 +161,18 @@ class LoraLayer(MergeableLayer):
         ``previous`` are the factors the base currently has subtracted (None: the base is
         still the original weight).
         """
+        with _weights.whole(self.base, modified=True):
+            self._rewrite_residual(a0, b0, previous)
+
+    def _rewrite_residual(
+        self, a0: torch.Tensor, b0: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> None:
+        # The caller holds the weight whole (ZeRO-3 gathers must not nest).
         why = f"LoRA init {self.init!r} rewrites the base weight to its residual"
         delta = self.scaling * (b0.float() @ a0.float())
         if previous is not None:
             delta = delta - self.scaling * (previous[1].float() @ previous[0].float())
-        with _weights.whole(self.base, modified=True):
-            _weights.add_to_weight(self.base, delta, -1.0, why=why)
+        _weights.add_to_weight(self.base, delta, -1.0, why=why)
         with torch.no_grad():
             self.lora_A0.copy_(a0)
             self.lora_B0.copy_(b0)

@@ -191,3 +191,22 @@ def test_every_frozen_base_method_trains_on_a_4bit_base(method: str, folders) ->
         losses.append(out.loss.item())
     assert losses[-1] < losses[0], f"{method}: {losses}"
     assert all(not isinstance(p, bnb.nn.Params4bit) for _, p in pm.trainable_parameters())
+
+
+def test_dora_on_8bit_base_is_the_weight_decomposition(folders) -> None:
+    """QDoRA on LLM.int8 layers against the formula on the dequantized weight (peft is no
+    oracle here: on CPU its 8-bit DoRA re-wraps the int8 weight while dequantizing, and its
+    outputs then drift from the formula by ~0.2)."""
+    from peft_core.methods import _weights
+
+    q8 = {"load_in_8bit": True, "llm_int8_skip_modules": HEADS}
+    pm = peft_core.apply(_load(folders["llama"], "llama", q8), {"name": "dora", "rank": 4})
+    parity._perturb(pm)
+    pm.train()
+    layer = pm.base_model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base, bnb.nn.Linear8bitLt)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        w = _weights.read_weight(layer.base) + layer.delta_weight()
+        k = layer.lora_magnitude / torch.linalg.norm(w, dim=1)
+        torch.testing.assert_close(layer(x), x @ (k[:, None] * w).T, atol=1e-5, rtol=0)
