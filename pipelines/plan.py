@@ -65,6 +65,14 @@ CPU_ZERO3_EXTRA_BYTES = 45 * 2**20
 #: gradients and Adam states: 0.98x predicted), so it counts only where it exceeds them.
 CPU_HEAP_RETENTION = 0.5
 
+#: On CPU (gloo), ZeRO-3 with more than one rank: RSS per gathered parameter byte. One
+#: measured point fits it (random Llama 120M, LoRA r=8, fp32, 2 workers, 1 x 128 tokens:
+#: 2688 MB peak = overhead + partition + checkpoint pages + about 3x the gathered model + the
+#: step): the gathered tensors, the staging copy gloo's all-gather makes, and what glibc keeps
+#: from the per-module gather/release churn. A single rank gathers nothing and shows none
+#: of it. ``benchmarks/plan_check.py`` checks it at the other sizes.
+CPU_ZERO3_GATHER_FACTOR = 3.0
+
 #: GPU memory a training process holds outside its tensors: the CUDA context (287 MB with
 #: lazy module loading, the default since CUDA 12.2, 667 MB eager, as measured in
 #: pytorch/pytorch#86509), cuBLAS/cuDNN workspaces, NCCL's communicator buffers, and the
@@ -554,7 +562,12 @@ def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu:
         # Never more than the whole model.
         live = min(m.largest_module + ds["stage3_prefetch_bucket_size"]
                    + ds["stage3_max_reuse_distance"] / 2, sum(k for k, _ in m.numels))
-        buffers += int(live) * d
+        gather = 1.0 if gpu or n == 1 else CPU_ZERO3_GATHER_FACTOR
+        buffers += int(live * d * gather)
+        if not gpu:
+            # The partitioned loader reads each rank's rows of the memory-mapped checkpoint;
+            # those file pages stay resident (and counted in RSS) while the run holds the map.
+            buffers += base + train_p
     act = m.activations.peak
     heap = 0 if gpu else int(CPU_HEAP_RETENTION * act)
     # loading: stages 0-2 build the whole model on each rank; ZeRO-3 loads partitioned
@@ -562,6 +575,8 @@ def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu:
     if stage == 3:
         biggest = max((k for k, _ in m.numels), default=0) * d
         load = (0 if offload == "optimizer+param" else base + train_p) + biggest
+        if not gpu:
+            load += base + train_p  # the checkpoint pages read (see the buffers above)
     else:
         load = sum(k for k, _ in m.numels) * d
     if stage == 3 and not gpu:
