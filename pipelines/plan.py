@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -433,7 +434,9 @@ def _activations(runner, task: str, micro: int, seq: int, *, gradient_checkpoint
     note = None
     if gradient_checkpointing:
         try:
-            runner.enable_gradient_checkpointing()
+            with warnings.catch_warnings():  # transformers' renaming notice is not the user's
+                warnings.simplefilter("ignore", FutureWarning)
+                runner.enable_gradient_checkpointing()
         except Exception as e:  # prefix methods refuse it
             gradient_checkpointing, note = False, f"planned without gradient checkpointing: {e}"
     runner.train()
