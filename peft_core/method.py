@@ -33,6 +33,10 @@ class Method:
     mergeable: ClassVar[bool] = False
     #: whether the freshly injected model computes exactly what the base model did
     identity_at_init: ClassVar[bool] = True
+    #: ``finalize`` rewrites the method's trainable parameters (folding an encoder, pruning
+    #: an update); a sharded runtime then gathers them around the pass. False for passes
+    #: that only read the model and fill buffers (Laplace's posterior).
+    finalize_writes_params: ClassVar[bool] = True
     #: whether the method trains or rewrites the base weights themselves (full fine-tuning,
     #: selective deltas); such a method refuses a quantized (bitsandbytes) base
     writes_base_weights: ClassVar[bool] = False

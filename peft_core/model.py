@@ -96,6 +96,7 @@ class PeftModel(nn.Module):
 
     def prepare(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
         self.method.prepare(self, batches)
+        self.record_adapter_keys()  # prepare may add or resize adapter tensors (SAM's masks)
 
     def finalize(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
         self.method.finalize(self, batches)

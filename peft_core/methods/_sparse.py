@@ -90,7 +90,7 @@ class SparseDeltaLayer(MergeableLayer):
         self.d_in, self.d_out = targets.linear_dims(base)
         w = base.weight
         self.register_buffer("sparse_idx", torch.zeros(0, dtype=torch.long, device=w.device))
-        self.sparse_delta = nn.Parameter(torch.zeros(0, dtype=w.dtype, device=w.device))
+        self._set_delta(torch.zeros(0, dtype=w.dtype, device=w.device))
         self.merged = False
         if idx is not None:
             self.set_indices(idx)
@@ -113,10 +113,18 @@ class SparseDeltaLayer(MergeableLayer):
             )
         w = self.base.weight
         self.sparse_idx = idx
-        self.sparse_delta = nn.Parameter(
-            torch.zeros(idx.numel(), dtype=w.dtype, device=w.device),
-            requires_grad=self.sparse_delta.requires_grad,
-        )
+        self._set_delta(torch.zeros(idx.numel(), dtype=w.dtype, device=w.device))
+
+    def _set_delta(self, values: torch.Tensor) -> None:
+        if hasattr(self, "sparse_delta"):
+            delattr(self, "sparse_delta")
+        if values.numel():
+            self.sparse_delta = nn.Parameter(values)
+        else:
+            # No entries, no parameter: a sharding runtime (ZeRO-3) cannot partition or
+            # gather a 0-element parameter, and there is nothing to train or save.
+            # It stays in the state dict (and the file), so every layer saves both keys.
+            self.register_buffer("sparse_delta", values)
 
     def mask(self) -> torch.Tensor:
         """The binary mask as a dense (out, in) bool matrix."""
@@ -225,7 +233,10 @@ class SparseDeltaMethod(Method):
         return n + (targets.new_task_head_params(model) if self.config.train_head else 0)
 
     def extra_state_keys(self, model: nn.Module) -> list[str]:
-        return [f"{n}{IDX_SUFFIX}" for n, _ in sparse_layers(model)]
+        # δ of a layer with no entries is an empty buffer, not a parameter (see _set_delta)
+        return [f"{n}{IDX_SUFFIX}" for n, _ in sparse_layers(model)] + [
+            f"{n}{DELTA_SUFFIX}" for n, layer in sparse_layers(model)
+            if not isinstance(layer.sparse_delta, nn.Parameter)]
 
     def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         layers = dict(sparse_layers(model))

@@ -521,6 +521,7 @@ class LaplaceLora(Lora):
     predictive."""
 
     config_cls = LaplaceLoraConfig
+    finalize_writes_params = False  # the posterior lives in buffers
 
     def inject(self, model: nn.Module) -> None:
         for name, module in targets.linear_targets(model, self.config.target_modules):

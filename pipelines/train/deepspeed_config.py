@@ -14,17 +14,22 @@ from .config import TrainConfig
 
 
 def resolve_precision(config: TrainConfig, device_type: str) -> str:
-    """``fp32`` or ``bf16``: bf16 only on a CUDA device that supports it."""
+    """``fp32`` or ``bf16``. ``auto``: bf16 on a CUDA device that supports it, else fp32.
+
+    An explicit ``bf16`` also runs on CPU (torch's CPU kernels and DeepSpeed's CPU
+    accelerator support it; slower than fp32 on CPUs without bf16 instructions, but the
+    same code path as a GPU run, so it can be tested anywhere).
+    """
     if config.precision == "fp32":
         return "fp32"
     import torch
 
-    bf16_ok = device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if config.precision == "bf16" and not bf16_ok:
-        raise ValueError(
-            f"precision: bf16 needs a CUDA device with bf16 support; this worker runs on {device_type!r}"
-        )
-    return "bf16" if bf16_ok else "fp32"
+    cuda_bf16 = device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if config.precision == "bf16":
+        if device_type == "cuda" and not cuda_bf16:
+            raise ValueError("precision: bf16 needs a CUDA device with bf16 support; this GPU has none")
+        return "bf16"
+    return "bf16" if cuda_bf16 else "fp32"
 
 
 def build(config: TrainConfig, *, device_type: str = "cpu") -> dict[str, Any]:

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,74 @@ def _has_hook(peft_model: Any, name: str) -> bool:
     return getattr(type(peft_model.method), name) is not getattr(Method, name)
 
 
+def _load_base(config: TrainConfig, info: DatasetInfo, ds_config: dict[str, Any],
+               dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    """The base model: built partitioned under ZeRO-3 (no rank holds it whole), else loaded
+    whole; in the run's compute dtype either way."""
+    from pipelines.models import load_model
+
+    if config.zero.stage == 3:
+        from .partitioned import load
+
+        return load(config.model.name, info.task, num_labels=info.num_labels, dtype=dtype,
+                    ds_config=ds_config)
+    return load_model(config.model.name, info.task, num_labels=info.num_labels, dtype=dtype,
+                      quantization=config.model.quantization), None
+
+
+def _prepare(peft_model: Any, common: list[dict[str, torch.Tensor]], config: TrainConfig,
+             ds_config: dict[str, Any]) -> None:
+    """The method's pass before training (e.g. SAM's scoring, which needs backward passes).
+
+    Under ZeRO-3 the base weights exist only as partitions; a throwaway engine without an
+    optimizer lends the pass DeepSpeed's gather/release hooks, and is torn down before the
+    training engine is built over the parameters ``prepare`` may have created.
+    """
+    import deepspeed
+
+    if config.zero.stage != 3 or not _has_hook(peft_model, "prepare"):
+        peft_model.prepare(common)
+        return
+    scratch = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
+    engine, *_ = deepspeed.initialize(model=peft_model, config=scratch, dist_init_required=False)
+    try:
+        peft_model.prepare(common)
+    finally:
+        engine.destroy()
+
+
+def _finalize(engine: Any, peft_model: Any, common: list[dict[str, torch.Tensor]],
+              stage: int) -> None:
+    """The method's pass after training. A pass that rewrites the method's own tensors runs
+    on them whole (ZeRO-3 gathers those, never the base; rank 0's result is kept); base
+    weights are gathered by the forward hooks as in training."""
+    if stage != 3:
+        peft_model.finalize(common)
+        return
+    if peft_model.method.finalize_writes_params:
+        trainable = [p for _, p in peft_model.trainable_parameters()]
+        with ckpt.gathered(trainable, stage, modifier_rank=0):
+            peft_model.finalize(common)
+        return
+    peft_model.finalize(common)
+    # Backward passes that stop at a layer's output (Laplace's curvature taps) leave
+    # DeepSpeed's hooks holding those layers as in backward; release every parameter.
+    # (Only here: a rewriting pass may have put new, not yet partitioned tensors in place.)
+    engine.empty_partition_cache()
+
+
+def _register_external_params(model: torch.nn.Module) -> None:
+    """Layers that compute with a wrapped base weight (selective methods) must have it
+    gathered for their own forward under ZeRO-3 (DeepSpeed's documented mechanism)."""
+    import deepspeed
+
+    from peft_core import partition
+
+    for m in model.modules():
+        for p in partition.external_params(m):
+            deepspeed.zero.register_external_parameter(m, p)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train's per-worker function. ``loop_config``: ``train_config`` (TrainConfig as a
     dict), ``dataset`` (:class:`DatasetInfo` as a dict), optional ``resume_from`` (a
@@ -114,6 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     import ray.train
     import ray.train.torch
 
+    started = time.perf_counter()
     import_plugins(loop_config["train_config"].get("plugins") or [])
     config = TrainConfig.model_validate(loop_config["train_config"])
     d = dict(loop_config["dataset"])
@@ -133,11 +203,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     import deepspeed
 
     import peft_core
-    from pipelines.models import load_model
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    resolve_precision(config, device.type)  # a bf16 request on CPU fails here, clearly
+    precision = resolve_precision(config, device.type)
+    ds_config = build_ds_config(config, device_type=device.type)
     collate = Collator(info)
     train_rows = read_split(info, "train")
     eval_rows = read_split(info, "eval")
@@ -150,30 +220,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     fallback = collate(eval_rows[:1] or train_rows[:1])
 
     # -- model and method (identical on every rank: same seed, same prepare batches) --------
-    base = load_model(config.model.name, info.task, num_labels=info.num_labels,
-                      quantization=config.model.quantization)
+    # Base weights in the compute dtype; DeepSpeed keeps fp32 master copies of the
+    # trainable ones in bf16 mode.
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if config.zero.stage == 3:
+        # zero.Init (inside the model's construction) needs DeepSpeed's view of the process
+        # group Ray Train already set up; initialize() would do this later otherwise.
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+        peft_core.partition.use_gatherer(deepspeed.zero.GatheredParameters)
+    # The second value must live as long as the model: transformers checks it (weakly) to
+    # know that ZeRO-3 is on.
+    base, _zero3_live = _load_base(config, info, ds_config, dtype)
+    load_s = time.perf_counter() - started
     torch.manual_seed(config.seed)
     peft_model = peft_core.apply(base, config.method)
     peft_model.to(device)
+    if config.zero.stage == 3:
+        _register_external_params(peft_model)
     common = [_to(b, device) for b in batches.common_batches(config.prepare_batches)]
-    peft_model.prepare(common)
+    _prepare(peft_model, common, config, ds_config)
     peft_model.record_adapter_keys()  # prepare may add or resize adapter tensors
     if config.gradient_checkpointing:
         peft_model.enable_gradient_checkpointing()
-    if config.zero.stage == 3 and peft_model.regularizer() is not None:
-        raise ValueError(
-            f"zero.stage: method {config.method['name']!r} adds a regularizer over its "
-            "parameters, which ZeRO-3 keeps partitioned outside forward; use stage 0-2"
-        )
-    summary = peft_model.summary()  # before partitioning, so plain numel is right
+    summary = peft_model.summary()
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=peft_model,
         model_parameters=peft_model.param_groups(config.lr, config.weight_decay),
-        config=build_ds_config(config, device_type=device.type),
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)),
         dist_init_required=False,
     )
+    # Peak RSS (or CUDA allocator peak) once the model is loaded, adapted and sharded:
+    # what loading costs, before activations and optimizer states of the steps.
+    load_peak = M.all_reduce([M.peak_mem_mb(device)], "max")[0]
 
     # -- resume ---------------------------------------------------------------------------
     step, history = 0, []
@@ -191,6 +272,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         "resumed_from": step,
         # parameter bytes resident per rank (largest rank): what ZeRO-3 divides
         "param_mem_mb": M.all_reduce([M.param_mem_mb(peft_model)], "max")[0],
+        "load_peak_mem_mb": load_peak,
+        # seconds from the worker's start: to the loaded base model, to the first step
+        "load_s": M.all_reduce([load_s], "max")[0],
+        "precision": precision,
         M.TRAINABLE_PARAMS: summary["trainable_params"],
         M.TRAINABLE_FRACTION: summary["trainable_fraction"],
         "total_params": summary["total_params"],
@@ -213,6 +298,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         history.append(report)
         ray.train.report(report)
     engine.train()
+    static["first_step_s"] = M.all_reduce([time.perf_counter() - started], "max")[0]
     while step < config.max_steps:
         window.start_step()
         for mb in batches.micro_batches(step):
@@ -244,11 +330,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             folder = Path(tmp)
             ckpt.save_resume_state(engine, folder, rank=rank)
             if last and _has_hook(peft_model, "finalize"):
-                # Passes after training may read or rewrite any weight: run them on whole
-                # parameters (ZeRO-3 gathers everything once, rank 0's result is kept).
-                with ckpt.gathered(list(peft_model.parameters()), config.zero.stage,
-                                   modifier_rank=0):
-                    peft_model.finalize(common)
+                _finalize(engine, peft_model, common, config.zero.stage)
             report.update(evaluate(engine, evals, fallback, info, device))
             report.update(_memory(device))
             ckpt.save_adapter(peft_model, folder, stage=config.zero.stage, rank=rank,
