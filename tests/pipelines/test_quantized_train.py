@@ -66,6 +66,7 @@ def test_qlora_trains_under_zero2_and_its_adapter_reloads(ray_cluster, tmp_path)
     # Onto the full-precision base it loads too (same base, identified without the 4-bit
     # values), and stays near: the adapter learned on top of the quantization error.
     full = _eval_loss(res.adapter_dir, model, manifest, None)
+    print(f"qlora eval_loss by step {losses}; reloaded on the full-precision base {full:.4f}")
     assert abs(full - res.metrics["eval_loss"]) < 0.1 * res.metrics["eval_loss"], full
     cfg = peft_core.read_adapter_config(res.adapter_dir)
     assert cfg["base_model"]["quantized"] and cfg["pipeline"]["quantization"]["bits"] == 4
