@@ -526,7 +526,9 @@ def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu:
 
     base = resident(False) * d
     train_p = resident(True) * d
-    if stage == 3 and offload == "optimizer+param":
+    # On CPU the "device" is host RAM: offloading moves bytes within the same process.
+    moved: Offload = offload if gpu else "none"
+    if stage == 3 and moved == "optimizer+param":
         host_params = base + train_p
         whole = sum(k for k, _ in m.numels if k < persist) * d  # persistent ones stay
         base, train_p = whole, 0
@@ -538,7 +540,7 @@ def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu:
     if d == 4:
         grad_fp32 = 0 if stage == 0 else -(-trainable // n) * 4
     else:
-        grad_fp32 = trainable * 4 if stage <= 1 and offload == "none" else -(-trainable // n) * 4
+        grad_fp32 = trainable * 4 if stage <= 1 and moved == "none" else -(-trainable // n) * 4
     master = trainable * 4 if d == 2 else 0
     moments = trainable * 8
     if stage == 0:
@@ -546,7 +548,7 @@ def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu:
     else:
         optim = (trainable * 4 + moments) // n  # ZeRO keeps an fp32 partition even in fp32
     host = host_params
-    if offload != "none":
+    if moved != "none":
         host += optim + grad_fp32
         optim, grad_fp32 = 0, 0
         if stage == 3:
@@ -578,7 +580,7 @@ def _choice(m: _Model, *, stage: int, offload: Offload, world: int, d: int, gpu:
     # (each rank keeps its slice, one tensor is whole at a time)
     if stage == 3:
         biggest = max((k for k, _ in m.numels), default=0) * d
-        load = (0 if offload == "optimizer+param" else base + train_p) + biggest
+        load = (0 if moved == "optimizer+param" else base + train_p) + biggest
         if not gpu:
             # the checkpoint pages read (see the buffers above), and the largest tensor is
             # whole more than once while it is read and sliced: 2.2x (120M) and 2.6x (320M)
@@ -676,6 +678,8 @@ def plan_train(train: Any, *, max_length: int, task: str = "causal_lm", gpus: in
     if gpu and precision == "fp32":
         notes.append("fp32 on GPUs: set train.precision: bf16 to halve parameter and "
                      "activation memory")
+    if not gpu:
+        notes.append("CPU: offload keeps the same bytes in the same RAM (planned as without)")
     if not gpu and any(c.stage < 3 for c in choices):
         notes.append(f"CPU: each of stages 0-2 loads the whole model in every rank "
                      f"({sum(k for k, _ in model.numels) * d / 2**30:.2f} GiB) before training")

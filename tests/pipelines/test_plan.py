@@ -144,6 +144,9 @@ def test_cpu_plan_uses_the_recipes_workers(tmp_path) -> None:
     assert c.overhead == P.CPU_PROCESS_OVERHEAD_BYTES and c.heap_retained > 0
     assert c.load_peak == 4 * p.total_params  # every rank of stage 0 loads the whole model
     assert all(c.fits for c in p.choices)  # a tiny model in 2 GB
+    # offload on CPU moves bytes within the same RAM: no saving is planned
+    assert p.choice(3, "optimizer+param").peak == p.choice(3).peak
+    assert p.choice(2, "optimizer").host == 0
     long = P.plan_train(train_cfg(folder, gradient_checkpointing=False), max_length=48,
                         gpu_mem_bytes=2 * GB)
     assert long.choice(0).activations > c.activations
