@@ -31,8 +31,11 @@ and frozen count ``F`` (the accounting follows DeepSpeed 0.19's optimizers):
   on CPU also the freed activation memory glibc keeps (:data:`CPU_HEAP_RETENTION`).
 
 On CPU (no ``gpus``) the ranks are the recipe's ``train.num_workers`` processes, memory is
-RAM per process, and the peak is the larger of loading (each rank of stages 0-2 loads the
-whole model; ZeRO-3 loads its partition plus one tensor at a time) and training.
+RAM per process (peak RSS, what the training stage reports as ``peak_mem_mb``), and the peak
+is the larger of loading (each rank of stages 0-2 loads the whole model; ZeRO-3 loads its
+partition, one tensor whole at a time) and training. Three CPU terms are measured rather
+than derived (see their constants): glibc's retained heap, the memory-mapped checkpoint pages
+the ZeRO-3 loader reads, and the RSS cost of gloo all-gathers.
 """
 
 from __future__ import annotations
