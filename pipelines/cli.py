@@ -362,6 +362,9 @@ def _say_dataset(m) -> None:
         line += f"; {dups} duplicates found and kept (data.dedup: true drops them)"
     else:
         line += "; 0 duplicates"
+    full = getattr(m, "rows_at_max_length", 0)
+    if full:
+        line += f"; {full} rows fill max_length {m.max_length} (longer inputs were cut there)"
     typer.echo(line)
     if m.label_names:
         typer.echo(f"classes: {', '.join(m.label_names)}")

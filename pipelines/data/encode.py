@@ -179,14 +179,19 @@ class TokenizeAndWrite:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if not batch.num_rows:
             stats = store.write_part(batch, self.folder, self.encode.task, self.source_uris, "")
-            return _with_facts(stats, b"", {})
+            return _with_facts(stats, b"", {}, 0)
         name = f"part-{batch.column('_src')[0].as_py():05d}-{batch.column('_line')[0].as_py():012d}"
         keys, examples = _facts(batch, self.encode.task)
         out = self.encode(batch)
+        full = 0
         if self.encode.packing:
-            out = pack_batch(out, seq_len=self.encode.max_length)
+            out = pack_batch(out, seq_len=self.encode.max_length)  # full rows by design
+        else:
+            kept = pc.greater_equal(out.column("_split"), 0)
+            long = pc.greater_equal(out.column("length"), self.encode.max_length)
+            full = int(pc.sum(pc.and_(kept, long).cast(pa.int64())).as_py() or 0)
         stats = store.write_part(out, self.folder, self.encode.task, self.source_uris, name)
-        return _with_facts(stats, keys, examples)
+        return _with_facts(stats, keys, examples, full)
 
 
 def _facts(batch: pa.Table, task: str) -> tuple[bytes, dict[str, str]]:
@@ -204,8 +209,10 @@ def _facts(batch: pa.Table, task: str) -> tuple[bytes, dict[str, str]]:
     return keys, examples
 
 
-def _with_facts(stats: pa.Table, keys: bytes, examples: dict[str, str]) -> pa.Table:
+def _with_facts(stats: pa.Table, keys: bytes, examples: dict[str, str], full: int) -> pa.Table:
     import json
 
+    # rows that fill max_length: their input was cut there (or is exactly that long)
+    stats = stats.append_column("at_max_length", pa.array([full], pa.int64()))
     stats = stats.append_column("dup_keys", pa.array([keys], pa.binary()))
     return stats.append_column("examples", pa.array([json.dumps(examples)], pa.string()))

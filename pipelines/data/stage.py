@@ -137,6 +137,7 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
             rejected_by_kind=dict(sorted(stats["rejected"].items())),
             duplicates=found,
             duplicates_dropped=dropped,
+            rows_at_max_length=stats["at_max_length"],
             read_rows=sum(stats["documents"].values()) + rejected + dropped,
             columns={f.name: str(f.type) for f in store.output_schema(config.task)},
             sources=records,
@@ -249,6 +250,7 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
     blob = b"".join(r["dup_keys"] for r in results)
     keys = [blob[i:i + 16] for i in range(0, len(blob), 16)]
     found = dropped + len(keys) - len(set(keys))
+    stats["at_max_length"] = sum(int(r["at_max_length"]) for r in results)
     examples: dict[str, str] = {}
     for r in results:  # in input order: the first example of each split wins
         for k, v in json.loads(r["examples"]).items():

@@ -73,6 +73,9 @@ class Manifest(BaseModel):
     # dropped them; ``duplicates_dropped`` is how many were dropped
     duplicates: int = 0
     duplicates_dropped: int = 0
+    # kept rows whose tokens fill max_length: longer inputs were truncated there (the rule
+    # for over-long rows below max_chars), counted so the cut is never silent
+    rows_at_max_length: int = 0
     # the label values of the data in class order (``label_names`` are their display names)
     label_values: list[str] | None = None
     # rows per class in each split, by class name (classification)

@@ -117,6 +117,7 @@ def test_nothing_bad_is_kept_silently(ray_address, tmp_path) -> None:
     lines.insert(5, '"this quote does not close,1')  # swallows the next line with it
     lines += ['"review number 3: the plot was good",1'] * 3  # exact duplicates
     lines += ['"a stray word among integer labels",spam', f'"{"y" * 150_000}",1']
+    lines += [f'"{"many words " * 400}",0']  # under max_chars: kept, cut at max_length
     (tmp_path / "mixed.csv").write_text("\n".join(lines) + "\n")
     run_dir = tmp_path / "runs"
     recipe = tmp_path / "recipe.yaml"
@@ -130,7 +131,8 @@ def test_nothing_bad_is_kept_silently(ray_address, tmp_path) -> None:
     m = json.loads(manifest_path.read_text())
     # the quoted line 6 swallows line 7 (one reject), the word label and the 150k row
     assert m["rejected_by_kind"] == {"bad_row": 1, "label_type": 1, "oversized": 1}
-    assert sum(m["rows"].values()) == 60 - 1 + 3
+    assert sum(m["rows"].values()) == 60 - 1 + 3 + 1
+    assert m["rows_at_max_length"] == 1
     assert m["duplicates"] == 3 and m["duplicates_dropped"] == 0
     assert m["label_names"] == ["negative", "positive"] and m["label_values"] == ["0", "1"]
     assert set(m["label_counts"]["train"]) <= {"negative", "positive"}
@@ -138,7 +140,7 @@ def test_nothing_bad_is_kept_silently(ray_address, tmp_path) -> None:
     assert [(r["line"], r["kind"]) for r in rejects] == [
         (6, "bad_row"), (66, "label_type"), (67, "oversized")]
     summary = out.stdout
-    assert "62 rows kept" in summary and "3 rejected (1 bad_row, 1 label_type, 1 oversized" in summary
+    assert "63 rows kept" in summary and "1 rows fill max_length 256" in summary and "3 rejected (1 bad_row, 1 label_type, 1 oversized" in summary
     assert "3 duplicates found and kept" in summary and "classes: negative, positive" in summary
     # every copy of the duplicated text is in one split (the split is a hash of the text)
     import pyarrow.parquet as pq

@@ -378,3 +378,28 @@ def test_label_names_name_the_classes():
         DataConfig(**base, labels=[0, 1], label_names=["a", "b", "c"])
     with pytest.raises(ValidationError, match="only the classification task"):
         DataConfig(**{**base, "task": "causal_lm"}, label_names=["a", "b"])
+
+
+def test_actor_reports_cut_rows_duplicate_keys_examples_and_class_counts(tmp_path, toks):
+    """What TokenizeAndWrite hands the driver besides the Parquet parts (in-process)."""
+    from pipelines.data.encode import TokenizeAndWrite
+    from pipelines.data.templates import TokenizerSpec
+
+    texts = ["short", "a much longer text with many many words in it", "short",
+             "another long one with lots of words here"]
+    p = tmp_path / "a.jsonl"
+    p.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts)))
+    src = S.resolve([str(p)])[0]
+    table = pa.concat_tables(list(candidates(src, 0, CLS, "classification", 0,
+                                             SplitFractions(train=1.0, eval=0.0, test=0.0), 100)))
+    (tmp_path / "out").mkdir()
+    actor = TokenizeAndWrite(folder=str(tmp_path / "out"), source_uris=[src.uri],
+                             tokenizer=TokenizerSpec.build("builtin:minilm", toks["minilm"], needs_hf=False),
+                             task="classification", max_length=8, label_names=["0", "1"],
+                             use_chat=False, packing=False)
+    got = actor(table).to_pylist()[0]
+    assert got["at_max_length"] == 2  # the two long texts are cut at 8 tokens
+    keys = [got["dup_keys"][i:i + 16] for i in range(0, len(got["dup_keys"]), 16)]
+    assert len(keys) == 4 and len(set(keys)) == 3  # ("short", 0) twice: one duplicate
+    assert json.loads(got["examples"]) == {"train": "short"}
+    assert json.loads(got["label_counts"]) == {"train": {"0": 2, "1": 2}}
