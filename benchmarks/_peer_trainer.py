@@ -26,6 +26,11 @@ from pathlib import Path  # noqa: E402
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS on CPU; on a GPU the CUDA allocator's peak, as the training stage reports."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -52,6 +57,8 @@ def main() -> None:
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", required=True, type=Path)
+    for k in ("max_live_parameters", "prefetch_bucket_size", "max_reuse_distance"):
+        ap.add_argument(f"--stage3-{k.replace('_', '-')}", dest=k, type=int, default=None)
     args = ap.parse_args()
 
     import torch
@@ -76,8 +83,15 @@ def main() -> None:
     if args.stage == 3:
         zero.update(stage3_param_persistence_threshold=0,
                     stage3_gather_16bit_weights_on_model_save=False)
+        for k in ("max_live_parameters", "prefetch_bucket_size", "max_reuse_distance"):
+            if getattr(args, k) is not None:
+                zero[f"stage3_{k}"] = getattr(args, k)
+    # No train_batch_size: transformers' from_pretrained builds a DeepSpeedConfig for
+    # zero.Init before DeepSpeed's communicator exists (world size 1 there), and DeepSpeed
+    # asserts train_batch_size == micro x accumulation x world size; left out, each place
+    # computes it from the other two.
     ds = {
-        "train_batch_size": args.batch, "train_micro_batch_size_per_gpu": args.micro,
+        "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": accum, "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
                                                   "weight_decay": 0.0, "torch_adam": True}},

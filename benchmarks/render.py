@@ -243,8 +243,9 @@ def scale_block(data: dict[str, Any] | None) -> str:
     extra = ""
     if others:
         old = [r for r in data["runs"] if r["label"] in others]
-        extra = (f"\nEarlier points ({', '.join(others)}: the training code before the "
-                 "change named in each point's `code` field):\n\n"
+        extra = (f"\nOther points ({', '.join(others)}: another state of the training code, "
+                 "see each point's `code` field, or other ZeRO-3 settings, its `zero3_settings`):"
+                 "\n\n"
                  + table(scale_rows(old), list(scale_rows(old)[0])) + "\n")
     return (head + body + "\n\n" + bound
             + (table(trows, list(trows[0])) + "\n" if trows else "") + extra + "\n"

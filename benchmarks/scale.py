@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -167,6 +168,7 @@ def run_ours(args: argparse.Namespace, size: str, stage: int, workers: int, mani
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         zero["param_persistence_threshold"] = 0
+        zero.update(zero3_settings(args))
     cfg = TrainConfig.model_validate(dict(
         model={"name": str(model_dir(size))},
         method={"name": "lora", "rank": 8, "alpha": 16, "target_modules": TARGETS},
@@ -176,8 +178,14 @@ def run_ours(args: argparse.Namespace, size: str, stage: int, workers: int, mani
         # one report (one step time) per step; its one-batch eval runs outside the timed step
         eval_every=1, max_eval_batches=1, eval_batch_size=1, checkpoint_every=args.steps,
         seed=0, name=f"scale-{size}-z{stage}-w{workers}"))
+    # A fresh run folder per point: Ray Train resumes from a checkpoint it finds in one.
+    (WORK / "scale" / "runs").mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(dir=WORK / "scale" / "runs", prefix=f"{cfg.name}-"))
     t0 = time.perf_counter()
-    res = train(cfg, manifest=manifest, run_dir=WORK / "scale" / "runs")
+    try:
+        res = train(cfg, manifest=manifest, run_dir=run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     wall = time.perf_counter() - t0
     hist = [r for r in res.history if r.get("step", 0) >= 1 and "step_time_s" in r]
     last = res.history[-1]
@@ -195,6 +203,16 @@ def run_ours(args: argparse.Namespace, size: str, stage: int, workers: int, mani
     }
 
 
+def zero3_settings(args: argparse.Namespace) -> dict[str, int]:
+    """``--zero3 max_live_parameters=1e8,...``: the training stage's ZeRO-3 gathering fields
+    (``zero.*``), given to the peer as DeepSpeed's ``stage3_*`` keys."""
+    out: dict[str, int] = {}
+    for item in filter(None, (args.zero3 or "").split(",")):
+        k, _, v = item.partition("=")
+        out[k.strip()] = int(float(v))
+    return out
+
+
 def run_peer(args: argparse.Namespace, size: str, stage: int, workers: int, manifest) -> dict[str, Any]:
     """The peer under ``torchrun``; each rank writes its JSON, aggregated here as ours is
     (max over ranks of memory and of each step's time, tokens summed)."""
@@ -210,7 +228,8 @@ def run_peer(args: argparse.Namespace, size: str, stage: int, workers: int, mani
            "--model", str(model_dir(size)), "--data", str(Path(manifest.path)),
            "--steps", str(args.steps), "--batch", str(args.batch), "--micro", str(args.micro),
            "--stage", str(stage), "--rank", "8", "--alpha", "16", "--targets", ",".join(TARGETS),
-           "--precision", args.precision, "--out", str(out)]
+           "--precision", args.precision, "--out", str(out),
+           *[f"--stage3-{k.replace('_', '-')}={v}" for k, v in zero3_settings(args).items()]]
     import torch
 
     env = {**os.environ, "DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -250,9 +269,19 @@ def code_state() -> dict[str, Any]:
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
+    import hashlib
+
     dirty = git("status", "--porcelain", "--", "pipelines", "peft_core")
+    # The training code that ran, whatever its commit state: a later commit of the same
+    # files has the same hash (the working-tree bytes of the training stage and peft_core).
+    h = hashlib.sha256()
+    paths = ("pipelines/train", "pipelines/models.py", "peft_core")
+    for f in sorted(git("ls-files", "--", *paths).split()
+                    + git("ls-files", "--others", "--exclude-standard", "--", *paths).split()):
+        if f.endswith(".py") and (ROOT / f).is_file():
+            h.update(f.encode() + b"\0" + (ROOT / f).read_bytes())
     return {"commit": git("rev-parse", "--short", "HEAD"), "subject": git("log", "-1", "--format=%s")[:80],
-            "training_code_modified": bool(dirty)}
+            "training_code_modified": bool(dirty), "code_sha256": h.hexdigest()[:16]}
 
 
 def one_point(args: argparse.Namespace, spec: str) -> None:
@@ -264,7 +293,7 @@ def one_point(args: argparse.Namespace, spec: str) -> None:
     rec: dict[str, Any] = {"stack": stack, "label": args.label, "size": size, "stage": stage_i,
                            "workers": workers_i, "precision": args.precision, "steps": args.steps,
                            "seq": args.seq, "batch": args.batch, "micro": args.micro,
-                           "free_gb_before": _free_gb(), **model_facts(size), "code": code_state(),
+                           "zero3_settings": zero3_settings(args), "free_gb_before": _free_gb(), **model_facts(size), "code": code_state(),
                            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         ensure_model(size)
@@ -450,8 +479,16 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="keep the JSON's other points")
     ap.add_argument("--label", default="current",
                     help="tags the points (e.g. before / after a change of the training code)")
+    ap.add_argument("--zero3", default="",
+                    help="ZeRO-3 gathering settings for both stacks, e.g. "
+                         "max_live_parameters=1e8,max_reuse_distance=0,prefetch_bucket_size=5e7 "
+                         "(default: DeepSpeed's own); tag such points with their own --label")
     ap.add_argument("--lock", default=None, help="run each point under `flock LOCK`")
     ap.add_argument("--point-timeout", type=int, default=1500)
+    ap.add_argument("--points", default=None,
+                    help="explicit comma-separated points STACK:SIZE:STAGE:WORKERS (e.g. "
+                         "ours:1b:3:2,peer:1b:3:2), run in this order; overrides the grid; "
+                         "points joined by '+' run under one hold of --lock")
     ap.add_argument("--point", default=None, help=argparse.SUPPRESS)  # stack:size:stage:workers
     ap.add_argument("--targets-only", action="store_true")
     args = ap.parse_args()
@@ -468,18 +505,31 @@ def main() -> None:
         f"ours:{s}:{z}:{w}" for s in sizes for z in args.stages.split(",") for w in args.workers.split(",")]
     if not args.skip_peer:
         points += [f"peer:{s}:3:{w}" for s in sizes for w in args.peer_workers.split(",")]
-    if not args.merge:
-        save([], merge=False)
+    if args.points:
+        points = args.points.split(",")
+        bad = [p for g in points for p in g.split("+") if len(p.split(":")) != 4
+               or p.split(":")[0] not in ("ours", "peer") or p.split(":")[1] not in SIZES]
+        if bad:
+            ap.error(f"--points: expected STACK:SIZE:STAGE:WORKERS with STACK ours|peer, got {bad}")
+    save([], merge=args.merge)  # records this command (points merge themselves, under the lock)
     passthrough = ["--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch),
                    "--micro", str(args.micro), "--precision", args.precision, "--label", args.label,
-                   "--point-timeout", str(args.point_timeout)]
-    for spec in points:
-        cmd = [sys.executable, "-m", "benchmarks.scale", "--point", spec, *passthrough]
+                   "--point-timeout", str(args.point_timeout), "--zero3", args.zero3]
+    for group in points:
+        # A group (points joined by '+') runs under one hold of the lock, each point still in
+        # its own process; every point merges itself into the JSON when it ends.
+        cmds = [[sys.executable, "-m", "benchmarks.scale", "--point", spec, *passthrough]
+                for spec in group.split("+")]
+        print(f"[{time.strftime('%H:%M:%S')}] {group}", flush=True)
         if args.lock:
-            cmd = ["flock", args.lock, "timeout", str(args.point_timeout + 120), *cmd]
-        print(f"[{time.strftime('%H:%M:%S')}] {spec}", flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=False)
-        save([], merge=True)  # records the driver's command, recomputes the targets
+            limit = (args.point_timeout + 120) * len(cmds)
+            script = " ; ".join(shlex.join(["timeout", str(args.point_timeout + 120), *c])
+                                for c in cmds)
+            subprocess.run(["flock", args.lock, "timeout", str(limit), "bash", "-c", script],
+                           cwd=ROOT, check=False)
+            continue
+        for c in cmds:
+            subprocess.run(c, cwd=ROOT, check=False)
     report(load())
 
 
