@@ -253,6 +253,38 @@ def serve_command(
         serve_app.stop()
 
 
+@app.command("export")
+def export_command(
+    model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder."),
+    dst: str = typer.Argument(..., help="Folder to write (replaced atomically)."),
+    fmt: str = typer.Option(..., "--format", help="peft (Hugging Face peft folder), merged (full "
+                            "weights, methods that merge) or vllm (LoRA folder + vllm.json)."),
+    run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI."),
+) -> None:
+    """Export a registered adapter for another server; refused with the reason when its
+    method cannot be loaded there."""
+    import tempfile
+    from pathlib import Path
+
+    from pipelines import registry, tracking
+    from pipelines.serve import ServeError
+    from pipelines.serve import export as exporter
+
+    try:
+        folder = Path(model)
+        if model.startswith("models:/"):
+            uri = tracking.resolve_uri(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
+            client = tracking.client(tracking.TrackingConfig(tracking_uri=uri), run_dir)
+            _, folder = registry.download(client, model, tempfile.mkdtemp(prefix="peftpipe-export-"))
+        elif not folder.is_dir():
+            _fail(f"model: {model!r} is neither a models:/ URI nor a folder")
+        out = exporter.export(folder, fmt, dst, name=model.rsplit("/", 1)[-1].replace("@", "-"))
+    except (ServeError, registry.RegistryError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{model} exported as {fmt}: {out}")
+
+
 def _serve(model: str, run_dir: str, tracking_uri: str | None, call):
     """Load ``model`` (folder or registry URI) and run ``call`` on it; any failure becomes
     one clear line and exit code 2."""

@@ -10,9 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import peft_core
+
 from . import registry, tracking
 from .evaluate import evaluate_adapter
-from .serve import mlflow_model, pipeline_info
+from .serve import export, mlflow_model, pipeline_info
 
 MODEL_ARTIFACT = "model"
 
@@ -47,6 +49,8 @@ def register_model(client, name: str, run_id: str, *, adapter_path: str = "adapt
         model = mlflow_model.save(adapter, Path(tmp) / "model")
         client.log_artifacts(run_id, str(model), MODEL_ARTIFACT)
         facts = mlflow_model.facts(adapter)
+        # what other servers can load (peftpipe export): readable from the version's tags
+        facts.update(export.support(peft_core.read_adapter_config(adapter), facts["task"]))
     return registry.register_candidate(client, name, run_id, artifact_path=MODEL_ARTIFACT,
                                        tags={**facts, **(tags or {})})
 

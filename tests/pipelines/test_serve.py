@@ -5,6 +5,7 @@ SmolLM2's tokenizer (saved as a folder); adapters are built directly with peft_c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,40 @@ def test_laplace_lora_answers_with_its_posterior_predictive(tmp_path) -> None:
     got = torch.tensor([[o["probabilities"][n] for n in LABELS] for o in out])
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=0)
     assert not torch.allclose(got, map_probs, atol=1e-4)  # not the MAP point
+
+
+def test_export_peft_merged_vllm_and_refusals(tmp_path, store, lm_base) -> None:
+    from pipelines.serve import export
+
+    client, exp = store
+    lm = make_adapter(tmp_path / "lm", lm_base, "causal_lm", seed=4)
+    register(client, "ex", exp, lm)
+    tags = client.get_model_version("ex", "1").tags
+    assert tags["export.peft"] == tags["export.merged"] == tags["export.vllm"] == "yes"
+    assert tags["vllm.max_lora_rank"] == "8"  # rank 4 -> vLLM's smallest setting
+    _, folder = registry.download(client, "models:/ex@champion", tmp_path / "dl")
+
+    out = export.export(folder, "vllm", tmp_path / "vllm")
+    hf = json.loads((out / "adapter_config.json").read_text())
+    assert hf["peft_type"] == "LORA" and hf["r"] == 4
+    assert json.loads((out / "vllm.json").read_text())["max_lora_rank"] == 8
+
+    # merged: a plain transformers folder whose logits are the adapter's
+    merged = export.export(folder, "merged", tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = serve.load(str(folder)).model(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    # an additive adapter: no merge, no vLLM; the reason is given
+    base = models.load_model(lm_base, "causal_lm")
+    add = peft_core.apply(base, {"name": "adapter_houlsby"}).save(
+        tmp_path / "add", pipeline={"model": lm_base, "task": "causal_lm"})
+    with pytest.raises(serve.ServeError, match="not mergeable"):
+        export.export(add, "merged", tmp_path / "x")
+    with pytest.raises(serve.ServeError, match="LoRA adapters only"):
+        export.export(add, "vllm", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
