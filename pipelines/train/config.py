@@ -41,6 +41,12 @@ class ZeroConfig(BaseModel):
     offload_optimizer: bool = False
     offload_param: bool = False
     param_persistence_threshold: int | None = Field(None, ge=0)
+    # ZeRO-3 gathering: how many gathered parameters may stay live, how far ahead to
+    # prefetch (elements), and how soon a released parameter counts as reused. None: the
+    # project's defaults (see pipelines.train.deepspeed_config.ZERO3_DEFAULTS, measured).
+    max_live_parameters: int | None = Field(None, ge=0)
+    prefetch_bucket_size: int | None = Field(None, ge=0)
+    max_reuse_distance: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _offload_needs_stage(self) -> ZeroConfig:
@@ -52,11 +58,12 @@ class ZeroConfig(BaseModel):
             raise ValueError(
                 f"zero.offload_param: parameter offload needs ZeRO stage 3, got stage {self.stage}"
             )
-        if self.param_persistence_threshold is not None and self.stage != 3:
-            raise ValueError(
-                "zero.param_persistence_threshold: only meaningful with ZeRO stage 3, "
-                f"got stage {self.stage}"
-            )
+        for field in ("param_persistence_threshold", "max_live_parameters",
+                      "prefetch_bucket_size", "max_reuse_distance"):
+            if getattr(self, field) is not None and self.stage != 3:
+                raise ValueError(
+                    f"zero.{field}: only meaningful with ZeRO stage 3, got stage {self.stage}"
+                )
         return self
 
 

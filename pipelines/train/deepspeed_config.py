@@ -12,6 +12,13 @@ from typing import Any
 
 from .config import TrainConfig
 
+#: ZeRO-3 gathering settings used when the recipe leaves them unset (None: DeepSpeed's own).
+ZERO3_DEFAULTS: dict[str, int | None] = {
+    "stage3_max_live_parameters": None,
+    "stage3_prefetch_bucket_size": None,
+    "stage3_max_reuse_distance": None,
+}
+
 
 def resolve_precision(config: TrainConfig, device_type: str) -> str:
     """``fp32`` or ``bf16``. ``auto``: bf16 on a CUDA device that supports it, else fp32.
@@ -46,6 +53,14 @@ def build(config: TrainConfig, *, device_type: str = "cpu") -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if z.stage == 3 and z.param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
+    if z.stage == 3:
+        for field, key in (("max_live_parameters", "stage3_max_live_parameters"),
+                           ("prefetch_bucket_size", "stage3_prefetch_bucket_size"),
+                           ("max_reuse_distance", "stage3_max_reuse_distance")):
+            value = getattr(z, field)
+            value = ZERO3_DEFAULTS.get(key) if value is None else value
+            if value is not None:
+                zero[key] = value
     if z.stage == 3:
         # The adapter is gathered explicitly for saving (GatheredParameters); never let
         # DeepSpeed consolidate the whole 16-bit model on save.
