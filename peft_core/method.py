@@ -5,7 +5,8 @@ dataclass. :func:`peft_core.apply` freezes the base model, then calls :meth:`Met
 everything else has a sensible default, so a simple method only writes ``inject``.
 Methods that need passes outside the training loop (a mask selected from data, a projection
 or a posterior fitted afterwards) override :meth:`prepare` / :meth:`finalize`, which the
-training stage calls for every method without knowing its name.
+training stage calls for every method without knowing its name; :meth:`on_step` runs
+before every optimizer step (a phase change within training).
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ class Method:
 
     def finalize(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
         """Called once after training (projection to a budget, posterior fit, folding)."""
+
+    def on_step(self, peft_model: nn.Module, step: int, total_steps: int) -> None:
+        """Called before optimizer step ``step`` (0-based) of ``total_steps``, on every rank
+        (e.g. diff pruning fixes its mask for the last part of training). It may change
+        buffers and frozen tensors, not trainable ones: an optimizer that keeps master
+        copies of those (DeepSpeed) would overwrite the change at its next step."""
 
     # -- merging ---------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:

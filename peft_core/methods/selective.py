@@ -6,8 +6,10 @@
   :meth:`Method.prepare` from a few training batches (see :func:`sam_scores`).
 - ``diff_pruning`` (Guo et al. 2020): ``W = W0 + z ⊙ w`` with a dense ``w`` and a
   hard-concrete gate ``z`` per entry (Louizos et al. 2018); the expected L0 norm of the gates
-  is the regulariser; :meth:`Method.finalize` projects the update onto the budget by
-  magnitude, as the paper does at the end of training.
+  is the regulariser. After ``1 - fixed_mask_fraction`` of the training steps
+  (:meth:`Method.on_step`) the update is projected onto the budget by magnitude and the
+  rest of training re-trains only the kept entries with the mask fixed, the paper's second
+  phase; :meth:`Method.finalize` projects (again, a no-op after the second phase).
 
 ``pafi`` and ``sam`` share :class:`._sparse.SparseDeltaLayer` (``W0 + scatter(idx, δ)``);
 all three save the same sparse file format, ``<module>.sparse_idx`` + ``<module>.sparse_delta``.
@@ -154,6 +156,11 @@ class DiffPruningConfig(SelectiveConfig):
     (the paper's ``λ·E[L0]`` with ``λ = l0_weight / n``, so it does not depend on model size).
     The hard-concrete gate: stretch interval (``gate_lower``, ``gate_upper``),
     ``temperature`` β and initial ``init_log_alpha`` (positive: gates start open).
+    ``fixed_mask_fraction``: the last fraction of the training steps is the paper's second
+    phase: at its start the update is projected onto the budget and only the kept entries
+    train on, with the mask fixed (0: one phase, projected at the end only).
+    ``gate_lr_ratio``: the gate logits' learning rate as a multiple of the run's (they move
+    on a logit scale, the update ``w`` on the weights' scale); they get no weight decay.
     """
 
     name = "diff_pruning"
@@ -162,10 +169,15 @@ class DiffPruningConfig(SelectiveConfig):
     gate_upper: float = 1.1
     temperature: float = 2.0 / 3.0
     init_log_alpha: float = 5.0
+    fixed_mask_fraction: float = 0.3
+    gate_lr_ratio: float = 1.0
 
     def validate(self) -> None:
         super().validate()
         n = self.name
+        check(0 <= self.fixed_mask_fraction < 1, n, "fixed_mask_fraction", "a number in [0, 1)",
+              self.fixed_mask_fraction)
+        check(self.gate_lr_ratio > 0, n, "gate_lr_ratio", "a number > 0", self.gate_lr_ratio)
         check(self.l0_weight >= 0, n, "l0_weight", "a number >= 0", self.l0_weight)
         check(self.gate_lower < 0, n, "gate_lower", "a number < 0", self.gate_lower)
         check(self.gate_upper > 1, n, "gate_upper", "a number > 1", self.gate_upper)
@@ -193,6 +205,16 @@ class DiffPruningLayer(MergeableLayer):
         self.lower, self.upper, self.beta = config.gate_lower, config.gate_upper, config.temperature
         self.merged = False
         self.pending_l0: torch.Tensor | None = None
+        # The second phase's fixed gate (the projected ẑ at kept entries, 0 elsewhere) is a
+        # frozen parameter, not a rewrite of w or the logits: an optimizer holding master
+        # copies of the trainable tensors (DeepSpeed) would overwrite such a rewrite at its
+        # next step, and as a parameter ZeRO-3 partitions it like w. Both it and the flag
+        # are in the state dict, so a resumed run stays in its phase.
+        self.dp_fixed_gate: nn.Parameter | None = None
+        if config.fixed_mask_fraction > 0:
+            self.dp_fixed_gate = nn.Parameter(
+                torch.zeros(self.d_out, self.d_in, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.register_buffer("dp_mask_fixed", torch.zeros((), dtype=torch.bool, device=w.device))
 
     @property
     def numel(self) -> int:
@@ -216,16 +238,37 @@ class DiffPruningLayer(MergeableLayer):
         shift = self.beta * math.log(-self.lower / self.upper)
         return torch.sigmoid(self.dp_log_alpha - shift).sum()
 
+    @property
+    def fixed(self) -> bool:
+        """In the second phase: the mask is fixed and only the kept entries of w train."""
+        return bool(self.dp_mask_fixed)
+
     def delta_weight(self, sample: bool | None = None) -> torch.Tensor:
+        if self.fixed:
+            return self.dp_fixed_gate * self.dp_weight
         return self.gate(sample) * self.dp_weight
+
+    def fix_mask(self, idx: torch.Tensor) -> None:
+        """Enter the second phase keeping the flat entries ``idx``: the update there stays
+        what it is (ẑ ⊙ w, ẑ frozen), everywhere else it is zero; w keeps training."""
+        with torch.no_grad(), partition.whole([self.dp_weight, self.dp_log_alpha]):
+            gate = self.gate(sample=False).reshape(-1)
+        fixed = torch.zeros_like(gate)
+        fixed[idx] = gate[idx]
+        with torch.no_grad(), partition.whole([self.dp_fixed_gate], modified=True):
+            self.dp_fixed_gate.copy_(fixed.view(self.d_out, self.d_in))
+        self.dp_mask_fixed.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
         if self.training and torch.is_grad_enabled():
             # Computed here, where ZeRO-3 has the gate logits gathered, and picked up by
-            # DiffPruning.regularizer after the forward.
-            self.pending_l0 = self.expected_l0()
+            # DiffPruning.regularizer after the forward. In the second phase the logits no
+            # longer act (the term is zero), but they stay in the graph with a zero
+            # gradient: ZeRO's gradient reduction expects the same parameters every step.
+            l0 = self.expected_l0()
+            self.pending_l0 = l0 * 0.0 if self.fixed else l0
         delta = self.delta_weight()
         if targets.is_conv1d(self.base):
             delta = delta.T
@@ -236,14 +279,22 @@ class DiffPruningLayer(MergeableLayer):
         return [p for p in (self.base.weight, self.base.bias) if p is not None]
 
     def take_l0(self) -> torch.Tensor:
-        """The expected L0 of the last training forward (once), else computed now."""
+        """The expected L0 of the last training forward (once), else computed now (zero in
+        the second phase, where the gates no longer act)."""
         l0, self.pending_l0 = self.pending_l0, None
-        return l0 if l0 is not None else self.expected_l0()
+        if l0 is None:
+            l0 = self.expected_l0()
+            l0 = l0 * 0.0 if self.fixed else l0
+        return l0
 
     def _fold(self, sign: float) -> None:
         with torch.no_grad():
             dense = targets.dense_weight(self.base)
             dense.add_(self.delta_weight(sample=False).to(dense.dtype), alpha=sign)
+
+
+def _layer_params(layer: DiffPruningLayer) -> list[nn.Parameter]:
+    return [p for p in (layer.dp_weight, layer.dp_log_alpha, layer.dp_fixed_gate) if p is not None]
 
 
 def diff_pruning_layers(model: nn.Module) -> list[tuple[str, DiffPruningLayer]]:
@@ -256,8 +307,13 @@ class DiffPruning(Method):
     the entries whose deterministic update ``ẑ ⊙ w`` is non-zero, which after
     :meth:`finalize` are exactly the budget. Loading puts them back as ``w`` with gates
     fully open (and closed elsewhere), so the loaded model computes the same function.
-    The paper's optional second phase (re-training the kept entries with the mask fixed)
-    is not run here."""
+
+    The paper's second phase (re-training the kept entries with the mask fixed) starts in
+    :meth:`on_step` once ``1 - fixed_mask_fraction`` of the steps are done: the update is
+    projected onto the budget exactly as in :meth:`finalize`, but by fixing each layer's
+    mask (a frozen gate and a flag, see :class:`DiffPruningLayer`), not by rewriting the
+    trainable tensors, which an optimizer's master copies would undo. A training loop that
+    never calls ``on_step`` gets the one-phase method, projected in ``finalize``."""
 
     config_cls = DiffPruningConfig
     family = "selective"
@@ -277,14 +333,64 @@ class DiffPruning(Method):
         total = sum(layer.numel for layer in layers)
         return self.config.l0_weight * torch.stack([layer.take_l0() for layer in layers]).sum() / total
 
+    def param_groups(
+        self, named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
+        # Gate logits: their own rate and no decay (decay would pull every gate to half-open).
+        gates = [p for n, p in named_params if n.endswith(".dp_log_alpha")]
+        rest = [(n, p) for n, p in named_params if not n.endswith(".dp_log_alpha")]
+        groups = super().param_groups(rest, lr, weight_decay)
+        if gates:
+            groups.append({"name": "gates", "params": gates,
+                           "lr": lr * self.config.gate_lr_ratio, "weight_decay": 0.0})
+        return groups
+
+    def mask_fix_step(self, total_steps: int) -> int | None:
+        """The first step of the second phase in a run of ``total_steps``, or None."""
+        if self.config.fixed_mask_fraction == 0 or total_steps < 2:
+            return None
+        return min(total_steps - 1, round(total_steps * (1 - self.config.fixed_mask_fraction)))
+
+    def on_step(self, peft_model: nn.Module, step: int, total_steps: int) -> None:
+        start = self.mask_fix_step(total_steps)
+        layers = [layer for _, layer in diff_pruning_layers(peft_model.base_model)]
+        if start is None or step < start or not layers or all(layer.fixed for layer in layers):
+            return
+        keep = self._budget_indices(layers)
+        for layer, idx in zip(layers, keep):
+            layer.fix_mask(idx)
+
+    def _budget_indices(self, layers: list[DiffPruningLayer]) -> list[torch.Tensor]:
+        """The flat entries the projection keeps per layer (as :meth:`finalize` chooses
+        them), with one layer's tensors gathered at a time under ZeRO-3 (the selection
+        streams over them); for passes between training steps, where nothing is gathered."""
+        k = budget_count(sum(layer.numel for layer in layers), self.config.budget)
+
+        def deltas():
+            for layer in layers:
+                with torch.no_grad(), partition.whole(_layer_params(layer)):
+                    yield layer.delta_weight(sample=False).abs().float().clone()
+
+        nonzero = sum(int(torch.count_nonzero(d)) for d in deltas())
+        if nonzero <= k:
+            return [torch.nonzero(d.reshape(-1)).reshape(-1) for d in deltas()]
+        return global_topk(deltas(), k, largest=True)
+
     def finalize(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
         """Project the update onto the budget: keep the ``k`` largest ``|ẑ ⊙ w|`` over all
-        targets (fewer if fewer are non-zero), zero the rest, and pin the gates."""
+        targets (fewer if fewer are non-zero), zero the rest, and pin the gates. After the
+        second phase this keeps its mask and values and leaves the first-phase form (w at
+        the kept entries, gates pinned open there and closed elsewhere) that files load as."""
         layers = [layer for _, layer in diff_pruning_layers(peft_model.base_model)]
         if any(layer.merged for layer in layers):
             raise PeftError("diff_pruning.finalize: unmerge the adapter before projecting it")
+        # Under ZeRO-3 the training stage has gathered the trainable tensors around this
+        # pass (a nested gather would release them early); the frozen fixed gate it has not.
         with torch.no_grad():
-            deltas = [layer.delta_weight(sample=False) for layer in layers]
+            deltas = []
+            for layer in layers:
+                with partition.whole([layer.dp_fixed_gate] if layer.fixed else []):
+                    deltas.append(layer.delta_weight(sample=False))
             k = budget_count(sum(layer.numel for layer in layers), self.config.budget)
             nonzero = sum(int(torch.count_nonzero(d)) for d in deltas)
             if nonzero <= k:
@@ -299,12 +405,16 @@ class DiffPruning(Method):
                 la[idx] = _OPEN
                 layer.dp_weight.copy_(w.view_as(layer.dp_weight))
                 layer.dp_log_alpha.copy_(la.view_as(layer.dp_log_alpha))
+                layer.dp_mask_fixed.fill_(False)
 
     def density(self, model: nn.Module) -> float:
         """Fraction of target entries whose deterministic update is non-zero."""
         layers = [layer for _, layer in diff_pruning_layers(model)]
+        nnz = 0
         with torch.no_grad():
-            nnz = sum(int(torch.count_nonzero(layer.delta_weight(sample=False))) for layer in layers)
+            for layer in layers:
+                with partition.whole(_layer_params(layer)):
+                    nnz += int(torch.count_nonzero(layer.delta_weight(sample=False)))
         return nnz / sum(layer.numel for layer in layers)
 
     def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -312,7 +422,11 @@ class DiffPruning(Method):
         for name, layer in diff_pruning_layers(model):
             w = out.pop(f"{name}.dp_weight")
             la = out.pop(f"{name}.dp_log_alpha")
-            gate = (torch.sigmoid(la) * (layer.upper - layer.lower) + layer.lower).clamp(0.0, 1.0)
+            if layer.fixed:  # a checkpoint saved during the second phase
+                with torch.no_grad(), partition.whole([layer.dp_fixed_gate]):
+                    gate = layer.dp_fixed_gate.detach().clone().to(w.device, w.dtype)
+            else:
+                gate = (torch.sigmoid(la) * (layer.upper - layer.lower) + layer.lower).clamp(0.0, 1.0)
             delta = (gate * w).reshape(-1)
             idx = torch.nonzero(delta).reshape(-1)
             out[f"{name}{IDX_SUFFIX}"] = encode_sparse(idx, layer.numel)

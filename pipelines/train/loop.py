@@ -1,7 +1,7 @@
 """What each Ray Train worker runs: base model -> peft_core method -> DeepSpeed -> loop.
 
 The loop knows no method by name: it calls the method's hooks (``prepare`` before training,
-``regularizer`` every step, ``finalize`` after) through :class:`peft_core.PeftModel`, and
+``on_step`` and ``regularizer`` every step, ``finalize`` after) through :class:`peft_core.PeftModel`, and
 optimises the method's own parameter groups.
 """
 
@@ -300,6 +300,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     engine.train()
     static["first_step_s"] = M.all_reduce([time.perf_counter() - started], "max")[0]
     while step < config.max_steps:
+        peft_model.method.on_step(peft_model, step, config.max_steps)  # e.g. a phase change
         window.start_step()
         for mb in batches.micro_batches(step):
             mb = _to(mb, device)

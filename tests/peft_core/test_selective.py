@@ -3,6 +3,7 @@ what merging changes and what the adapter file holds."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -259,3 +260,86 @@ def test_sam_prepare_leaves_every_module_in_its_own_mode() -> None:
     pm.prepare([tiny.batch("bert")])
     assert {n: m.training for n, m in pm.named_modules()} == modes
     assert not any(layer.base.weight.requires_grad for _, layer in sparse_layers(pm.base_model))
+
+
+def test_diff_pruning_second_phase_trains_only_the_kept_entries(arch: str, tmp_path) -> None:
+    # The paper's second phase, driven as the training loop drives it (on_step before each
+    # optimizer step): gated steps, then the projection to the budget, then fixed-mask steps.
+    torch.manual_seed(0)
+    budget, steps = 0.01, 10
+    pm = peft_core.apply(tiny.model(arch), {"name": "diff_pruning", "budget": budget,
+                                            "fixed_mask_fraction": 0.5, "gate_lr_ratio": 10.0})
+    assert pm.method.mask_fix_step(steps) == 5
+    groups = {g["name"]: g for g in pm.param_groups(lr=1e-2, weight_decay=0.1)}
+    assert groups["gates"]["lr"] == pytest.approx(0.1) and groups["gates"]["weight_decay"] == 0.0
+    opt = torch.optim.AdamW(pm.param_groups(lr=1e-2, weight_decay=0.1))
+    layers = [layer for _, layer in diff_pruning_layers(pm.base_model)]
+    b, probe = tiny.batch(arch), tiny.batch(arch, seed=3)
+    at_fix = None
+    pm.train()
+    for step in range(steps):
+        if step == 5:
+            projected = copy.deepcopy(pm)
+            projected.finalize([b])
+        pm.method.on_step(pm, step, steps)
+        if step == 5:
+            assert all(layer.fixed for layer in layers)
+            at_fix = [layer.delta_weight(sample=False).detach().clone() for layer in layers]
+            masks = [d != 0 for d in at_fix]
+            kept = sum(int(m.sum()) for m in masks)
+            assert abs(kept / sum(layer.numel for layer in layers) - budget) / budget < 0.01
+            # fixing the mask is the projection: the same function as finalize() gives
+            pm.eval()
+            fixed_logits = tiny.logits(pm, probe)
+            torch.testing.assert_close(fixed_logits, tiny.logits(projected.eval(), probe),
+                                       atol=1e-6, rtol=1e-6)
+            pm.train()
+        assert all(layer.fixed for layer in layers) == (step >= 5)
+        loss = pm(**b).loss
+        reg = pm.regularizer()
+        if step >= 5:  # the gates no longer act: no L0 term, no gradient on their logits
+            assert float(reg.detach()) == 0.0
+        opt.zero_grad()
+        (loss + reg).backward()
+        if step >= 5:
+            assert all(not layer.dp_log_alpha.grad.any() for layer in layers)
+            assert all(not layer.dp_weight.grad[~m].any() for layer, m in zip(layers, masks))
+        opt.step()
+    after = [layer.delta_weight(sample=False).detach() for layer in layers]
+    moved = 0
+    for a, d, m in zip(after, at_fix, masks):
+        assert not a[~m].any(), "an entry outside the fixed mask became non-zero"
+        moved += int((a[m] != d[m]).sum())
+    assert moved > 0.9 * kept  # the kept entries did train on
+
+    pm.eval()
+    before_finalize = tiny.logits(pm, probe)
+    pm.finalize([b])
+    assert not any(layer.fixed for layer in layers)
+    torch.testing.assert_close(tiny.logits(pm, probe), before_finalize, atol=1e-6, rtol=1e-6)
+    assert abs(pm.method.density(pm.base_model) - budget) / budget < 0.01
+    assert not torch.allclose(before_finalize, fixed_logits)
+    pm.save(tmp_path / "a")
+    loaded = peft_core.load_adapter(tiny.model(arch), tmp_path / "a")
+    torch.testing.assert_close(tiny.logits(loaded, probe), before_finalize, atol=1e-6, rtol=1e-6)
+
+
+def test_diff_pruning_checkpoint_in_the_second_phase_holds_its_function(tmp_path) -> None:
+    # An adapter saved mid-second-phase (a periodic checkpoint) encodes ẑ_fixed ⊙ w.
+    arch = "llama"
+    torch.manual_seed(0)
+    pm = peft_core.apply(tiny.model(arch), {"name": "diff_pruning", "budget": 0.02})
+    opt = torch.optim.AdamW(pm.param_groups(lr=1e-2, weight_decay=0.0))
+    b = tiny.batch(arch)
+    pm.train()
+    for step in range(4):
+        pm.method.on_step(pm, step, 4)
+        loss = pm(**b).loss + pm.regularizer()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(layer.fixed for _, layer in diff_pruning_layers(pm.base_model))
+    pm.eval()
+    pm.save(tmp_path / "a")
+    loaded = peft_core.load_adapter(tiny.model(arch), tmp_path / "a")
+    torch.testing.assert_close(tiny.logits(loaded, b), tiny.logits(pm, b), atol=1e-6, rtol=1e-6)
