@@ -433,11 +433,22 @@ def rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     else f"{r['peak_mem_mb'] / b:.2f}",
                     "step s": f("step_time_s", 2), "tokens/s": f("tokens_per_s"),
                     "first step s": f("first_step_s", 1),
-                    "error": (r.get("error") or "")[:60]})
+                    "error": ((r.get("error") or "").splitlines() or [""])[0][:60]})
     return out
 
 
 def save(new: list[dict[str, Any]], *, merge: bool) -> Path:
+    """Merge ``new`` into the JSON (read-modify-write under a lock file: drivers and points
+    of several invocations may write at once)."""
+    import fcntl
+
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(tempfile.gettempdir()) / "peftpipe-scale-json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _save(new, merge=merge)
+
+
+def _save(new: list[dict[str, Any]], *, merge: bool) -> Path:
     old = load() if merge else {}
     fresh = {tuple(r[k] for k in KEY) for r in new}
     runs = [r for r in old.get("runs", []) if tuple(r[k] for k in KEY) not in fresh] + new
@@ -445,7 +456,7 @@ def save(new: list[dict[str, Any]], *, merge: bool) -> Path:
     judged = [r for r in runs if r["label"] == lab]
     cmds = old.get("commands", [])
     cmd = " ".join(["python -m benchmarks.scale", *sys.argv[1:]])
-    if "--point" not in sys.argv and cmd not in cmds:
+    if not {"--point", "--targets-only"} & set(sys.argv) and cmd not in cmds:
         cmds = [*cmds, cmd]
     return write_json("scale", {
         "settings": {"lora": {"rank": 8, "alpha": 16, "target_modules": TARGETS},
