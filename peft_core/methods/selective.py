@@ -159,6 +159,9 @@ class DiffPruningConfig(SelectiveConfig):
     ``fixed_mask_fraction``: the last fraction of the training steps is the paper's second
     phase: at its start the update is projected onto the budget and only the kept entries
     train on, with the mask fixed (0: one phase, projected at the end only).
+    ``fixed_mask_lr_ratio``: how much faster the kept entries move in the second phase than
+    w did in the first (the dense first phase needs full fine-tuning's small rate; a sparse
+    update trains at a larger one, as PaFi's and SAM's do).
     ``gate_lr_ratio``: the gate logits' learning rate as a multiple of the run's (they move
     on a logit scale, the update ``w`` on the weights' scale); they get no weight decay.
     """
@@ -170,6 +173,7 @@ class DiffPruningConfig(SelectiveConfig):
     temperature: float = 2.0 / 3.0
     init_log_alpha: float = 5.0
     fixed_mask_fraction: float = 0.3
+    fixed_mask_lr_ratio: float = 1.0
     gate_lr_ratio: float = 1.0
 
     def validate(self) -> None:
@@ -178,6 +182,8 @@ class DiffPruningConfig(SelectiveConfig):
         check(0 <= self.fixed_mask_fraction < 1, n, "fixed_mask_fraction", "a number in [0, 1)",
               self.fixed_mask_fraction)
         check(self.gate_lr_ratio > 0, n, "gate_lr_ratio", "a number > 0", self.gate_lr_ratio)
+        check(self.fixed_mask_lr_ratio > 0, n, "fixed_mask_lr_ratio", "a number > 0",
+              self.fixed_mask_lr_ratio)
         check(self.l0_weight >= 0, n, "l0_weight", "a number >= 0", self.l0_weight)
         check(self.gate_lower < 0, n, "gate_lower", "a number < 0", self.gate_lower)
         check(self.gate_upper > 1, n, "gate_upper", "a number > 1", self.gate_upper)
@@ -205,15 +211,20 @@ class DiffPruningLayer(MergeableLayer):
         self.lower, self.upper, self.beta = config.gate_lower, config.gate_upper, config.temperature
         self.merged = False
         self.pending_l0: torch.Tensor | None = None
-        # The second phase's fixed gate (the projected ẑ at kept entries, 0 elsewhere) is a
-        # frozen parameter, not a rewrite of w or the logits: an optimizer holding master
-        # copies of the trainable tensors (DeepSpeed) would overwrite such a rewrite at its
-        # next step, and as a parameter ZeRO-3 partitions it like w. Both it and the flag
-        # are in the state dict, so a resumed run stays in its phase.
+        # The second phase's update is ``c + r·g ⊙ w``: g the projected ẑ at kept entries (0
+        # elsewhere), r = fixed_mask_lr_ratio, c = (1 - r)·g ⊙ w_fix so that it starts at
+        # exactly the projected update and moves r times as fast. g and c are frozen
+        # parameters, not a rewrite of w or the logits: an optimizer holding master copies
+        # of the trainable tensors (DeepSpeed) would overwrite such a rewrite at its next
+        # step, and as parameters ZeRO-3 partitions them like w. They and the flag are in
+        # the state dict, so a resumed run stays in its phase.
+        self.lr_ratio = config.fixed_mask_lr_ratio
         self.dp_fixed_gate: nn.Parameter | None = None
+        self.dp_fixed_offset: nn.Parameter | None = None
         if config.fixed_mask_fraction > 0:
-            self.dp_fixed_gate = nn.Parameter(
+            self.dp_fixed_gate, self.dp_fixed_offset = (nn.Parameter(
                 torch.zeros(self.d_out, self.d_in, dtype=w.dtype, device=w.device), requires_grad=False)
+                for _ in range(2))
         self.register_buffer("dp_mask_fixed", torch.zeros((), dtype=torch.bool, device=w.device))
 
     @property
@@ -245,7 +256,7 @@ class DiffPruningLayer(MergeableLayer):
 
     def delta_weight(self, sample: bool | None = None) -> torch.Tensor:
         if self.fixed:
-            return self.dp_fixed_gate * self.dp_weight
+            return self.dp_fixed_offset + self.lr_ratio * self.dp_fixed_gate * self.dp_weight
         return self.gate(sample) * self.dp_weight
 
     def fix_mask(self, idx: torch.Tensor) -> None:
@@ -253,11 +264,18 @@ class DiffPruningLayer(MergeableLayer):
         what it is (ẑ ⊙ w, ẑ frozen), everywhere else it is zero; w keeps training."""
         with torch.no_grad(), partition.whole([self.dp_weight, self.dp_log_alpha]):
             gate = self.gate(sample=False).reshape(-1)
+            w = self.dp_weight.detach().reshape(-1).clone()
         fixed = torch.zeros_like(gate)
         fixed[idx] = gate[idx]
-        with torch.no_grad(), partition.whole([self.dp_fixed_gate], modified=True):
+        offset = (1.0 - self.lr_ratio) * fixed * w
+        with torch.no_grad(), partition.whole(self.fixed_params(), modified=True):
             self.dp_fixed_gate.copy_(fixed.view(self.d_out, self.d_in))
+            self.dp_fixed_offset.copy_(offset.view(self.d_out, self.d_in))
         self.dp_mask_fixed.fill_(True)
+
+    def fixed_params(self) -> list[nn.Parameter]:
+        """The second phase's frozen tensors (none when it is off)."""
+        return [p for p in (self.dp_fixed_gate, self.dp_fixed_offset) if p is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -294,7 +312,7 @@ class DiffPruningLayer(MergeableLayer):
 
 
 def _layer_params(layer: DiffPruningLayer) -> list[nn.Parameter]:
-    return [p for p in (layer.dp_weight, layer.dp_log_alpha, layer.dp_fixed_gate) if p is not None]
+    return [layer.dp_weight, layer.dp_log_alpha, *layer.fixed_params()]
 
 
 def diff_pruning_layers(model: nn.Module) -> list[tuple[str, DiffPruningLayer]]:
@@ -389,7 +407,7 @@ class DiffPruning(Method):
         with torch.no_grad():
             deltas = []
             for layer in layers:
-                with partition.whole([layer.dp_fixed_gate] if layer.fixed else []):
+                with partition.whole(layer.fixed_params() if layer.fixed else []):
                     deltas.append(layer.delta_weight(sample=False))
             k = budget_count(sum(layer.numel for layer in layers), self.config.budget)
             nonzero = sum(int(torch.count_nonzero(d)) for d in deltas)
@@ -423,11 +441,12 @@ class DiffPruning(Method):
             w = out.pop(f"{name}.dp_weight")
             la = out.pop(f"{name}.dp_log_alpha")
             if layer.fixed:  # a checkpoint saved during the second phase
-                with torch.no_grad(), partition.whole([layer.dp_fixed_gate]):
-                    gate = layer.dp_fixed_gate.detach().clone().to(w.device, w.dtype)
+                with torch.no_grad(), partition.whole(layer.fixed_params()):
+                    g, c = (p.detach().clone().to(w.device, w.dtype) for p in layer.fixed_params())
+                delta = (c + layer.lr_ratio * g * w).reshape(-1)
             else:
                 gate = (torch.sigmoid(la) * (layer.upper - layer.lower) + layer.lower).clamp(0.0, 1.0)
-            delta = (gate * w).reshape(-1)
+                delta = (gate * w).reshape(-1)
             idx = torch.nonzero(delta).reshape(-1)
             out[f"{name}{IDX_SUFFIX}"] = encode_sparse(idx, layer.numel)
             out[f"{name}{DELTA_SUFFIX}"] = delta[idx].contiguous()

@@ -268,7 +268,8 @@ def test_diff_pruning_second_phase_trains_only_the_kept_entries(arch: str, tmp_p
     torch.manual_seed(0)
     budget, steps = 0.01, 10
     pm = peft_core.apply(tiny.model(arch), {"name": "diff_pruning", "budget": budget,
-                                            "fixed_mask_fraction": 0.5, "gate_lr_ratio": 10.0})
+                                            "fixed_mask_fraction": 0.5, "gate_lr_ratio": 10.0,
+                                            "fixed_mask_lr_ratio": 5.0})
     assert pm.method.mask_fix_step(steps) == 5
     groups = {g["name"]: g for g in pm.param_groups(lr=1e-2, weight_decay=0.1)}
     assert groups["gates"]["lr"] == pytest.approx(0.1) and groups["gates"]["weight_decay"] == 0.0
