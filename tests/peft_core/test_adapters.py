@@ -419,9 +419,10 @@ def test_coda_layer_is_a_coda_ffn_on_bert_split_ffn() -> None:
 
 def test_coda_routing_every_token_is_the_parallel_adapter(arch: str) -> None:
     """With route_fraction = 1 at inference, CoDA computes exactly FFN(x) + s·A(x)."""
-    par = peft_core.apply(tiny.model(arch), {"name": "adapter_parallel", "bottleneck": 3})
+    par = peft_core.apply(tiny.model(arch), {"name": "adapter_parallel", "bottleneck": 3, "scaling": 4.0})
     _perturb(par)
-    coda = peft_core.apply(tiny.model(arch), {"name": "coda", "bottleneck": 3, "route_fraction": 1.0})
+    coda = peft_core.apply(tiny.model(arch), {"name": "coda", "bottleneck": 3, "route_fraction": 1.0,
+                                              "scaling": 4.0})
     block_fmt, _, _, ffn_in, ffn_out = HOOKS[arch]
     with torch.no_grad():
         for i in range(LAYERS):
