@@ -34,6 +34,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MB = 2**20
 TARGET = 0.20  # |predicted / measured - 1| at most this at every point
+#: DeepSpeed 0.19's ZeRO-3 defaults (deepspeed/runtime/zero/config.py)
+DS_DEFAULT_ZERO3 = {"max_live_parameters": 1e9, "max_reuse_distance": 1e9,
+                    "prefetch_bucket_size": 5e7}
 
 
 # -- overhead ---------------------------------------------------------------------------------
@@ -150,13 +153,17 @@ def compare(args: argparse.Namespace) -> dict | None:
                      "method": method, "num_workers": workers, "batch_size": run["batch"],
                      "micro_batch_size": run["micro"], "precision": run["precision"],
                      "zero": zero}
-            p = P.plan_train(train, max_length=int(run["seq"]), task="causal_lm")
+            # Each run with the ZeRO-3 settings it ran with: recorded ones, else DeepSpeed's
+            # defaults (runs before our config set any), not whatever the code sets today.
+            settings = run.get("zero3_settings") or DS_DEFAULT_ZERO3
+            p = P.plan_train(train, max_length=int(run["seq"]), task="causal_lm",
+                             zero_settings=settings if stage == 3 else None)
             c = p.choice(stage, "none")
             pred = {"peak_mem_mb": c.peak / MB,
                     "load_peak_mem_mb": (c.overhead + c.load_peak) / MB,
                     "param_mem_mb": (c.base_params + c.trainable_params) / MB}
             row = {"label": run.get("label"), "size": run["size"], "zero": stage,
-                   "workers": workers}
+                   "workers": workers, "zero3_settings": settings if stage == 3 else None}
             worst = 0.0
             for k, v in pred.items():
                 meas = run.get(k)

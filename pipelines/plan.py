@@ -505,16 +505,26 @@ def describe_model(name: str, method_cfg: Mapping[str, Any], *, task: str, micro
 
 # -- the accounting ---------------------------------------------------------------------------
 
-def _ds_settings(train_cfg) -> dict[str, float]:
-    """Bucket sizes and thresholds as our DeepSpeed config sets them (defaults otherwise)."""
+def _ds_settings(train_cfg, device_type: str,
+                 overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Bucket sizes and thresholds as our DeepSpeed config sets them for ``device_type``
+    (DeepSpeed's defaults otherwise); ``overrides`` (``stage3_`` prefix optional) win."""
     from .train.deepspeed_config import build
 
-    ds = build(train_cfg.model_copy(update={"precision": "fp32"}), device_type="cpu")
+    try:
+        ds = build(train_cfg.model_copy(update={"precision": "fp32"}), device_type=device_type)
+    except TypeError:  # pragma: no cover - a build() without device_type
+        ds = build(train_cfg.model_copy(update={"precision": "fp32"}))
     zero = ds.get("zero_optimization", {})
     out = dict(_DS_DEFAULTS)
     for k in out:
         if k in zero:
             out[k] = float(zero[k])
+    for k, v in (overrides or {}).items():
+        key = k if k in out else f"stage3_{k}"
+        if key not in out:
+            raise PlanError(f"zero settings: unknown {k!r}; expected one of {sorted(out)}")
+        out[key] = float(v)
     return out
 
 
@@ -634,12 +644,13 @@ def _ram_per_rank(ranks: int) -> int:
 
 def plan_train(train: Any, *, max_length: int, task: str = "causal_lm", gpus: int | None = None,
                gpu_mem_bytes: int | None = None, nodes: int | None = None,
-               num_labels: int = 2) -> Plan:
+               num_labels: int = 2, zero_settings: Mapping[str, float] | None = None) -> Plan:
     """Plan a :class:`pipelines.train.TrainConfig` (or its dict) at sequence ``max_length``.
 
     ``gpus``: total GPUs over ``nodes`` nodes (None plans CPU ranks: ``train.num_workers``
     processes); ``gpu_mem_bytes``: memory per device (per process on CPU; default the
-    machine's RAM split over the ranks).
+    machine's RAM split over the ranks). ``zero_settings``: DeepSpeed ZeRO values to plan
+    with instead of our config's (e.g. ``{"max_reuse_distance": 0}``, what a past run used).
     """
     from pydantic import ValidationError
 
@@ -668,7 +679,7 @@ def plan_train(train: Any, *, max_length: int, task: str = "causal_lm", gpus: in
                                   micro=train.micro_batch_size, seq=max_length,
                                   precision=precision, num_labels=num_labels,
                                   gradient_checkpointing=train.gradient_checkpointing)
-    ds = _ds_settings(train)
+    ds = _ds_settings(train, "cuda" if gpu else "cpu", zero_settings)
     overhead = GPU_PROCESS_OVERHEAD_BYTES if gpu else CPU_PROCESS_OVERHEAD_BYTES
     choices = []
     for stage in (0, 1, 2, 3):
