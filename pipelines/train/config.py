@@ -43,7 +43,8 @@ class ZeroConfig(BaseModel):
     param_persistence_threshold: int | None = Field(None, ge=0)
     # ZeRO-3 gathering: how many gathered parameters may stay live, how far ahead to
     # prefetch (elements), and how soon a released parameter counts as reused. None: the
-    # project's defaults (see pipelines.train.deepspeed_config.ZERO3_DEFAULTS, measured).
+    # memory-lean values on CPU workers (deepspeed_config.ZERO3_CPU_DEFAULTS, measured),
+    # DeepSpeed's own on GPUs.
     max_live_parameters: int | None = Field(None, ge=0)
     prefetch_bucket_size: int | None = Field(None, ge=0)
     max_reuse_distance: int | None = Field(None, ge=0)

@@ -69,6 +69,17 @@ def test_deepspeed_config_per_stage() -> None:
     d0 = dsc.build(cfg(grad_clip=None, optimizer="deepspeed"))
     assert d0["zero_optimization"] == {"stage": 0}
     assert "gradient_clipping" not in d0 and "torch_adam" not in d0["optimizer"]["params"]
+    # ZeRO-3 gathering: memory-lean on CPU unless the recipe says otherwise, DeepSpeed's
+    # own defaults on GPUs
+    assert z["stage3_max_live_parameters"] == dsc.ZERO3_CPU_DEFAULTS["stage3_max_live_parameters"]
+    assert z["stage3_prefetch_bucket_size"] == 0 and z["stage3_max_reuse_distance"] == 0
+    z3 = cfg(zero={"stage": 3, "max_live_parameters": 123, "prefetch_bucket_size": 7})
+    zc = dsc.build(z3, device_type="cpu")["zero_optimization"]
+    assert zc["stage3_max_live_parameters"] == 123 and zc["stage3_prefetch_bucket_size"] == 7
+    zg = dsc.build(cfg(zero={"stage": 3}), device_type="cuda")["zero_optimization"]
+    assert not any(k in zg for k in dsc.ZERO3_CPU_DEFAULTS)
+    with pytest.raises(ValueError, match="zero.max_live_parameters: only meaningful with ZeRO stage 3"):
+        cfg(zero={"stage": 2, "max_live_parameters": 1})
     # An explicit bf16 runs on CPU too (the GPU code path, testable here); auto stays fp32.
     assert dsc.build(cfg(precision="bf16"), device_type="cpu")["bf16"]["enabled"] is True
     assert dsc.build(cfg(precision="auto"), device_type="cpu")["bf16"]["enabled"] is False
