@@ -264,3 +264,22 @@ def test_every_method_trains_under_zero3(ray_cluster, lm, tmp_path, name) -> Non
     assert saved.get("folded", True) is True, saved
     assert reloaded_eval_loss(res.adapter_dir, model, data) == pytest.approx(
         h[-1]["eval_loss"], abs=1e-4)
+
+
+def test_bf16_zero3_trains_with_the_base_in_bf16(ray_cluster, lm, tmp_path) -> None:
+    """``precision: bf16`` (the GPU setting) runs on CPU too: the base is built partitioned
+    in bf16 (half the parameter bytes of fp32), DeepSpeed keeps fp32 masters of the
+    adapter, the loss falls, and the saved adapter reloads onto the fp32 base."""
+    model, data = lm
+    res = train(lm_config(model, zero=ZERO["zero3"], precision="bf16", max_steps=4,
+                          eval_every=4, checkpoint_every=4), manifest=data, run_dir=tmp_path / "r")
+    h = res.history
+    assert h[-1]["precision"] == "bf16"
+    assert h[-1]["eval_loss"] < h[0]["eval_loss"] - 0.05, [r["eval_loss"] for r in h]
+    ref = run_once("zero3", lm_config(model, zero=ZERO["zero3"]), data, tmp_path / "ref")
+    assert h[-1]["param_mem_mb"] < 0.6 * ref.history[-1]["param_mem_mb"]
+    state = adapter(res)
+    assert state and all(t.numel() > 0 for t in state.values())
+    # the identity of a base does not depend on the dtype it was loaded in
+    pm = peft_core.load_adapter(models.load_model(str(model), "causal_lm"), res.adapter_dir)
+    assert pm.summary()["trainable_params"] == res.metrics["trainable_params"]
