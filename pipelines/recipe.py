@@ -323,6 +323,8 @@ def _fit_warmup(original: dict[str, Any], raw: dict[str, Any], overrides: list[s
     if any(o.partition("=")[0].strip() == "train.warmup_steps" for o in overrides):
         return []
     old, new = original.get("train") or {}, raw.get("train") or {}
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []  # a malformed section: Recipe validation names it
     warm, before, after = new.get("warmup_steps"), old.get("max_steps"), new.get("max_steps")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (warm, before, after)):
         return []
