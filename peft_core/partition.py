@@ -40,11 +40,6 @@ def is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id") and hasattr(p, "ds_shape")
 
 
-def shape(p: torch.Tensor) -> torch.Size:
-    """The full shape of ``p``, partitioned or not."""
-    return torch.Size(getattr(p, "ds_shape", p.shape))
-
-
 def any_partitioned(module: nn.Module) -> bool:
     return any(is_partitioned(p) for p in module.parameters())
 
