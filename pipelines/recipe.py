@@ -295,6 +295,12 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {p}: expected a mapping of sections at the top level, "
                           f"got {type(data).__name__}")
+    if "name" not in data:
+        # Two unnamed recipes must not share runs/<name> (and its trials.json): an unnamed
+        # recipe is named after its file, as a user would name the run.
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "-", p.stem).lstrip("_.-")
+        if stem:
+            data = {"name": stem, **data}
     return data
 
 
