@@ -1,4 +1,5 @@
-"""``peftpipe cluster up|down|status`` and ``peftpipe submit`` (mounted by pipelines.cli)."""
+"""``peftpipe cluster up|down|status|validate`` and ``peftpipe submit`` (composed with the stage
+commands by :mod:`peftpipe`)."""
 
 from __future__ import annotations
 

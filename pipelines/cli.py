@@ -1,4 +1,5 @@
-"""``peftpipe``: the command line of peft-pipelines (one sub-command per stage)."""
+"""The stage commands of ``peftpipe`` (one sub-command per stage). ``python -m pipelines.cli``
+runs them alone (the Ray Job entrypoint does); :mod:`peftpipe` adds the cluster commands."""
 
 from __future__ import annotations
 
@@ -517,17 +518,13 @@ def demo() -> None:
     run(recipe="demo", set_=None, address=None, quiet=False, verbose=False)
 
 
-from cluster.cli import cluster_app, submit  # noqa: E402
-
-app.add_typer(cluster_app, name="cluster")
-app.command()(submit)
-
-
-def main() -> None:
+def main(cli: typer.Typer | None = None) -> None:
+    """Run ``cli`` (default: this module's stage commands; the ``peftpipe`` script passes
+    the app composed with the cluster commands, :mod:`peftpipe`)."""
     # Library load reports ("newly initialized head ...") are expected here, not news.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.exit(app())
+    sys.exit((cli or app)())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def peftpipe(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "peftpipe", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=240)
 
 

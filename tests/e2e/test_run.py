@@ -34,7 +34,7 @@ SMALL = {
 def peftpipe(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "peftpipe", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
