@@ -57,11 +57,13 @@ def _label_tokens(batch: dict[str, torch.Tensor], is_lm: bool) -> int:
 
 @torch.no_grad()
 def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
-             fallback: dict[str, torch.Tensor], info: DatasetInfo, device: torch.device
-             ) -> dict[str, float]:
-    """Token-weighted eval loss (and accuracy) over every rank's shard of the eval split."""
+             fallback: dict[str, torch.Tensor], info: DatasetInfo, device: torch.device,
+             *, calibrate: bool = False) -> dict[str, float]:
+    """Token-weighted eval loss (and accuracy) over every rank's shard of the eval split;
+    ``calibrate`` (classification) adds ``eval_ece`` and ``eval_nll`` of the softmax."""
     engine.eval()
     loss_sum = weight = correct = count = 0.0
+    calib = M.Calibration() if calibrate and not info.is_lm else None
     for b in batches:
         real = b is not None
         out = engine(**_to(b if real else fallback, device))
@@ -84,6 +86,8 @@ def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
         else:
             correct += float((logits.argmax(-1) == labels).sum())
             count += float(labels.numel())
+            if calib is not None:
+                calib.add(torch.softmax(logits.float(), -1), labels)
     loss_sum, weight, correct, count = M.all_reduce([loss_sum, weight, correct, count])
     engine.train()
     eval_loss = loss_sum / weight if weight else math.nan
@@ -93,7 +97,28 @@ def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
         out["eval_token_accuracy"] = correct / count if count else math.nan
     else:
         out[M.EVAL_ACCURACY] = correct / count if count else math.nan
+        if calib is not None:
+            c = calib.summarise()
+            out.update({M.EVAL_ECE: c[M.EVAL_ECE], M.EVAL_NLL: c[M.EVAL_NLL]})
     return out
+
+
+def final_eval(engine: Any, peft_model: Any, batches: list[dict[str, torch.Tensor] | None],
+               fallback: dict[str, torch.Tensor], info: DatasetInfo, device: torch.device,
+               stage: int) -> dict[str, float]:
+    """The last evaluation of a run: :func:`evaluate` with calibration for classifiers, and
+    for a fitted ``laplace_lora`` its posterior predictive in place of the MAP scores (kept
+    as ``eval_map_*``), since the predictive is what serving and promotion use. Under
+    ZeRO-3 the predictive is not computed here (its Jacobian pass is not a collective every
+    rank would join); the MAP scores stand, ``laplace_predictive`` 0."""
+    out = evaluate(engine, batches, fallback, info, device, calibrate=True)
+    if info.is_lm or not M.uses_posterior(peft_model):
+        return out
+    if stage == 3:
+        return {**out, M.LAPLACE_PREDICTIVE: 0.0}
+    post = M.posterior_eval(peft_model, batches, device)
+    mapped = {f"eval_map_{k[len('eval_'):]}": v for k, v in out.items() if k in post}
+    return {**out, **mapped, **post, M.LAPLACE_PREDICTIVE: 1.0}
 
 
 def _memory(device: torch.device) -> dict[str, float]:
@@ -356,7 +381,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             ckpt.save_resume_state(engine, folder, rank=rank)
             if last and _has_hook(peft_model, "finalize"):
                 _finalize(engine, peft_model, common, config.zero.stage)
-            report.update(evaluate(engine, evals, fallback, info, device))
+            report.update(final_eval(engine, peft_model, evals, fallback, info, device,
+                                     config.zero.stage) if last
+                          else evaluate(engine, evals, fallback, info, device))
             report.update(_memory(device))
             ckpt.save_adapter(peft_model, folder, stage=config.zero.stage, rank=rank,
                               pipeline=pipeline_info,

@@ -108,3 +108,93 @@ class Window:
         if reg:
             out["train_regularizer"] = reg / micro
         return out
+
+
+# -- calibration: every classification trial's final evaluation, and the test-split scores --
+EVAL_ECE = "eval_ece"
+EVAL_NLL = "eval_nll"
+ECE_BINS = 15
+# 1.0 where eval_loss / eval_accuracy / eval_ece / eval_nll are a fitted laplace_lora's
+# posterior predictive (its MAP scores are then kept under eval_map_*), 0.0 where they are
+# the model's own softmax
+LAPLACE_PREDICTIVE = "laplace_predictive"
+
+
+class Calibration:
+    """Running sums for accuracy, NLL and expected calibration error of class probabilities,
+    summed over ranks by :meth:`summarise`.
+
+    ECE is ``Σ_b (n_b / N) |acc_b - conf_b|`` over ``bins`` equal-width confidence bins
+    ``((b-1)/bins, b/bins]`` (Guo et al. 2017; the definition of
+    ``peft_core.methods.laplace.calibration_metrics``); per bin only the counts, the summed
+    confidence and the summed correctness are kept, so shards combine exactly."""
+
+    def __init__(self, bins: int = ECE_BINS) -> None:
+        self.bins = bins
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.conf = torch.zeros(bins, dtype=torch.float64)
+        self.correct = torch.zeros(bins, dtype=torch.float64)
+        self.nll = 0.0
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """``probs`` (N, C) class probabilities, ``labels`` (N,) class indices."""
+        probs, labels = probs.detach().double().cpu(), labels.detach().long().cpu()
+        if probs.ndim != 2 or labels.shape != probs.shape[:1]:
+            raise ValueError(f"calibration: probs (N, C) and labels (N,) expected, got "
+                             f"{tuple(probs.shape)} and {tuple(labels.shape)}")
+        conf, pred = probs.max(1)
+        b = (torch.ceil(conf * self.bins).long() - 1).clamp(0, self.bins - 1)
+        self.count += torch.bincount(b, minlength=self.bins).double()
+        self.conf += torch.bincount(b, weights=conf, minlength=self.bins)
+        self.correct += torch.bincount(b, weights=(pred == labels).double(), minlength=self.bins)
+        p = probs.gather(1, labels[:, None]).squeeze(1)
+        self.nll += float(-torch.log(p.clamp_min(1e-12)).sum())
+
+    def summarise(self) -> dict[str, float]:
+        """``eval_accuracy``, ``eval_nll`` (mean) and ``eval_ece`` over every rank's rows
+        (NaN without rows)."""
+        n = self.bins
+        sums = all_reduce([*self.count.tolist(), *self.conf.tolist(), *self.correct.tolist(),
+                           self.nll])
+        count, conf, correct = (torch.tensor(sums[i * n:(i + 1) * n], dtype=torch.float64)
+                                for i in range(3))
+        total = float(count.sum())
+        if not total:
+            return {EVAL_ACCURACY: math.nan, EVAL_NLL: math.nan, EVAL_ECE: math.nan}
+        return {EVAL_ACCURACY: float(correct.sum()) / total, EVAL_NLL: sums[-1] / total,
+                EVAL_ECE: float((correct - conf).abs().sum()) / total}
+
+
+def uses_posterior(peft_model: torch.nn.Module) -> bool:
+    """Whether ``peft_model`` is a ``laplace_lora`` whose posterior was fitted."""
+    if peft_model.method.config.name != "laplace_lora":
+        return False
+    from peft_core.methods.laplace import prior_precision
+
+    return prior_precision(peft_model) > 0
+
+
+def posterior_eval(peft_model: torch.nn.Module, batches: list[dict[str, torch.Tensor] | None],
+                   device: torch.device) -> dict[str, float]:
+    """A fitted ``laplace_lora``'s posterior predictive (linearised Laplace, the method's link)
+    on this rank's eval batches (``None``: a rank without rows), reduced over ranks:
+    ``eval_loss`` (= its mean NLL), ``eval_accuracy``, ``eval_nll``, ``eval_ece``. The
+    forward runs on the module, not the DeepSpeed engine: its per-example Jacobians need
+    the LoRA layers' outputs in the graph, and outside ZeRO-3 every rank holds them whole."""
+    from peft_core.methods.laplace import predictive_probs
+
+    calib = Calibration()
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        for b in batches:
+            if b is None:
+                continue
+            b = {k: v.to(device) for k, v in b.items()}
+            with torch.enable_grad():
+                probs = predictive_probs(peft_model, b)
+            calib.add(probs, b["labels"])
+    finally:
+        peft_model.train(was_training)
+    out = calib.summarise()
+    return {EVAL_LOSS: out[EVAL_NLL], **out}
