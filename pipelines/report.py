@@ -68,6 +68,9 @@ def leaderboard(trials: Sequence[dict[str, Any]], objective: Objective,
         v = t["metrics"].get(objective.metric)
         return (v is None, sign * v if v is not None else 0.0)
 
+    # classification runs: calibration beside the other scores (every trial's final eval
+    # has it, so the methods compare; laplace_lora's is its posterior predictive's)
+    calibrated = any("eval_ece" in t["metrics"] for t in trials)
     rows = []
     for rank, t in enumerate(sorted(trials, key=key), start=1):
         m = t["metrics"]
@@ -77,9 +80,12 @@ def leaderboard(trials: Sequence[dict[str, Any]], objective: Objective,
             "method": method_label(t["method"]),
             "lr": t.get("lr"),
             "trainable_params": m.get("trainable_params"),
-            "trainable_pct": None if m.get("trainable_fraction") is None else 100 * m["trainable_fraction"],
+            "trainable_pct": (None if m.get("trainable_fraction") is None
+                              else 100 * m["trainable_fraction"]),
             objective.metric: m.get(objective.metric),
             "eval_loss": m.get("eval_loss"),
+            **({"eval_nll": m.get("eval_nll"), "eval_ece": m.get("eval_ece"),
+                "predictive": predictive(m)} if calibrated else {}),
             "steps": m.get("step"),
             "time_s": t.get("time_s"),
             "status": t.get("status", ""),
@@ -88,6 +94,16 @@ def leaderboard(trials: Sequence[dict[str, Any]], objective: Objective,
         if ref is not None:
             rows[-1]["beats_reference"] = beats(m.get(objective.metric), ref, objective)
     return rows
+
+
+def predictive(metrics: dict[str, Any]) -> str | None:
+    """What the trial's final scores were computed from: ``laplace`` (a fitted laplace_lora's
+    posterior predictive), ``MAP`` (a laplace_lora scored at its MAP point, e.g. under
+    ZeRO-3), ``softmax`` (every other classifier); None without calibration scores."""
+    flag = metrics.get("laplace_predictive")
+    if flag is not None:
+        return "laplace" if flag == 1.0 else "MAP"
+    return "softmax" if "eval_ece" in metrics else None
 
 
 def reference_row(ref: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
@@ -99,15 +115,16 @@ def reference_row(ref: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]
 
 
 CONSOLE_COLUMNS = ("rank", "method", "trainable_params", "trainable_pct", "{metric}",
-                   "eval_loss", "time_s", "status")
+                   "eval_loss", "eval_nll", "eval_ece", "time_s", "status")
 
 
 def console_table(trials: Sequence[dict[str, Any]], objective: Objective,
                   ref: dict[str, Any] | None = None) -> list[str]:
     """The leaderboard as aligned text lines (the CLI's), the reference row last and a
     ``beats_ref`` column when a reference is known."""
-    cols = list(dict.fromkeys(c.format(metric=objective.metric) for c in CONSOLE_COLUMNS))
     rows = leaderboard(trials, objective, ref)
+    cols = [c for c in dict.fromkeys(c.format(metric=objective.metric) for c in CONSOLE_COLUMNS)
+            if c not in ("eval_nll", "eval_ece") or (rows and c in rows[0])]
     if ref is not None:
         cols.append("beats_reference")
         rows.append(reference_row(ref, cols))
@@ -160,8 +177,9 @@ def plot_pareto(trials: Sequence[dict[str, Any]], objective: Objective, out: Pat
                    label=name, color=cmap(i % 10), s=46, zorder=3)
     front = pareto_front(pts, objective.metric, objective.mode)
     if front:
-        ax.plot([100 * p["trainable_fraction"] for p in front], [p[objective.metric] for p in front],
-                "--", color="0.35", lw=1.2, zorder=2, label="Pareto front")
+        ax.plot([100 * p["trainable_fraction"] for p in front],
+                [p[objective.metric] for p in front], "--", color="0.35", lw=1.2, zorder=2,
+                label="Pareto front")
     if objective.max_trainable_fraction:
         ax.axvline(100 * objective.max_trainable_fraction, color="tab:red", lw=1, ls=":",
                    label=f"budget {100 * objective.max_trainable_fraction:g}%")

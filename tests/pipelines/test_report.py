@@ -27,7 +27,8 @@ def test_leaderboard_orders_and_marks_budget() -> None:
     assert [r["within_budget"] for r in rows] == [False, True, True]
     # only what differs from the method's defaults (rank 8, alpha 16)
     assert method_label(TRIALS[0]["method"]) == "lora"
-    assert method_label({"name": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0}) == "lora(rank=4)"
+    label = method_label({"name": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0})
+    assert label == "lora(rank=4)"
 
 
 def test_report_files(tmp_path) -> None:
@@ -76,3 +77,29 @@ def test_lm_reference_is_the_untrained_eval_loss_and_no_repeated_column() -> Non
     assert [line.split()[-1] for line in lines[1:3]] == ["yes", "no"]
     # prompt tuning does not start as the base model: its step 0 is no reference
     assert reference(None, [dict(lm[0], method={"name": "prompt_tuning"})], obj) is None
+
+
+def test_classification_reports_show_ece_and_nll_per_method(tmp_path) -> None:
+    from pipelines.report import console_table
+
+    calibrated = [
+        dict(TRIALS[0], metrics={**TRIALS[0]["metrics"], "eval_ece": 0.12, "eval_nll": 0.45}),
+        dict(TRIALS[1], method={"name": "laplace_lora"},
+             metrics={**TRIALS[1]["metrics"], "eval_ece": 0.031, "eval_nll": 0.39,
+                      "laplace_predictive": 1.0, "eval_map_nll": 0.52}),
+        TRIALS[2],  # no calibration scores (an older run): shown as missing, not as 0
+    ]
+    rows = leaderboard(calibrated, Objective())
+    by_trial = {r["trial"]: r for r in rows}
+    assert by_trial["t2"]["eval_ece"] == 0.031 and by_trial["t2"]["predictive"] == "laplace"
+    assert by_trial["t1"]["eval_nll"] == 0.45 and by_trial["t1"]["predictive"] == "softmax"
+    assert by_trial["t3"]["eval_ece"] is None and by_trial["t3"]["predictive"] is None
+    head = console_table(calibrated, Objective())[0].split()
+    assert head[head.index("eval_loss") + 1:head.index("eval_loss") + 3] == ["eval_nll",
+                                                                             "eval_ece"]
+    text = write_report(calibrated, Objective(), tmp_path).read_text()
+    assert "| eval_nll | eval_ece | predictive |" in text
+    assert "| 0.39 | 0.031 | laplace |" in text
+    # an LM run (no calibration scores anywhere) keeps its columns as before
+    assert "eval_ece" not in console_table(TRIALS, Objective())[0]
+    assert "eval_ece" not in leaderboard(TRIALS, Objective())[0]
