@@ -12,13 +12,17 @@ Two deployments:
   streaming), ``GET /health``. It follows the registry alias it was started on: a thread
   polls the alias, has a replica load the new version, and only then sends new requests to
   it; requests already routed finish on the version they were routed to, and the version
-  that answered is in every response. A request may name another version or model sharing
-  the base (``model`` field or ``x-peftpipe-model`` header: ``NAME@ALIAS``, ``NAME/VERSION``,
-  ``models:/...``, or a bare version of the served model).
+  that answered (and the replica) is in every response. Each replica also loads the served
+  version itself when the alias moves, so with ``replicas > 1`` all of them share its
+  traffic (Serve routes a model id to the replicas that have it loaded). A request may name
+  another version or model sharing the base (``model`` field or ``x-peftpipe-model``
+  header: ``NAME@ALIAS``, ``NAME/VERSION``, ``models:/...``, or a bare version of the served
+  model).
 """
 
 import asyncio
 import dataclasses
+import os
 import tempfile
 import threading
 import time
@@ -52,6 +56,22 @@ class ServeSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _replica_tag() -> str:
+    """This Serve replica's id (which replica answered a request)."""
+    from ray import serve
+
+    return serve.get_replica_context().replica_id.unique_id
+
+
+def _rss_mb() -> float:
+    """This process's resident memory (``VmRSS``), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _model_id(name: str, version: str) -> str:
@@ -114,6 +134,33 @@ def build(settings: ServeSettings):
             self.client = MlflowClient(tracking_uri=settings.tracking_uri)
             self.shared = SharedBase(base["pipeline"])
             self.scratch = Path(tempfile.mkdtemp(prefix="peftpipe-replica-"))
+            self.replica = _replica_tag()
+            self.following: str | None = None
+            self.follow_error: str | None = None
+            # Serve routes a model id only to replicas that report it loaded (others get a
+            # request only when those are saturated), so a replica that waited to be asked
+            # would never take its share of the champion's traffic: each one loads the
+            # served version itself, now and whenever the alias moves.
+            asyncio.get_running_loop().create_task(self._follow())
+
+        async def _follow(self) -> None:
+            from ..registry import alias_version
+
+            while True:
+                try:
+                    v = (await asyncio.to_thread(alias_version, self.client, name, alias)
+                         if alias else base["version"])
+                    if v is not None and v != self.following:
+                        await self.get_adapter(_model_id(name, v))
+                        self.following, self.follow_error = v, None
+                except Exception as e:  # keep the adapters we have; stats() says why
+                    self.follow_error = f"{type(e).__name__}: {e}"
+                await asyncio.sleep(settings.poll_s)
+
+        async def stats(self) -> dict[str, Any]:
+            """This replica's process: pid, resident memory (VmRSS), the version it follows."""
+            return {"replica": self.replica, "pid": os.getpid(), "rss_mb": _rss_mb(),
+                    "following": self.following, "follow_error": self.follow_error}
 
         @serve.multiplexed(max_num_models_per_replica=settings.max_adapters)
         async def get_adapter(self, model_id: str):
@@ -160,7 +207,8 @@ def build(settings: ServeSettings):
                 for i in idx:
                     n = len(items[i][1])
                     out[i] = {"model_id": model_id, "predictions": rows[k:k + n],
-                              "predictive": kind, "batch_size": len(texts)}
+                              "predictive": kind, "batch_size": len(texts),
+                              "replica": self.replica}
                     k += n
             return out
 
@@ -169,7 +217,8 @@ def build(settings: ServeSettings):
 
         @serve.batch(max_batch_size=settings.max_batch_size,
                      batch_wait_timeout_s=settings.batch_wait_timeout_s)
-        async def _generate_batch(self, items: list[tuple[str, Any, int, bool]]) -> list[dict[str, Any]]:
+        async def _generate_batch(self, items: list[tuple[str, Any, int, bool]]
+                                  ) -> list[dict[str, Any]]:
             from .local import generate_batch
 
             out: list[dict[str, Any] | None] = [None] * len(items)
@@ -185,7 +234,8 @@ def build(settings: ServeSettings):
                                                [items[i][1] for i in idx],
                                                max_new_tokens=key[1], chat=key[2])
                 for i, row in zip(idx, rows):
-                    out[i] = {"model_id": key[0], **row, "batch_size": len(idx)}
+                    out[i] = {"model_id": key[0], **row, "batch_size": len(idx),
+                              "replica": self.replica}
             return out
 
     api = FastAPI(title="peftpipe serve")
@@ -278,7 +328,7 @@ def build(settings: ServeSettings):
             if err is not None:
                 return err
             return {k: res[k] for k in ("model", "name", "version", "predictions", "predictive",
-                                        "batch_size")}
+                                        "batch_size", "replica")}
 
         @api.post("/v1/completions")
         async def completions(self, request: Request):
@@ -298,7 +348,8 @@ def build(settings: ServeSettings):
                 if chat:
                     msgs = body.get("messages")
                     if (not isinstance(msgs, list) or not msgs or not all(
-                            isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)):
+                            isinstance(m, dict) and isinstance(m.get("content"), str)
+                            for m in msgs)):
                         raise ValueError("messages: expected a list of {role, content} objects")
                     return (mid, [{"role": str(m.get("role", "user")), "content": m["content"]}
                                   for m in msgs], n, True)
@@ -316,7 +367,8 @@ def build(settings: ServeSettings):
                      "completion_tokens": res["completion_tokens"],
                      "total_tokens": res["prompt_tokens"] + res["completion_tokens"]}
             common = {"created": int(time.time()), "model": res["model"],
-                      "version": res["version"], "usage": usage, "batch_size": res["batch_size"]}
+                      "version": res["version"], "usage": usage, "batch_size": res["batch_size"],
+                      "replica": res["replica"]}
             if chat:
                 return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                         "choices": [{"index": 0, "finish_reason": res["finish_reason"],

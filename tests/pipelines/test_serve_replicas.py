@@ -1,0 +1,88 @@
+"""``peftpipe serve --replicas 2`` on a real local Ray: both replicas answer, and after a
+promotion both answer with the new champion (each replica loads the served version itself,
+since Serve routes a model id only to replicas that have it loaded)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from cluster.mlflow_server import free_port
+from pipelines import registry, serve, tracking
+from pipelines.serve import app as serve_app
+from tests.pipelines.test_serve import TEXTS, make_adapter, register
+from tests.pipelines.test_serve_app import call, wait_for
+
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(scope="module")
+def port(ray_cluster):
+    from ray import serve as ray_serve
+
+    p = free_port()
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": p})
+    yield p
+    ray_serve.shutdown()
+
+
+def test_two_replicas_answer_and_both_follow_the_alias(tmp_path, port) -> None:
+    cfg = tracking.TrackingConfig(experiment="serve-replicas")
+    client = tracking.client(cfg, tmp_path)
+    exp = tracking.experiment_id(client, cfg, tmp_path)
+    folders = [make_adapter(tmp_path / f"a{i}", "builtin:minilm", "classification", seed=i + 5)
+               for i in range(2)]
+    expected = {str(i + 1): serve.predict(serve.load(str(f)), TEXTS) for i, f in enumerate(folders)}
+    assert register(client, "rep", exp, folders[0], score=1.0) == "1"
+    settings = serve_app.ServeSettings(model="models:/rep@champion",
+                                       tracking_uri=client.tracking_uri, replicas=2,
+                                       replica_cpus=0.5, poll_s=0.3)
+    url = serve_app.start(settings, port=port)
+    try:
+        seen: list[dict] = []
+        failures: list = []
+        stop = threading.Event()
+
+        def client_loop() -> None:
+            while not stop.is_set():
+                try:
+                    status, body = call(url + "/predict", {"texts": TEXTS})
+                except Exception as e:  # a dropped connection counts as a failure
+                    failures.append(repr(e))
+                    continue
+                if status != 200:
+                    failures.append((status, body))
+                else:
+                    seen.append(body)
+
+        def replicas(version: str) -> set[str]:
+            return {b["replica"] for b in list(seen) if b["version"] == version}
+
+        workers = [threading.Thread(target=client_loop) for _ in range(6)]
+        for w in workers:
+            w.start()
+        try:
+            wait_for(lambda: len(replicas("1")) == 2, 180, "both replicas answering v1")
+            assert register(client, "rep", exp, folders[1], score=0.5) == "2"
+            assert registry.alias_version(client, "rep", registry.CHAMPION) == "2"
+            wait_for(lambda: len(replicas("2")) == 2, 180, "both replicas answering v2")
+            n = len(seen)
+            wait_for(lambda: len(seen) >= n + 6, 60, "traffic on v2")
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(timeout=60)
+        assert not failures, failures[:5]
+        # answers after the switch settled are all v2's, from both replicas
+        tail = seen[-6:]
+        assert {b["version"] for b in tail} == {"2"}
+        for b in seen:  # every answer is the version it names
+            for got, want in zip(b["predictions"], expected[b["version"]]):
+                assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
+        status, health = call(url + "/health")
+        assert status == 200 and health["replicas"] == 2 and health["version"] == "2"
+    finally:
+        serve_app.stop()
