@@ -16,10 +16,12 @@ Public API:
 - :func:`apply` -> :class:`PeftModel`: freeze, inject, count, optimise, merge, save.
 - :func:`load_adapter`, :func:`save_adapter`, :func:`export_hf`, :func:`read_adapter_config`.
 - :func:`fingerprint`: the base-model identity stored with every adapter.
+- :data:`__version__`, written into every adapter.
 - Errors: :class:`PeftError`, :class:`ConfigError`, :class:`TargetError`,
   :class:`NotMergeableError`, :class:`FingerprintMismatchError`.
 """
 
+from . import methods  # noqa: F401  (importing the package registers the built-in methods)
 from .config import MethodConfig
 from .errors import (
     ConfigError,
@@ -33,8 +35,7 @@ from .io import export_hf, load_adapter, read_adapter_config, save_adapter
 from .method import Method
 from .model import PeftModel, apply
 from .registry import available, get, register
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "ConfigError",

@@ -8,6 +8,11 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
+#: Config classes by method name, filled by :func:`peft_core.registry.register`; kept here so
+#: that :meth:`MethodConfig.from_dict` dispatches on a name without importing the registry
+#: (which sits above this module, with the methods).
+_BY_NAME: dict[str, type[MethodConfig]] = {}
+
 
 @dataclasses.dataclass
 class MethodConfig:
@@ -23,6 +28,9 @@ class MethodConfig:
     """
 
     name: ClassVar[str] = ""
+    #: fields that adapters saved by older versions carry in this config and that are
+    #: run-time state now (``load_adapter`` reads them as such; a user config may not set them)
+    former_fields: ClassVar[tuple[str, ...]] = ()
     target_modules: list[str] | str | None = None
     train_head: bool = True
 
@@ -53,15 +61,13 @@ class MethodConfig:
         Called on ``MethodConfig`` it dispatches on the name; called on a subclass it
         checks the name agrees. Unknown keys are an error that lists the known ones.
         """
-        from .registry import get  # late: the registry imports this module
-
         if not isinstance(data, dict):
             raise ConfigError(f"method config: expected a mapping, got {type(data).__name__}")
         data = dict(data)
         name = data.pop("name", cls.name or None)
         if name is None:
             raise ConfigError("method.name: missing; say which method to use")
-        target_cls = get(name).config_cls
+        target_cls = config_class(name)
         if cls is not MethodConfig and target_cls is not cls:
             raise ConfigError(f"method.name: {name!r} is not a {cls.name!r} config")
         known = {f.name: f for f in dataclasses.fields(target_cls)}
@@ -81,6 +87,22 @@ class MethodConfig:
         cfg = dataclasses.replace(self, **changes)
         cfg.validate()
         return cfg
+
+
+def record_config_class(cls: type[MethodConfig]) -> None:
+    """Make ``cls`` the config that :meth:`MethodConfig.from_dict` builds for ``cls.name``
+    (called by :func:`peft_core.registry.register`, which checks the name is free)."""
+    _BY_NAME[cls.name] = cls
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    """The config class of the registered method ``name``; an unknown name lists them all."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ConfigError(
+            f"method.name: unknown method {name!r}; available methods are {sorted(_BY_NAME)}"
+        ) from None
 
 
 def _coerce(method: str, field: str, value: Any, hint: Any) -> Any:

@@ -11,7 +11,7 @@ before every optimizer step (a phase change within training).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,8 +24,9 @@ from .layers import MergeableLayer
 
 
 class Method:
-    """One PEFT method bound to its config. Stateless apart from the config: all tensors
-    live in modules injected into the model, so they move, shard and save with it."""
+    """One PEFT method bound to its config. All tensors live in modules injected into the
+    model, so they move, shard and save with it; what else the method learns while running
+    (a state its config does not say, such as an encoder folded away) is :meth:`run_state`."""
 
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     #: human-readable family, shown by ``peftpipe methods``
@@ -41,6 +42,13 @@ class Method:
     #: whether the method trains or rewrites the base weights themselves (full fine-tuning,
     #: selective deltas); such a method refuses a quantized (bitsandbytes) base
     writes_base_weights: ClassVar[bool] = False
+    #: Optional hook ``expected_trainable_params(model) -> int``: the trainable-parameter
+    #: count in closed form, new task heads included, on the base model or the adapted one.
+    #: A method defines it where counting the injected model is not the answer: it must read
+    #: weight values to inject (PaFi, on a planner's weightless model) or its ``prepare``
+    #: pass adds tensors (SAM). ``peftpipe plan`` counts from it and ``peftpipe methods``
+    #: shows it; None (the default): the injected model's count is the count.
+    expected_trainable_params: Callable[[nn.Module], int] | None = None
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -92,6 +100,20 @@ class Method:
         (e.g. diff pruning fixes its mask for the last part of training). It may change
         buffers and frozen tensors, not trainable ones: an optimizer that keeps master
         copies of those (DeepSpeed) would overwrite the change at its next step."""
+
+    # -- run-time state --------------------------------------------------------------------
+    def run_state(self) -> dict[str, Any]:
+        """What the method reached while running that its adapter must carry beyond the
+        config and the tensors (JSON-ready, e.g. a prompt encoder folded into its table);
+        saved as the adapter config's ``method_state``. The default: nothing."""
+        return {}
+
+    def restore_run_state(self, peft_model: nn.Module, run_state: Mapping[str, Any]) -> None:
+        """Put a freshly applied ``peft_model`` into a saved :meth:`run_state`, before its
+        adapter weights load (:func:`peft_core.load_adapter` calls it)."""
+        if run_state:
+            raise PeftError(f"method {self.config.name!r} keeps no run-time state; the adapter "
+                            f"has {sorted(run_state)}")
 
     # -- merging ---------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:

@@ -12,9 +12,14 @@ from torch import nn
 from . import targets
 from .config import MethodConfig
 from .errors import ConfigError, PeftError
+from .files import FORMAT_VERSION, atomic_folder, write_adapter_folder
 from .fingerprint import fingerprint
 from .method import Method
 from .registry import get
+from .version import __version__
+
+#: the adapter config's section for the method's run-time state (:meth:`Method.run_state`)
+METHOD_STATE = "method_state"
 
 
 def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any]) -> PeftModel:
@@ -185,15 +190,32 @@ class PeftModel(nn.Module):
         self.method.unmerge(self.base_model)
         self.merged = False
 
+    def restore_run_state(self, run_state: Mapping[str, Any]) -> None:
+        """Bring a freshly applied model into a saved run-time state (:meth:`Method.run_state`)
+        before its adapter weights load; the adapter's tensors may change with it."""
+        self.method.restore_run_state(self, run_state)
+        self.record_adapter_keys()
+
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | Path, **extra: Any) -> Path:
-        """Write the adapter folder (see :func:`peft_core.io.save_adapter`)."""
-        from .io import save_adapter
-
-        return save_adapter(self, path, **extra)
+        """Write the adapter folder, ``adapter_config.json`` + ``adapter.safetensors``
+        (loaded by :func:`peft_core.load_adapter`); ``extra`` goes in the config."""
+        state = self.adapter_state_dict()
+        run_state = self.method.run_state()
+        cfg = {
+            "format_version": FORMAT_VERSION,
+            "peft_core_version": __version__,
+            "method": self.method.config.to_dict(),
+            "base_model": self.base_fingerprint,
+            "base_model_name_or_path": getattr(
+                getattr(self.base_model, "config", None), "_name_or_path", None
+            ),
+            # only methods with run-time state write the section (configs stay as they were)
+            **({METHOD_STATE: run_state} if run_state else {}),
+            **extra,
+        }
+        return write_adapter_folder(path, cfg, state)
 
     def export_hf(self, path: str | Path) -> Path:
         """Write Hugging Face ``peft``'s format (for methods that exist there)."""
-        from .io import export_hf
-
-        return export_hf(self, path)
+        return atomic_folder(path, lambda tmp: self.method.export_hf(self, tmp))

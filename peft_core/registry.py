@@ -1,13 +1,14 @@
-"""Methods by name: ``register`` a :class:`~peft_core.method.Method` subclass, ``get`` it back."""
+"""Methods by name: ``register`` a :class:`~peft_core.method.Method` subclass, ``get`` it back.
+
+The built-in methods (:mod:`peft_core.methods`) register when the package is imported.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .method import Method
+from .config import config_class, record_config_class
+from .method import Method
 
 _M = TypeVar("_M", bound="type[Method]")
 
@@ -23,26 +24,16 @@ def register(method_cls: _M) -> _M:
     if existing is not None and existing is not method_cls:
         raise TypeError(f"method name {name!r} is already registered by {existing.__name__}")
     _METHODS[name] = method_cls
+    record_config_class(method_cls.config_cls)
     return method_cls
 
 
 def get(name: str) -> type[Method]:
     """The method registered under ``name``; an unknown name lists the available ones."""
-    _load_builtin_methods()
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"method.name: unknown method {name!r}; available methods are {available()}"
-        ) from None
+    config_class(name)  # raises the one "unknown method" error, naming the available ones
+    return _METHODS[name]
 
 
 def available() -> list[str]:
     """Names of every registered method, sorted."""
-    _load_builtin_methods()
     return sorted(_METHODS)
-
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers the built-in methods; idempotent.
-    from . import methods  # noqa: F401

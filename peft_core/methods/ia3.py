@@ -29,7 +29,7 @@ from torch import nn
 from .. import targets
 from ..config import MethodConfig
 from ..errors import ConfigError, PeftError
-from ..io import write_hf_folder
+from ..files import write_hf_folder
 from ..layers import MergeableLayer
 from ..method import Method
 from ..registry import register

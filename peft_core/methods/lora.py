@@ -34,7 +34,7 @@ from torch import nn
 from .. import targets
 from ..config import MethodConfig, check
 from ..errors import PeftError
-from ..io import write_hf_folder
+from ..files import write_hf_folder
 from ..layers import MergeableLayer
 from ..method import Method
 from ..registry import register

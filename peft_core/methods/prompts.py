@@ -25,7 +25,7 @@ from torch import nn
 from .. import partition, targets
 from ..config import MethodConfig, check
 from ..errors import PeftError
-from ..io import write_hf_folder
+from ..files import write_hf_folder
 from ..method import Method
 from ..registry import register
 from . import _prompt_inputs, _prompt_prefix

@@ -53,7 +53,7 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("peft_core.io.save_file", boom)
+    monkeypatch.setattr("peft_core.files.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         pm.save(tmp_path / "a")
     assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == before
