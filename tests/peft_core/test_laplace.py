@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import peft_core
 from peft_core.methods import laplace
+from peft_core.methods.laplace.fit import pseudo_residuals
 from tests import tiny
 
 TARGETS = ["query", "value"]  # small enough for dense posteriors
@@ -177,7 +178,7 @@ def test_predictive_errors_are_clear() -> None:
 
 def test_ggn_residuals_rebuild_the_softmax_hessian() -> None:
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
-    vs = list(laplace._pseudo_residuals(logits, torch.ones(6), "ggn", torch.Generator()))
+    vs = list(pseudo_residuals(logits, torch.ones(6), "ggn", torch.Generator()))
     assert len(vs) == 4  # C - 1 passes
     rebuilt = sum(v[:, :, None] * v[:, None, :] for v in vs)
     torch.testing.assert_close(rebuilt, _softmax_hessian(logits), atol=1e-6, rtol=1e-5)
