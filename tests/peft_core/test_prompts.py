@@ -10,6 +10,7 @@ from transformers import BertForTokenClassification, LlamaForSequenceClassificat
 
 import peft_core
 from peft_core.methods import prompts
+from peft_core.methods.prompts.initial import token_activations
 from tests import tiny
 
 peft = pytest.importorskip("peft")
@@ -297,7 +298,7 @@ def test_finalize_folds_the_encoder_and_round_trips(cfg: dict, tmp_path) -> None
     before = tiny.logits(pm, b)
     encoder_params = pm.summary()["trainable_params"]
     pm.finalize([b])
-    assert pm.method_config.folded is True
+    assert pm.method.folded is True
     assert isinstance(_module(pm), prompts.PromptTable)
     assert pm.summary()["trainable_params"] < encoder_params
     assert set(pm.adapter_state_dict()) == {f"{prompts.MODULE}.embedding.weight"}
@@ -305,6 +306,29 @@ def test_finalize_folds_the_encoder_and_round_trips(cfg: dict, tmp_path) -> None
     pm.save(tmp_path / "a")
     loaded = peft_core.load_adapter(tiny.model("llama"), tmp_path / "a")
     assert isinstance(_module(loaded), prompts.PromptTable)
+    torch.testing.assert_close(tiny.logits(loaded, b), before, atol=1e-6, rtol=0)
+
+
+def test_folding_is_run_state_and_old_adapters_with_a_folded_field_still_load(tmp_path) -> None:
+    """``folded`` is the method's run-time state, saved as ``method_state``, not a config
+    field; an adapter saved when it was a field (``"folded": true`` in ``method``) loads."""
+    import json
+
+    b = tiny.batch("llama")
+    pm = _apply({"name": "p_tuning"}, tiny.model("llama"))
+    pm.finalize([b])
+    before = tiny.logits(pm, b)
+    pm.save(tmp_path / "a")
+    file = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(file.read_text())
+    assert "folded" not in cfg["method"] and cfg["method_state"] == {"folded": True}
+    with pytest.raises(peft_core.ConfigError, match="unknown field"):
+        peft_core.MethodConfig.from_dict({"name": "p_tuning", "folded": True})
+    del cfg["method_state"]
+    cfg["method"]["folded"] = True  # the format before
+    file.write_text(json.dumps(cfg))
+    loaded = peft_core.load_adapter(tiny.model("llama"), tmp_path / "a")
+    assert isinstance(_module(loaded), prompts.PromptTable) and loaded.method.folded
     torch.testing.assert_close(tiny.logits(loaded, b), before, atol=1e-6, rtol=0)
 
 
@@ -353,7 +377,7 @@ def test_prefix_of_token_activations_equals_those_tokens_in_context(arch: str) -
     pm = peft_core.apply(tiny.model(arch), {"name": "p_tuning_v2", "num_virtual_tokens": 4})
     with torch.no_grad():
         _module(pm).embedding.weight.copy_(
-            prompts._token_activations(pm.base_model, pm.method._layout, t))
+            token_activations(pm.base_model, pm.method._layout, t))
     x = tiny.batch(arch, size=1)["input_ids"]
     base = tiny.model(arch)
     with torch.no_grad():

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import PeftError
-from ._prompt_layout import (
-    Layout,
+from ...errors import PeftError
+from .calls import (
     adjust_lengths,
     batch_inputs,
     cache_length,
@@ -28,6 +27,7 @@ from ._prompt_layout import (
     positions,
     strip_sequences,
 )
+from .layout import Layout
 
 PrefixFn = Callable[[], torch.Tensor]
 

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PeftError
-from ._prompt_layout import (
-    Layout,
+from ...errors import PeftError
+from .calls import (
     adjust_lengths,
     batch_inputs,
     cache_length,
@@ -29,6 +28,7 @@ from ._prompt_layout import (
     positions,
     strip_sequences,
 )
+from .layout import Layout
 
 PromptFn = Callable[[], torch.Tensor]
 

@@ -10,12 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: attribute of the base model holding the method's module (so its parameters are
+#: ``peft_prompt.*`` in adapter files, and DeepSpeed hooks it like any submodule)
+MODULE = "peft_prompt"
+
 
 class PromptTable(nn.Module):
     """``num_tokens`` free vectors of width ``dim``: prompt-tuning prompts, deep prefixes, and
     the folded (inference) form of the P-tuning and prefix-tuning encoders."""
 
-    def __init__(self, num_tokens: int, dim: int, *, dtype: torch.dtype, device: torch.device | None):
+    def __init__(
+        self, num_tokens: int, dim: int, *, dtype: torch.dtype, device: torch.device | None
+    ):
         super().__init__()
         self.embedding = nn.Embedding(num_tokens, dim, dtype=dtype, device=device)
         self.register_buffer("indices", torch.arange(num_tokens, device=device), persistent=False)
@@ -27,7 +33,8 @@ class PromptTable(nn.Module):
 
 class PromptEncoder(nn.Module):
     """P-tuning's reparameterisation (Liu et al. 2021): trainable inputs passed through an MLP,
-    or through a bidirectional LSTM and an MLP head, so the virtual tokens depend on each other."""
+    or through a bidirectional LSTM and an MLP head, so the virtual tokens depend on each
+    other."""
 
     def __init__(
         self, num_tokens: int, dim: int, hidden: int, kind: str, num_layers: int, dropout: float,
@@ -44,7 +51,8 @@ class PromptEncoder(nn.Module):
                 bidirectional=True, batch_first=True, **kw,
             )
             self.mlp_head = nn.Sequential(
-                nn.Linear(2 * hidden, 2 * hidden, **kw), nn.ReLU(), nn.Linear(2 * hidden, dim, **kw)
+                nn.Linear(2 * hidden, 2 * hidden, **kw), nn.ReLU(),
+                nn.Linear(2 * hidden, dim, **kw),
             )
         else:
             self.mlp_head = nn.Sequential(
@@ -82,14 +90,21 @@ class PrefixMLP(nn.Module):
         return self.transform(self.embedding(self.indices))
 
 
+def eval_output(module: nn.Module) -> torch.Tensor:
+    """``module()`` evaluated without dropout (its training mode restored after)."""
+    was = module.training
+    module.eval()
+    try:
+        return module()
+    finally:
+        module.train(was)
+
+
 def fold(module: nn.Module) -> PromptTable:
     """A :class:`PromptTable` holding ``module()``'s current output (evaluated without dropout),
     so inference and export need no encoder."""
-    was_training = module.training
-    module.eval()
     with torch.no_grad():
-        table = module().detach()
-    module.train(was_training)
+        table = eval_output(module).detach()
     folded = PromptTable(table.shape[0], table.shape[1], dtype=table.dtype, device=table.device)
     with torch.no_grad():
         folded.embedding.weight.copy_(table)
