@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import targets
 from .config import MethodConfig
 from .errors import NotMergeableError, PeftError
 from .layers import MergeableLayer
@@ -61,6 +62,12 @@ class Method:
     def extra_state_keys(self, model: nn.Module) -> list[str]:
         """Buffer names (beyond trainable parameters) an adapter file must carry, e.g. masks."""
         return []
+
+    def head_params(self, model: nn.Module) -> int:
+        """Parameters of the new task heads this method trains (``train_head``; see
+        :func:`peft_core.targets.new_task_heads`): the term every closed-form
+        ``expected_trainable_params`` adds."""
+        return targets.new_task_head_params(model) if self.config.train_head else 0
 
     # -- running ---------------------------------------------------------------------------
     def forward(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:

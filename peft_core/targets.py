@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -244,6 +245,15 @@ def iter_params(model: nn.Module, trainable: bool | None = None) -> Iterator[tup
 def numel(p: torch.Tensor) -> int:
     """Element count that stays right under DeepSpeed ZeRO-3, where ``numel()`` reads 0."""
     return int(getattr(p, "ds_numel", p.numel()))
+
+
+_T = TypeVar("_T", bound=nn.Module)
+
+
+def modules_of_type(model: nn.Module, cls: type[_T]) -> list[tuple[str, _T]]:
+    """``(name, module)`` for every submodule of ``model`` that is a ``cls`` (a method's
+    wrapper layers)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
 
 
 def new_task_head_params(model: nn.Module) -> int:

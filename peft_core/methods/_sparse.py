@@ -152,7 +152,7 @@ class SparseDeltaLayer(MergeableLayer):
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseDeltaLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLayer)]
+    return targets.modules_of_type(model, SparseDeltaLayer)
 
 
 def target_weight_count(model: nn.Module, patterns) -> int:
@@ -230,7 +230,7 @@ class SparseDeltaMethod(Method):
         layers = [layer for _, layer in sparse_layers(model)]
         n = (self.budget_k(layers) if layers else
              budget_count(target_weight_count(model, self.config.target_modules), self.config.budget))
-        return n + (targets.new_task_head_params(model) if self.config.train_head else 0)
+        return n + self.head_params(model)
 
     def extra_state_keys(self, model: nn.Module) -> list[str]:
         # δ of a layer with no entries is an empty buffer, not a parameter (see _set_delta)

@@ -271,8 +271,7 @@ class BottleneckMethod(Method):
         total = len(blocks) * per_block
         if self.config.train_layer_norms:
             total += sum(targets.numel(p) for _, b in blocks for n in norm_modules(b) for p in n.parameters())
-        if self.config.train_head:
-            total += targets.new_task_head_params(model)
+        total += self.head_params(model)
         return total
 
 

@@ -205,7 +205,7 @@ class CodaFFN(nn.Module):
 
 
 def coda_layers(model: nn.Module) -> list[tuple[str, CodaFFN]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, CodaFFN)]
+    return targets.modules_of_type(model, CodaFFN)
 
 
 @register

@@ -34,6 +34,7 @@ from ..layers import MergeableLayer
 from ..method import Method
 from ..registry import register
 from . import _weights
+from ._peft_export import head_state, modules_to_save
 
 
 @dataclasses.dataclass
@@ -93,10 +94,6 @@ class IA3Layer(MergeableLayer):
                 bias.mul_(scale.to(bias.dtype))
 
 
-def ia3_layers(model: nn.Module) -> list[tuple[str, IA3Layer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Layer)]
-
-
 def _default_patterns(model: nn.Module) -> tuple[list[str], list[str]]:
     """Regexes for the default targets and their feed-forward subset, from the block table."""
     arch = targets.architecture(model)
@@ -146,27 +143,24 @@ class IA3(Method):
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         """One scale per input (feed-forward layers) or output unit of each target, + the head."""
-        wrapped = ia3_layers(model)
+        wrapped = targets.modules_of_type(model, IA3Layer)
         if wrapped:
             total = sum(layer.ia3_l.numel() for _, layer in wrapped)
         else:
-            total = sum(targets.linear_dims(m)[0 if ff else 1] for _, m, ff in self._plan(model))
-        if self.config.train_head:
-            total += targets.new_task_head_params(model)
-        return total
+            total = sum(targets.linear_dims(m)[0 if ff else 1]
+                        for _, m, ff in self._plan(model))
+        return total + self.head_params(model)
 
     def export_hf(self, peft_model: nn.Module, path: Path) -> dict[str, Any]:
         model = peft_model.base_model
-        layers = ia3_layers(model)
+        layers = targets.modules_of_type(model, IA3Layer)
         state: dict[str, torch.Tensor] = {}
         for name, layer in layers:
             # peft's shapes: (1, in) for feed-forward layers, (out, 1) otherwise.
             v = layer.ia3_l.detach().cpu().clone()
             state[f"base_model.model.{name}.ia3_l"] = v[None, :] if layer.feedforward else v[:, None]
-        heads = [h for h in targets.new_task_heads(model) if self.config.train_head]
-        for head in heads:
-            for pname, p in model.get_submodule(head).named_parameters():
-                state[f"base_model.model.{head}.{pname}"] = p.detach().cpu().clone()
+        heads, head_tensors = head_state(model, self.config.train_head)
+        state.update(head_tensors)
         wrapped = [n for n, _ in layers]
         ff = [n for n, layer in layers if layer.feedforward]
         cfg = model.config
@@ -177,7 +171,7 @@ class IA3(Method):
             "target_modules": _exact_regex(wrapped),
             "feedforward_modules": _exact_regex(ff) if ff else [],
             "fan_in_fan_out": any(targets.is_conv1d(layer.base) for _, layer in layers),
-            "modules_to_save": [h.rsplit(".", 1)[-1] for h in heads] or None,
+            "modules_to_save": modules_to_save(heads),
             "init_ia3_weights": True,
             "inference_mode": True,
         }

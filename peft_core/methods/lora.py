@@ -39,6 +39,7 @@ from ..layers import MergeableLayer
 from ..method import Method
 from ..registry import register
 from . import _weights
+from ._peft_export import head_state, modules_to_save
 
 LORA_INITS = ("kaiming", "gaussian", "pissa", "olora")
 #: inits that start from the base weight and rewrite it to the residual
@@ -220,7 +221,8 @@ def principal_factors(
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    """Every LoRA layer (DoRA's and Laplace-LoRA's too) of ``model``, by name."""
+    return targets.modules_of_type(model, LoraLayer)
 
 
 @register
@@ -259,9 +261,7 @@ class Lora(Method):
         per_mixer = r * r if self._mixer is not None else 0
         total = sum(r * (d_in + d_out) + per_mixer
                     for d_in, d_out in target_dims(model, self.config.target_modules))
-        if self.config.train_head:
-            total += targets.new_task_head_params(model)
-        return total
+        return total + self.head_params(model)
 
     def export_hf(self, peft_model: nn.Module, path: Path) -> dict[str, Any]:
         hf_cfg, state = self.hf_adapter(peft_model)
@@ -286,10 +286,8 @@ class Lora(Method):
                     b = torch.cat([b, -layer.lora_B0], dim=1)
                 state[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().clone()
                 state[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().clone()
-        heads = [h for h in targets.new_task_heads(model) if self.config.train_head]
-        for head in heads:
-            for pname, p in model.get_submodule(head).named_parameters():
-                state[f"base_model.model.{head}.{pname}"] = p.detach().cpu().clone()
+        heads, head_tensors = head_state(model, self.config.train_head)
+        state.update(head_tensors)
         cfg = model.config
         # A converted PiSSA/OLoRA adapter has rank 2r; alpha changes so the scale stays s.
         factor = 2 if rewritten else 1
@@ -305,7 +303,7 @@ class Lora(Method):
             "target_modules": _hf_target_modules(model, [n for n, _ in layers]),
             "fan_in_fan_out": any(targets.is_conv1d(layer.base) for _, layer in layers),
             "bias": "none",
-            "modules_to_save": [h.rsplit(".", 1)[-1] for h in heads] or None,
+            "modules_to_save": modules_to_save(heads),
             "init_lora_weights": True,
             "inference_mode": True,
         }

@@ -316,7 +316,7 @@ def _layer_params(layer: DiffPruningLayer) -> list[nn.Parameter]:
 
 
 def diff_pruning_layers(model: nn.Module) -> list[tuple[str, DiffPruningLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, DiffPruningLayer)]
+    return targets.modules_of_type(model, DiffPruningLayer)
 
 
 @register

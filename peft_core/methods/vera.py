@@ -41,6 +41,7 @@ from ..layers import MergeableLayer
 from ..method import Method
 from ..registry import register
 from . import _weights
+from ._peft_export import head_state, modules_to_save
 from .lora import _hf_target_modules
 
 SHARED = "peft_vera"
@@ -127,10 +128,6 @@ class VeraLayer(MergeableLayer):
             _weights.add_to_weight(self.base, self.delta_weight(), sign, why="merging VeRA")
 
 
-def vera_layers(model: nn.Module) -> list[tuple[str, VeraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, VeraLayer)]
-
-
 @register
 class Vera(Method):
     config_cls = VeraConfig
@@ -154,18 +151,15 @@ class Vera(Method):
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         """``out + r`` per wrapped layer (b and d), + the new task head."""
-        wrapped = vera_layers(model)
-        outs = [layer.d_out for _, layer in wrapped] or [
-            targets.linear_dims(m)[1] for _, m in targets.linear_targets(model, self.config.target_modules)
+        outs = [layer.d_out for _, layer in targets.modules_of_type(model, VeraLayer)] or [
+            targets.linear_dims(m)[1]
+            for _, m in targets.linear_targets(model, self.config.target_modules)
         ]
-        total = sum(o + self.config.rank for o in outs)
-        if self.config.train_head:
-            total += targets.new_task_head_params(model)
-        return total
+        return sum(o + self.config.rank for o in outs) + self.head_params(model)
 
     def export_hf(self, peft_model: nn.Module, path: Path) -> dict[str, Any]:
         model = peft_model.base_model
-        layers = vera_layers(model)
+        layers = targets.modules_of_type(model, VeraLayer)
         state: dict[str, torch.Tensor] = {}
         for name, layer in layers:
             state[f"base_model.model.{name}.vera_lambda_b"] = layer.vera_lambda_b.detach().cpu().clone()
@@ -174,10 +168,8 @@ class Vera(Method):
             shared = model.get_submodule(SHARED)
             state["base_model.vera_A"] = shared.vera_A.detach().cpu().clone()
             state["base_model.vera_B"] = shared.vera_B.detach().cpu().clone()
-        heads = [h for h in targets.new_task_heads(model) if self.config.train_head]
-        for head in heads:
-            for pname, p in model.get_submodule(head).named_parameters():
-                state[f"base_model.model.{head}.{pname}"] = p.detach().cpu().clone()
+        heads, head_tensors = head_state(model, self.config.train_head)
+        state.update(head_tensors)
         cfg = model.config
         hf_cfg = {
             "peft_type": "VERA",
@@ -191,7 +183,7 @@ class Vera(Method):
             "d_initial": self.config.d_initial,
             "fan_in_fan_out": any(targets.is_conv1d(layer.base) for _, layer in layers),
             "bias": "none",
-            "modules_to_save": [h.rsplit(".", 1)[-1] for h in heads] or None,
+            "modules_to_save": modules_to_save(heads),
             "init_weights": True,
             "inference_mode": True,
         }

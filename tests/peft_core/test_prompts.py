@@ -64,22 +64,23 @@ def _padded(arch: str, side: str, lengths=(12, 7, 9)):
     return ids, mask, rows
 
 
-def _llama_classifier() -> nn.Module:
+def _with_head(cls: type, arch: str, **config) -> nn.Module:
+    """The tiny ``arch`` model's shape with another head (``cls``), in eval mode."""
     torch.manual_seed(0)
-    return LlamaForSequenceClassification(tiny.model("llama").config.__class__(
+    return cls(tiny.model(arch).config.__class__(
         vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, num_labels=3,
+        num_attention_heads=4, max_position_embeddings=64, **config,
     )).eval()
+
+
+def _llama_classifier() -> nn.Module:
+    return _with_head(LlamaForSequenceClassification, "llama", num_key_value_heads=2,
+                      pad_token_id=0, num_labels=3)
 
 
 def _bert_tagger() -> nn.Module:
-    torch.manual_seed(0)
-    return BertForTokenClassification(tiny.model("bert").config.__class__(
-        vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=5,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )).eval()
+    return _with_head(BertForTokenClassification, "bert", num_labels=5,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 # -- parity with Hugging Face peft ----------------------------------------------------------------

@@ -102,7 +102,7 @@ class LaplaceLoraLayer(LoraLayer):
 
 
 def laplace_layers(model: nn.Module) -> list[tuple[str, LaplaceLoraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LaplaceLoraLayer)]
+    return targets.modules_of_type(model, LaplaceLoraLayer)
 
 
 def layers_or_fail(peft_model: nn.Module) -> list[LaplaceLoraLayer]:

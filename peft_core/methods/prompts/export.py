@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import targets
 from ...errors import PeftError
 from ...files import write_hf_folder
+from .._peft_export import head_state, modules_to_save
 from .configs import SoftPromptConfig
 from .layout import Layout
 from .modules import MODULE, eval_output
@@ -23,11 +23,8 @@ def write_table(peft_model: nn.Module, path: Path, config: SoftPromptConfig, lay
     """Write peft's folder for the prompt ``table``; returns its adapter_config."""
     model = peft_model.base_model
     task = hf_task_type(model)
-    heads = [h for h in targets.new_task_heads(model) if config.train_head]
-    state = {"prompt_embeddings": table.detach().float().cpu().clone()}
-    for head in heads:
-        for pname, p in model.get_submodule(head).named_parameters():
-            state[f"base_model.{head}.{pname}"] = p.detach().cpu().clone()
+    heads, head_tensors = head_state(model, config.train_head, prefix="base_model.")
+    state = {"prompt_embeddings": table.detach().float().cpu().clone(), **head_tensors}
     cfg = model.config
     hf_cfg = {
         "peft_type": peft_type,
@@ -37,7 +34,7 @@ def write_table(peft_model: nn.Module, path: Path, config: SoftPromptConfig, lay
         "num_virtual_tokens": config.num_virtual_tokens,
         "num_transformer_submodules": 1,
         "num_layers": lay.num_layers,
-        "modules_to_save": [h.rsplit(".", 1)[-1] for h in heads] or None,
+        "modules_to_save": modules_to_save(heads),
         **fields,
     }
     write_hf_folder(path, hf_cfg, state)
