@@ -310,7 +310,7 @@ def _count(model, method_cfg: Mapping[str, Any]) -> tuple[Any, int, str, list[st
         pm, method = _inject(model, method_cfg)
     except peft_core.PeftError as e:  # e.g. target modules this architecture does not have
         raise PlanError(f"train.method: {e}") from None
-    formula = getattr(method, "expected_trainable_params", None)
+    formula = method.expected_trainable_params
     name = method.config.name
     if pm is None:
         if formula is None:
