@@ -106,7 +106,8 @@ def config_class(name: str) -> type[MethodConfig]:
 
 
 def _coerce(method: str, field: str, value: Any, hint: Any) -> Any:
-    """Accept YAML's looser types where the meaning is unambiguous (int for float, list for tuple)."""
+    """Accept YAML's looser types where the meaning is unambiguous (int for float, list for
+    tuple)."""
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():

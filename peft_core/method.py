@@ -99,7 +99,9 @@ class Method:
     def prepare(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
         """Called once before training with a few training batches (mask selection etc.)."""
 
-    def finalize(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+    def finalize(
+        self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
+    ) -> None:
         """Called once after training (projection to a budget, posterior fit, folding)."""
 
     def on_step(self, peft_model: nn.Module, step: int, total_steps: int) -> None:
@@ -119,8 +121,10 @@ class Method:
         """Put a freshly applied ``peft_model`` into a saved :meth:`run_state`, before its
         adapter weights load (:func:`peft_core.load_adapter` calls it)."""
         if run_state:
-            raise PeftError(f"method {self.config.name!r} keeps no run-time state; the adapter "
-                            f"has {sorted(run_state)}")
+            raise PeftError(
+                f"method {self.config.name!r} keeps no run-time state; the adapter "
+                f"has {sorted(run_state)}"
+            )
 
     # -- merging ---------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
@@ -141,11 +145,15 @@ class Method:
                 module.unmerge() if unmerge else module.merge()
 
     # -- file formats ----------------------------------------------------------------------
-    def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_state(
+        self, model: nn.Module, state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Transform the adapter state before saving (e.g. keep only non-zero entries)."""
         return state
 
-    def decode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def decode_state(
+        self, model: nn.Module, state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`encode_state`."""
         return state
 

@@ -163,7 +163,8 @@ class PeftModel(nn.Module):
         if expected != got:
             missing, extra = sorted(expected - got), sorted(got - expected)
             raise PeftError(
-                f"adapter state does not fit this model: missing {missing[:8]}, unexpected {extra[:8]}"
+                f"adapter state does not fit this model: missing {missing[:8]}, "
+                f"unexpected {extra[:8]}"
             )
         full = self.base_model.state_dict(keep_vars=True)
         with torch.no_grad():
@@ -171,7 +172,8 @@ class PeftModel(nn.Module):
                 dst = full[k]
                 if tuple(dst.shape) != tuple(v.shape):
                     raise PeftError(
-                        f"adapter tensor {k!r}: shape {tuple(v.shape)} != model's {tuple(dst.shape)}"
+                        f"adapter tensor {k!r}: shape {tuple(v.shape)} != model's "
+                        f"{tuple(dst.shape)}"
                     )
                 dst.copy_(v.to(dtype=dst.dtype, device=dst.device))
 

@@ -189,7 +189,9 @@ def match_modules(
     return found
 
 
-def linear_targets(model: nn.Module, patterns: list[str] | str | None) -> list[tuple[str, nn.Module]]:
+def linear_targets(
+    model: nn.Module, patterns: list[str] | str | None
+) -> list[tuple[str, nn.Module]]:
     """Linear-like modules to wrap; ``None`` means the architecture's default projections."""
     if patterns is None:
         patterns = list(architecture(model).linear_targets)
@@ -202,11 +204,14 @@ def linear_targets(model: nn.Module, patterns: list[str] | str | None) -> list[t
 def head_names(model: nn.Module) -> list[str]:
     """Names of the task heads present (LM head or classification head)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    suffixes = ARCHITECTURES[model_type].heads if model_type in ARCHITECTURES else (
-        "lm_head", "score", "classifier"
+    suffixes = (
+        ARCHITECTURES[model_type].heads
+        if model_type in ARCHITECTURES
+        else ("lm_head", "score", "classifier")
     )
     return [
-        n for n, _ in model.named_modules()
+        n
+        for n, _ in model.named_modules()
         if n and any(n == s or n.endswith("." + s) for s in suffixes)
     ]
 
@@ -217,7 +222,9 @@ def new_task_heads(model: nn.Module) -> list[str]:
     A causal LM's head is pretrained (and usually tied to the embeddings), so methods leave
     it frozen; a sequence-classification head starts random and must train.
     """
-    return [n for n in head_names(model) if not n.endswith("lm_head") and "cls.predictions" not in n]
+    return [
+        n for n in head_names(model) if not n.endswith("lm_head") and "cls.predictions" not in n
+    ]
 
 
 def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -236,7 +243,9 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def iter_params(model: nn.Module, trainable: bool | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+def iter_params(
+    model: nn.Module, trainable: bool | None = None
+) -> Iterator[tuple[str, nn.Parameter]]:
     for n, p in model.named_parameters():
         if trainable is None or p.requires_grad == trainable:
             yield n, p

@@ -40,10 +40,8 @@ class SelectiveConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(
-            isinstance(self.budget, float) and 0.0 < self.budget <= 1.0,
-            self.name, "budget", "a fraction in (0, 1] of the target weights", self.budget,
-        )
+        check(isinstance(self.budget, float) and 0.0 < self.budget <= 1.0,
+              self.name, "budget", "a fraction in (0, 1] of the target weights", self.budget)
 
 
 def budget_count(total: int, budget: float) -> int:
@@ -228,17 +226,21 @@ class SparseDeltaMethod(Method):
         whose count before ``prepare`` is the head alone): the budget over the target
         weights plus any new task head. Works on the base model or the adapted one."""
         layers = [layer for _, layer in sparse_layers(model)]
-        n = (self.budget_k(layers) if layers else
-             budget_count(target_weight_count(model, self.config.target_modules), self.config.budget))
+        n = (self.budget_k(layers) if layers else budget_count(
+            target_weight_count(model, self.config.target_modules), self.config.budget))
         return n + self.head_params(model)
 
     def extra_state_keys(self, model: nn.Module) -> list[str]:
         # δ of a layer with no entries is an empty buffer, not a parameter (see _set_delta)
         return [f"{n}{IDX_SUFFIX}" for n, _ in sparse_layers(model)] + [
-            f"{n}{DELTA_SUFFIX}" for n, layer in sparse_layers(model)
-            if not isinstance(layer.sparse_delta, nn.Parameter)]
+            f"{n}{DELTA_SUFFIX}"
+            for n, layer in sparse_layers(model)
+            if not isinstance(layer.sparse_delta, nn.Parameter)
+        ]
 
-    def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_state(
+        self, model: nn.Module, state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         layers = dict(sparse_layers(model))
         out = dict(state)
         for name, layer in layers.items():
@@ -246,7 +248,9 @@ class SparseDeltaMethod(Method):
             out[key] = encode_sparse(state[key], layer.numel)
         return out
 
-    def decode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def decode_state(
+        self, model: nn.Module, state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         # A data-chosen mask (SAM) has per-layer sizes that a fresh inject cannot know:
         # take them, and the positions, from the file.
         out = dict(state)

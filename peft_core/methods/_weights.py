@@ -104,7 +104,8 @@ def write_weight(module: nn.Module, value: torch.Tensor, *, why: str) -> None:
 
 
 def add_to_weight(module: nn.Module, delta: torch.Tensor, sign: float, *, why: str) -> None:
-    """``W += sign · delta`` in place (out, in); refuses on a quantized weight like :func:`write_weight`."""
+    """``W += sign · delta`` in place (out, in); refuses on a quantized weight like
+    :func:`write_weight`."""
     if quantization_of(module) is not None:
         write_weight(module, delta, why=why)  # raises with the explanation
     with torch.no_grad():

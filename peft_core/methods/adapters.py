@@ -75,12 +75,12 @@ class BottleneckConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(
-            isinstance(self.bottleneck, int) and self.bottleneck >= 0, self.name, "bottleneck",
-            "an integer >= 0 (0: use reduction_factor)", self.bottleneck,
-        )
-        check(self.reduction_factor > 0, self.name, "reduction_factor", "a number > 0", self.reduction_factor)
-        check(self.activation in ACTIVATIONS, self.name, "activation", f"one of {sorted(ACTIVATIONS)}", self.activation)
+        check(isinstance(self.bottleneck, int) and self.bottleneck >= 0, self.name, "bottleneck",
+              "an integer >= 0 (0: use reduction_factor)", self.bottleneck)
+        check(self.reduction_factor > 0, self.name, "reduction_factor", "a number > 0",
+              self.reduction_factor)
+        check(self.activation in ACTIVATIONS, self.name, "activation",
+              f"one of {sorted(ACTIVATIONS)}", self.activation)
 
     def size(self, hidden: int) -> int:
         """The bottleneck size r for a model of width ``hidden``."""
@@ -189,7 +189,9 @@ def sublayer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     ``hidden_states`` keyword, which is how Llama calls its attention)."""
     x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
     if not isinstance(x, torch.Tensor):
-        raise PeftError(f"adapter: expected the sublayer to get hidden states, got {type(x).__name__}")
+        raise PeftError(
+            f"adapter: expected the sublayer to get hidden states, got {type(x).__name__}"
+        )
     return x
 
 
@@ -198,7 +200,9 @@ def hidden_size(model: nn.Module) -> int:
     """The model width, from its config (weights may be partitioned under ZeRO-3)."""
     d = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(d, int) or d <= 0:
-        raise TargetError(f"{type(model).__name__}: config.hidden_size is missing; adapters need it")
+        raise TargetError(
+            f"{type(model).__name__}: config.hidden_size is missing; adapters need it"
+        )
     return d
 
 
@@ -270,7 +274,9 @@ class BottleneckMethod(Method):
         per_block = self.sites() * adapter_params(d, self.config.size(d)) + self.extra_per_block(d)
         total = len(blocks) * per_block
         if self.config.train_layer_norms:
-            total += sum(targets.numel(p) for _, b in blocks for n in norm_modules(b) for p in n.parameters())
+            total += sum(
+                targets.numel(p) for _, b in blocks for n in norm_modules(b) for p in n.parameters()
+            )
         total += self.head_params(model)
         return total
 
@@ -285,15 +291,24 @@ def _sublayer(block: nn.Module, block_name: str, path: str) -> nn.Module:
         ) from None
 
 
-def add_serial(block_name: str, block: nn.Module, out_path: str, d: int, r: int,
-               activation: str) -> None:
+def add_serial(
+    block_name: str, block: nn.Module, out_path: str, d: int, r: int, activation: str
+) -> None:
     base = _sublayer(block, block_name, out_path)
     wrapper = SerialAdapter(base, Bottleneck(d, r, activation, like_param(base)))
     targets.set_submodule(block, out_path, wrapper.train(base.training))
 
 
-def add_parallel(block_name: str, block: nn.Module, in_path: str, out_path: str,
-                 d: int, r: int, activation: str, scaling: float) -> None:
+def add_parallel(
+    block_name: str,
+    block: nn.Module,
+    in_path: str,
+    out_path: str,
+    d: int,
+    r: int,
+    activation: str,
+    scaling: float,
+) -> None:
     first = _sublayer(block, block_name, in_path)
     base = _sublayer(block, block_name, out_path)
     wrapper = ParallelAdapter(
@@ -337,7 +352,10 @@ class AdapterParallel(BottleneckMethod):
 
     def adapt_block(self, model: nn.Module, name: str, block: nn.Module, d: int, r: int) -> None:
         arch = targets.architecture(model)
-        spans = [(arch.ffn, arch.ffn_out)] + ([(arch.attn, arch.attn_out)] if self.config.attention else [])
+        spans = [(arch.ffn, arch.ffn_out)] + (
+            [(arch.attn, arch.attn_out)] if self.config.attention else []
+        )
         for in_path, out_path in spans:
-            add_parallel(name, block, in_path, out_path, d, r, self.config.activation,
-                         self.config.scaling)
+            add_parallel(
+                name, block, in_path, out_path, d, r, self.config.activation, self.config.scaling
+            )

@@ -91,7 +91,9 @@ def standardise(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (scores - mean) * torch.rsqrt(var + 1e-6)
 
 
-def soft_topk(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, epsilon: float) -> torch.Tensor:
+def soft_topk(
+    scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, epsilon: float
+) -> torch.Tensor:
     """The entropy-regularised top-k weights ``λ`` (batch, length), each row summing to its k.
 
     ``λ_i = min(1, exp((s_i - τ)/ε))``. With the scores sorted (s_(0) ≥ s_(1) ≥ ...) and the
@@ -142,7 +144,7 @@ class RoutingContext:
                 "model, or set RoutingContext.mask for a direct call"
             )
         # With a KV cache the mask spans past + current tokens; the current ones come last.
-        return mask[:, mask.shape[1] - length:].to(device=x.device, dtype=torch.bool)
+        return mask[:, mask.shape[1] - length :].to(device=x.device, dtype=torch.bool)
 
 
 class MaskRecorder:
@@ -169,8 +171,14 @@ class CodaFFN(nn.Module):
     """``s · A(x) + λ ⊙ heavy(x)``, with ``heavy`` the frozen FFN run on routed tokens only
     at inference."""
 
-    def __init__(self, heavy: nn.Module, hidden: int, config: CodaConfig, routing: RoutingContext,
-                 like: torch.Tensor | None):
+    def __init__(
+        self,
+        heavy: nn.Module,
+        hidden: int,
+        config: CodaConfig,
+        routing: RoutingContext,
+        like: torch.Tensor | None,
+    ):
         super().__init__()
         self.heavy = heavy
         self.adapter = Bottleneck(hidden, config.size(hidden), config.activation, like)
@@ -223,7 +231,9 @@ class Coda(BottleneckMethod):
     def inject(self, model: nn.Module) -> None:
         self._routing = RoutingContext()
         super().inject(model)
-        model.register_forward_pre_hook(MaskRecorder(self._routing, model.forward), with_kwargs=True)
+        model.register_forward_pre_hook(
+            MaskRecorder(self._routing, model.forward), with_kwargs=True
+        )
 
     def adapt_block(self, model: nn.Module, name: str, block: nn.Module, d: int, r: int) -> None:
         arch = targets.architecture(model)

@@ -66,9 +66,13 @@ class IA3Layer(MergeableLayer):
         self.base = base
         self.feedforward = feedforward
         d_in, d_out = targets.linear_dims(base)
-        self.ia3_l = nn.Parameter(torch.ones(
-            d_in if feedforward else d_out, device=base.weight.device, dtype=_weights.adapter_dtype(base)
-        ))
+        self.ia3_l = nn.Parameter(
+            torch.ones(
+                d_in if feedforward else d_out,
+                device=base.weight.device,
+                dtype=_weights.adapter_dtype(base),
+            )
+        )
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +87,9 @@ class IA3Layer(MergeableLayer):
         with torch.no_grad():
             scale = self.ia3_l.float()
             if sign > 0 and bool((scale == 0).any()):
-                raise PeftError("ia3: a scale is exactly 0, so merging could not be undone; refusing")
+                raise PeftError(
+                    "ia3: a scale is exactly 0, so merging could not be undone; refusing"
+                )
             if sign < 0:
                 scale = 1.0 / scale
             w = _weights.read_weight(self.base).float()
@@ -124,11 +130,14 @@ class IA3(Method):
         else:
             ff_pats, kind = cfg.feedforward_modules, "feed-forward linear module"
         if kind is None:  # defaults: the FFN down projections among the targets, if any
-            ff = {n for n, _ in found if any(
-                re.fullmatch(p[3:], n) for p in ff_pats)}
+            ff = {n for n, _ in found if any(re.fullmatch(p[3:], n) for p in ff_pats)}
         else:
-            ff = {n for n, _ in targets.match_modules(model, ff_pats, kind=kind,
-                                                       predicate=targets.is_linear_like)}
+            ff = {
+                n
+                for n, _ in targets.match_modules(
+                    model, ff_pats, kind=kind, predicate=targets.is_linear_like
+                )
+            }
             outside = sorted(ff - {n for n, _ in found})
             if outside:
                 raise ConfigError(
@@ -147,8 +156,7 @@ class IA3(Method):
         if wrapped:
             total = sum(layer.ia3_l.numel() for _, layer in wrapped)
         else:
-            total = sum(targets.linear_dims(m)[0 if ff else 1]
-                        for _, m, ff in self._plan(model))
+            total = sum(targets.linear_dims(m)[0 if ff else 1] for _, m, ff in self._plan(model))
         return total + self.head_params(model)
 
     def export_hf(self, peft_model: nn.Module, path: Path) -> dict[str, Any]:
@@ -158,7 +166,9 @@ class IA3(Method):
         for name, layer in layers:
             # peft's shapes: (1, in) for feed-forward layers, (out, 1) otherwise.
             v = layer.ia3_l.detach().cpu().clone()
-            state[f"base_model.model.{name}.ia3_l"] = v[None, :] if layer.feedforward else v[:, None]
+            state[f"base_model.model.{name}.ia3_l"] = (
+                v[None, :] if layer.feedforward else v[:, None]
+            )
         heads, head_tensors = head_state(model, self.config.train_head)
         state.update(head_tensors)
         wrapped = [n for n, _ in layers]

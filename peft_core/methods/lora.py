@@ -63,14 +63,15 @@ class LoraConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(isinstance(self.rank, int) and self.rank > 0, self.name, "rank", "an integer > 0", self.rank)
+        check(isinstance(self.rank, int) and self.rank > 0, self.name, "rank", "an integer > 0",
+              self.rank)
         check(self.alpha > 0, self.name, "alpha", "a number > 0", self.alpha)
         check(0 <= self.dropout < 1, self.name, "dropout", "a number in [0, 1)", self.dropout)
         check(self.init in LORA_INITS, self.name, "init", f"one of {LORA_INITS}", self.init)
         if self.init in REWRITING_INITS:
             check(self.name in self._REWRITING_INIT_METHODS, self.name, "init",
-                  f"kaiming or gaussian ({self.init} is available for {self._REWRITING_INIT_METHODS})",
-                  self.init)
+                  f"kaiming or gaussian ({self.init} is available for "
+                  f"{self._REWRITING_INIT_METHODS})", self.init)
 
     @property
     def scaling(self) -> float:
@@ -100,7 +101,8 @@ class MosLoraConfig(LoraConfig):
     def validate(self) -> None:
         super().validate()
         allowed = ("kaiming", "orthogonal", "identity")
-        check(self.mixer_init in allowed, self.name, "mixer_init", f"one of {allowed}", self.mixer_init)
+        check(self.mixer_init in allowed, self.name, "mixer_init", f"one of {allowed}",
+              self.mixer_init)
         if self.init in REWRITING_INITS:
             # B M A only equals B0 A0 at init when M starts as the identity.
             check(self.mixer_init == "identity", self.name, "mixer_init",
@@ -146,8 +148,9 @@ class LoraLayer(MergeableLayer):
                 # Every rank computes the same factors from the same whole weight, so the
                 # rewritten residual agrees across ranks (rank 0's is kept under ZeRO-3).
                 with _weights.whole(self.base, modified=True):
-                    a0, b0 = principal_factors(_weights.read_weight(self.base), config.rank,
-                                               self.scaling, config.init)
+                    a0, b0 = principal_factors(
+                        _weights.read_weight(self.base), config.rank, self.scaling, config.init
+                    )
                     a.copy_(a0)
                     b.copy_(b0)
                     self.register_buffer("lora_A0", a.detach().clone())
@@ -210,7 +213,9 @@ def principal_factors(
     ``w`` they take over. Computed in float32, as the papers (and peft) do."""
     w = w.detach().float()
     if rank > min(w.shape):
-        raise PeftError(f"LoRA init {init!r}: rank {rank} exceeds the weight's smaller side {tuple(w.shape)}")
+        raise PeftError(
+            f"LoRA init {init!r}: rank {rank} exceeds the weight's smaller side {tuple(w.shape)}"
+        )
     if init == "pissa":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         root = torch.sqrt(s[:rank] / scaling)
@@ -243,15 +248,20 @@ class Lora(Method):
             return []
         return [f"{n}.{b}" for n, _ in lora_layers(model) for b in ("lora_A0", "lora_B0")]
 
-    def decode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def decode_state(
+        self, model: nn.Module, state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         # A PiSSA/OLoRA adapter carries the initial factors its base residual was built from;
         # make this model's residual the saved one (this inject's SVD may differ in sign).
         if self.config.init in REWRITING_INITS:
             for name, layer in lora_layers(model):
                 a0, b0 = state.get(f"{name}.lora_A0"), state.get(f"{name}.lora_B0")
                 if a0 is not None and b0 is not None:
-                    layer.set_initial_factors(a0.to(layer.lora_A0), b0.to(layer.lora_B0),
-                                              previous=(layer.lora_A0.clone(), layer.lora_B0.clone()))
+                    layer.set_initial_factors(
+                        a0.to(layer.lora_A0),
+                        b0.to(layer.lora_B0),
+                        previous=(layer.lora_A0.clone(), layer.lora_B0.clone()),
+                    )
         return state
 
     def expected_trainable_params(self, model: nn.Module) -> int:
@@ -259,8 +269,10 @@ class Lora(Method):
         head; works on the base model or the adapted one."""
         r = self.config.rank
         per_mixer = r * r if self._mixer is not None else 0
-        total = sum(r * (d_in + d_out) + per_mixer
-                    for d_in, d_out in target_dims(model, self.config.target_modules))
+        total = sum(
+            r * (d_in + d_out) + per_mixer
+            for d_in, d_out in target_dims(model, self.config.target_modules)
+        )
         return total + self.head_params(model)
 
     def export_hf(self, peft_model: nn.Module, path: Path) -> dict[str, Any]:
@@ -294,7 +306,9 @@ class Lora(Method):
         alpha = self.config.alpha * (math.sqrt(factor) if self.config.use_rslora else factor)
         hf_cfg = {
             "peft_type": "LORA",
-            "task_type": "SEQ_CLS" if heads else ("CAUSAL_LM" if not cfg.is_encoder_decoder else None),
+            "task_type": "SEQ_CLS"
+            if heads
+            else ("CAUSAL_LM" if not cfg.is_encoder_decoder else None),
             "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
             "r": self.config.rank * factor,
             "lora_alpha": alpha,
@@ -323,8 +337,10 @@ def _hf_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str:
     otherwise an exact regex (e.g. BERT's ``dense`` would also catch the pooler)."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
     by_leaf = {
-        n for n, m in model.named_modules()
-        if n.rsplit(".", 1)[-1] in leaves and (targets.is_linear_like(m) or isinstance(m, LoraLayer))
+        n
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in leaves
+        and (targets.is_linear_like(m) or isinstance(m, LoraLayer))
     }
     if by_leaf == set(wrapped):
         return leaves

@@ -96,7 +96,12 @@ def sam_scores(
     if not layers:
         raise PeftError("sam: the model has no selective layers to score")
     weights = [layer.base.weight for _, layer in layers]
-    scores = {n: torch.zeros(layer.d_out, layer.d_in, dtype=torch.float32, device=layer.base.weight.device) for n, layer in layers}
+    scores = {
+        n: torch.zeros(
+            layer.d_out, layer.d_in, dtype=torch.float32, device=layer.base.weight.device
+        )
+        for n, layer in layers
+    }
     device = weights[0].device
     for w in weights:
         w.requires_grad_(True)
@@ -107,7 +112,9 @@ def sam_scores(
                 out = peft_model(**to_device(batch, device))
                 loss = getattr(out, "loss", None)
                 if loss is None:
-                    raise PeftError(f"sam.prepare: batch {i} gave no loss; each batch needs 'labels'")
+                    raise PeftError(
+                        f"sam.prepare: batch {i} gave no loss; each batch needs 'labels'"
+                    )
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
                 for (name, layer), g in zip(layers, grads):
                     if g is not None:
@@ -204,9 +211,13 @@ class DiffPruningLayer(MergeableLayer):
         self.d_in, self.d_out = targets.linear_dims(base)
         w = base.weight
         # w = 0: the model starts as the base model; the gates still get the L0 gradient.
-        self.dp_weight = nn.Parameter(torch.zeros(self.d_out, self.d_in, dtype=w.dtype, device=w.device))
+        self.dp_weight = nn.Parameter(
+            torch.zeros(self.d_out, self.d_in, dtype=w.dtype, device=w.device)
+        )
         self.dp_log_alpha = nn.Parameter(
-            torch.full((self.d_out, self.d_in), config.init_log_alpha, dtype=w.dtype, device=w.device)
+            torch.full(
+                (self.d_out, self.d_in), config.init_log_alpha, dtype=w.dtype, device=w.device
+            )
         )
         self.lower, self.upper, self.beta = config.gate_lower, config.gate_upper, config.temperature
         self.merged = False
@@ -222,9 +233,13 @@ class DiffPruningLayer(MergeableLayer):
         self.dp_fixed_gate: nn.Parameter | None = None
         self.dp_fixed_offset: nn.Parameter | None = None
         if config.fixed_mask_fraction > 0:
-            self.dp_fixed_gate, self.dp_fixed_offset = (nn.Parameter(
-                torch.zeros(self.d_out, self.d_in, dtype=w.dtype, device=w.device), requires_grad=False)
-                for _ in range(2))
+            self.dp_fixed_gate, self.dp_fixed_offset = (
+                nn.Parameter(
+                    torch.zeros(self.d_out, self.d_in, dtype=w.dtype, device=w.device),
+                    requires_grad=False,
+                )
+                for _ in range(2)
+            )
         self.register_buffer("dp_mask_fixed", torch.zeros((), dtype=torch.bool, device=w.device))
 
     @property
@@ -340,7 +355,8 @@ class DiffPruning(Method):
 
     def inject(self, model: nn.Module) -> None:
         for name, module in targets.linear_targets(model, self.config.target_modules):
-            # A new module starts in training mode; follow the model's (gates sample only in training).
+            # A new module starts in training mode; follow the model's (gates sample only in
+            # training).
             layer = DiffPruningLayer(module, self.config).train(module.training)
             targets.set_submodule(model, name, layer)
 
@@ -349,7 +365,9 @@ class DiffPruning(Method):
         if self.config.l0_weight == 0 or not layers:
             return None
         total = sum(layer.numel for layer in layers)
-        return self.config.l0_weight * torch.stack([layer.take_l0() for layer in layers]).sum() / total
+        return (
+            self.config.l0_weight * torch.stack([layer.take_l0() for layer in layers]).sum() / total
+        )
 
     def param_groups(
         self, named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float
@@ -359,8 +377,14 @@ class DiffPruning(Method):
         rest = [(n, p) for n, p in named_params if not n.endswith(".dp_log_alpha")]
         groups = super().param_groups(rest, lr, weight_decay)
         if gates:
-            groups.append({"name": "gates", "params": gates,
-                           "lr": lr * self.config.gate_lr_ratio, "weight_decay": 0.0})
+            groups.append(
+                {
+                    "name": "gates",
+                    "params": gates,
+                    "lr": lr * self.config.gate_lr_ratio,
+                    "weight_decay": 0.0,
+                }
+            )
         return groups
 
     def mask_fix_step(self, total_steps: int) -> int | None:
@@ -394,7 +418,9 @@ class DiffPruning(Method):
             return [torch.nonzero(d.reshape(-1)).reshape(-1) for d in deltas()]
         return global_topk(deltas(), k, largest=True)
 
-    def finalize(self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+    def finalize(
+        self, peft_model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
+    ) -> None:
         """Project the update onto the budget: keep the ``k`` largest ``|ẑ ⊙ w|`` over all
         targets (fewer if fewer are non-zero), zero the rest, and pin the gates. After the
         second phase this keeps its mask and values and leaves the first-phase form (w at
@@ -435,7 +461,9 @@ class DiffPruning(Method):
                     nnz += int(torch.count_nonzero(layer.delta_weight(sample=False)))
         return nnz / sum(layer.numel for layer in layers)
 
-    def encode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_state(
+        self, model: nn.Module, state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         out = dict(state)
         for name, layer in diff_pruning_layers(model):
             w = out.pop(f"{name}.dp_weight")
@@ -445,14 +473,18 @@ class DiffPruning(Method):
                     g, c = (p.detach().clone().to(w.device, w.dtype) for p in layer.fixed_params())
                 delta = (c + layer.lr_ratio * g * w).reshape(-1)
             else:
-                gate = (torch.sigmoid(la) * (layer.upper - layer.lower) + layer.lower).clamp(0.0, 1.0)
+                gate = (torch.sigmoid(la) * (layer.upper - layer.lower) + layer.lower).clamp(
+                    0.0, 1.0
+                )
                 delta = (gate * w).reshape(-1)
             idx = torch.nonzero(delta).reshape(-1)
             out[f"{name}{IDX_SUFFIX}"] = encode_sparse(idx, layer.numel)
             out[f"{name}{DELTA_SUFFIX}"] = delta[idx].contiguous()
         return out
 
-    def decode_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def decode_state(
+        self, model: nn.Module, state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         out = dict(state)
         for name, layer in diff_pruning_layers(model):
             ikey, dkey = f"{name}{IDX_SUFFIX}", f"{name}{DELTA_SUFFIX}"
@@ -460,7 +492,9 @@ class DiffPruning(Method):
                 continue  # load_adapter_state_dict names the missing keys
             idx, values = out.pop(ikey).long(), out.pop(dkey)
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= layer.numel):
-                raise PeftError(f"{ikey}: index out of range for a {layer.d_out}x{layer.d_in} weight")
+                raise PeftError(
+                    f"{ikey}: index out of range for a {layer.d_out}x{layer.d_in} weight"
+                )
             w = torch.zeros(layer.numel, dtype=values.dtype)
             w[idx] = values
             la = torch.full((layer.numel,), _CLOSED, dtype=values.dtype)

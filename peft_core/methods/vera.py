@@ -61,7 +61,8 @@ class VeraConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(isinstance(self.rank, int) and self.rank > 0, self.name, "rank", "an integer > 0", self.rank)
+        check(isinstance(self.rank, int) and self.rank > 0, self.name, "rank", "an integer > 0",
+              self.rank)
         check(isinstance(self.projection_seed, int), self.name, "projection_seed", "an integer",
               self.projection_seed)
         check(0 <= self.dropout < 1, self.name, "dropout", "a number in [0, 1)", self.dropout)
@@ -73,7 +74,9 @@ def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torc
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def shared_projections(rank: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_projections(
+    rank: int, max_in: int, max_out: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen (A, B) for ``seed``: A (rank, max_in) then B (max_out, rank), float32, CPU."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     a = _kaiming_uniform((rank, max_in), g)
@@ -102,7 +105,9 @@ class VeraLayer(MergeableLayer):
         self.d_in, self.d_out = targets.linear_dims(base)
         dev, dtype = base.weight.device, _weights.adapter_dtype(base)
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.d_out, device=dev, dtype=dtype))
-        self.vera_lambda_d = nn.Parameter(torch.full((config.rank,), config.d_initial, device=dev, dtype=dtype))
+        self.vera_lambda_d = nn.Parameter(
+            torch.full((config.rank,), config.d_initial, device=dev, dtype=dtype)
+        )
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -138,8 +143,9 @@ class Vera(Method):
         cfg = self.config
         found = targets.linear_targets(model, cfg.target_modules)
         dims = [targets.linear_dims(m) for _, m in found]
-        a, b = shared_projections(cfg.rank, max(d for d, _ in dims), max(d for _, d in dims),
-                                  cfg.projection_seed)
+        a, b = shared_projections(
+            cfg.rank, max(d for d, _ in dims), max(d for _, d in dims), cfg.projection_seed
+        )
         dev = found[0][1].weight.device
         shared = VeraProjections(a.to(dev), b.to(dev), persistent=cfg.save_projection)
         model.add_module(SHARED, shared)
@@ -162,8 +168,12 @@ class Vera(Method):
         layers = targets.modules_of_type(model, VeraLayer)
         state: dict[str, torch.Tensor] = {}
         for name, layer in layers:
-            state[f"base_model.model.{name}.vera_lambda_b"] = layer.vera_lambda_b.detach().cpu().clone()
-            state[f"base_model.model.{name}.vera_lambda_d"] = layer.vera_lambda_d.detach().cpu().clone()
+            state[f"base_model.model.{name}.vera_lambda_b"] = (
+                layer.vera_lambda_b.detach().cpu().clone()
+            )
+            state[f"base_model.model.{name}.vera_lambda_d"] = (
+                layer.vera_lambda_d.detach().cpu().clone()
+            )
         if self.config.save_projection:
             shared = model.get_submodule(SHARED)
             state["base_model.vera_A"] = shared.vera_A.detach().cpu().clone()
