@@ -27,7 +27,13 @@ ADAPTERS = ("adapter_houlsby", "adapter_pfeiffer", "adapter_parallel", "coda")
 HOOKS = {
     "llama": ("model.layers.{i}", "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj"),
     "gpt2": ("transformer.h.{i}", "attn", "attn.c_proj", "mlp", "mlp.c_proj"),
-    "bert": ("bert.encoder.layer.{i}", "attention", "attention.output.dense", "intermediate", "output.dense"),
+    "bert": (
+        "bert.encoder.layer.{i}",
+        "attention",
+        "attention.output.dense",
+        "intermediate",
+        "output.dense",
+    ),
 }
 LAYERS = 2
 
@@ -40,18 +46,24 @@ def _perturb(pm: peft_core.PeftModel, seed: int = 3, scale: float = 0.2) -> None
 
 
 def _bottleneck(h: torch.Tensor, w: dict[str, torch.Tensor], act=F.relu) -> torch.Tensor:
-    return F.linear(act(F.linear(h, w["down.weight"], w["down.bias"])), w["up.weight"], w["up.bias"])
+    return F.linear(
+        act(F.linear(h, w["down.weight"], w["down.bias"])), w["up.weight"], w["up.bias"]
+    )
 
 
 def _weights(pm: peft_core.PeftModel, prefix: str) -> dict[str, torch.Tensor]:
     state = dict(pm.base_model.named_parameters())
-    return {k[len(prefix) + 1:]: v.detach() for k, v in state.items() if k.startswith(prefix + ".")}
+    return {
+        k[len(prefix) + 1 :]: v.detach() for k, v in state.items() if k.startswith(prefix + ".")
+    }
 
 
 def _outputs(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Logits and the last hidden states (BERT's classifier logits alone hide small changes)."""
     with torch.no_grad():
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        out = model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
+        )
     return {"logits": out.logits, "hidden": out.hidden_states[-1]}
 
 
@@ -95,7 +107,9 @@ def _hand_model(arch: str, pm: peft_core.PeftModel, method: str, routed=None) ->
                 def parallel(mod, args, y, w=w, seen=seen):
                     return y + cfg.scaling * _bottleneck(seen["x"], w)
 
-                ref.get_submodule(f"{block}.{first}").register_forward_pre_hook(remember, with_kwargs=True)
+                ref.get_submodule(f"{block}.{first}").register_forward_pre_hook(
+                    remember, with_kwargs=True
+                )
                 ref.get_submodule(f"{block}.{out}").register_forward_hook(parallel)
         else:  # coda: the FFN output y (dense, un-adapted) becomes s·A(x) + λ·y
             w = _weights(pm, f"{block}.{ffn_in}.adapter")
@@ -110,8 +124,12 @@ def _hand_model(arch: str, pm: peft_core.PeftModel, method: str, routed=None) ->
                 lam = routed(name, x, router)
                 return cfg.scaling * _bottleneck(x, w) + lam.unsqueeze(-1) * y
 
-            ref.get_submodule(f"{block}.{ffn_in}").register_forward_pre_hook(remember, with_kwargs=True)
-            ref.get_submodule(f"{block}.{ffn_out if arch == 'bert' else ffn_in}").register_forward_hook(coda)
+            ref.get_submodule(f"{block}.{ffn_in}").register_forward_pre_hook(
+                remember, with_kwargs=True
+            )
+            ref.get_submodule(
+                f"{block}.{ffn_out if arch == 'bert' else ffn_in}"
+            ).register_forward_hook(coda)
     return ref
 
 
@@ -150,8 +168,13 @@ def _bisect_soft_topk(s: torch.Tensor, k: int, eps: float) -> torch.Tensor:
 # -- outputs by hand ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "method,extra",
-    [("adapter_houlsby", {}), ("adapter_pfeiffer", {}), ("adapter_parallel", {}),
-     ("adapter_parallel", {"attention": True}), ("coda", {})],
+    [
+        ("adapter_houlsby", {}),
+        ("adapter_pfeiffer", {}),
+        ("adapter_parallel", {}),
+        ("adapter_parallel", {"attention": True}),
+        ("coda", {}),
+    ],
 )
 def test_output_matches_formula_by_hand(method: str, extra: dict, arch: str) -> None:
     pm = peft_core.apply(tiny.model(arch), {"name": method, "bottleneck": 5, **extra})
@@ -212,14 +235,19 @@ def test_coda_inference_runs_ffn_on_exactly_k_real_tokens(fraction: float, arch:
     for _, layer in layers:
         seen = {}
         hooks.append(layer.register_forward_pre_hook(lambda m, a, seen=seen: seen.update(x=a[0])))
-        hooks.append(layer.heavy.register_forward_hook(
-            lambda m, a, out, seen=seen: calls.append((seen["x"], a[0]))))
+        hooks.append(
+            layer.heavy.register_forward_hook(
+                lambda m, a, out, seen=seen: calls.append((seen["x"], a[0]))
+            )
+        )
     tiny.logits(pm, b)
     assert len(calls) == LAYERS, "the FFN ran more than once per layer"
     for x, gathered in calls:
         assert gathered.shape[:2] == (1, sum(k)), f"FFN saw {gathered.shape[1]} tokens, k = {k}"
         # Where did each gathered token come from? Only real tokens, exactly k per row.
-        dist = torch.cdist(gathered[0], x.reshape(-1, x.shape[-1]), compute_mode="donot_use_mm_for_euclid_dist")
+        dist = torch.cdist(
+            gathered[0], x.reshape(-1, x.shape[-1]), compute_mode="donot_use_mm_for_euclid_dist"
+        )
         src = dist.argmin(-1)
         assert torch.all(dist.min(-1).values < 1e-6)
         rows, cols = src // x.shape[1], src % x.shape[1]
@@ -253,7 +281,9 @@ def test_coda_padding_does_not_change_real_tokens(arch: str) -> None:
 
     def last_hidden(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return pm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            return pm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[
+                -1
+            ]
 
     for n in (4, 5, 7, 8, 9):
         short = last_hidden(ids[:, :n], torch.ones(1, n, dtype=torch.long))
@@ -323,20 +353,31 @@ def test_coda_generate_with_cache_and_left_padding() -> None:
     _perturb(pm)
     b = tiny.batch("llama", size=2)
     b["attention_mask"][0, :4] = 0
-    out = pm.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = pm.generate(
+        input_ids=b["input_ids"],
+        attention_mask=b["attention_mask"],
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert out.shape == (2, tiny.SEQ + 4)
 
 
 # -- placement, counts, config -----------------------------------------------------------------
-@pytest.mark.parametrize("method,count", [("adapter_houlsby", 2), ("adapter_pfeiffer", 1),
-                                          ("adapter_parallel", 1), ("coda", 1)])
-def test_adapters_sit_in_every_block_at_the_table_hook_points(method: str, count: int, arch: str) -> None:
+@pytest.mark.parametrize(
+    "method,count",
+    [("adapter_houlsby", 2), ("adapter_pfeiffer", 1), ("adapter_parallel", 1), ("coda", 1)],
+)
+def test_adapters_sit_in_every_block_at_the_table_hook_points(
+    method: str, count: int, arch: str
+) -> None:
     pm = peft_core.apply(tiny.model(arch), {"name": method})
     block_fmt, _, attn_out, ffn_in, ffn_out = HOOKS[arch]
     where = {
-        "adapter_houlsby": [attn_out, ffn_out], "adapter_pfeiffer": [ffn_out],
-        "adapter_parallel": [ffn_out], "coda": [ffn_in],
+        "adapter_houlsby": [attn_out, ffn_out],
+        "adapter_pfeiffer": [ffn_out],
+        "adapter_parallel": [ffn_out],
+        "coda": [ffn_in],
     }[method]
     names = {n.rsplit(".adapter.", 1)[0] for n, _ in pm.trainable_parameters() if ".adapter." in n}
     assert names == {f"{block_fmt.format(i=i)}.{w}" for i in range(LAYERS) for w in where}
@@ -369,7 +410,9 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_trainable_params_match_the_formula(config: dict, arch: str) -> None:
     base = tiny.model(arch)
-    expected = peft_core.get(config["name"])(peft_core.MethodConfig.from_dict(config)).expected_trainable_params(base)
+    expected = peft_core.get(config["name"])(
+        peft_core.MethodConfig.from_dict(config)
+    ).expected_trainable_params(base)
     pm = peft_core.apply(base, config)
     assert pm.summary()["trainable_params"] == expected
     assert pm.method.expected_trainable_params(pm.base_model) == expected
@@ -384,7 +427,9 @@ def test_trainable_params_formula_by_numbers() -> None:
         "coda": 2 * (162 + 32),  # + the router
     }
     for name, n in counts.items():
-        assert peft_core.apply(tiny.model("llama"), {"name": name}).summary()["trainable_params"] == n
+        assert (
+            peft_core.apply(tiny.model("llama"), {"name": name}).summary()["trainable_params"] == n
+        )
 
 
 def test_parallel_adapter_needs_the_sublayer_input() -> None:
@@ -419,10 +464,13 @@ def test_coda_layer_is_a_coda_ffn_on_bert_split_ffn() -> None:
 
 def test_coda_routing_every_token_is_the_parallel_adapter(arch: str) -> None:
     """With route_fraction = 1 at inference, CoDA computes exactly FFN(x) + s·A(x)."""
-    par = peft_core.apply(tiny.model(arch), {"name": "adapter_parallel", "bottleneck": 3, "scaling": 4.0})
+    par = peft_core.apply(
+        tiny.model(arch), {"name": "adapter_parallel", "bottleneck": 3, "scaling": 4.0}
+    )
     _perturb(par)
-    coda = peft_core.apply(tiny.model(arch), {"name": "coda", "bottleneck": 3, "route_fraction": 1.0,
-                                              "scaling": 4.0})
+    coda = peft_core.apply(
+        tiny.model(arch), {"name": "coda", "bottleneck": 3, "route_fraction": 1.0, "scaling": 4.0}
+    )
     block_fmt, _, _, ffn_in, ffn_out = HOOKS[arch]
     with torch.no_grad():
         for i in range(LAYERS):

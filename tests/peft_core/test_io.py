@@ -32,7 +32,9 @@ def test_loading_onto_another_base_names_the_field(tmp_path) -> None:
     peft_core.apply(tiny.model("llama"), {"name": "lora"}).save(tmp_path / "a")
     with pytest.raises(peft_core.FingerprintMismatchError, match="weights_sha256"):
         peft_core.load_adapter(tiny.model("llama", seed=1), tmp_path / "a")
-    with pytest.raises(peft_core.FingerprintMismatchError, match="num_hidden_layers: adapter expects 2"):
+    with pytest.raises(
+        peft_core.FingerprintMismatchError, match="num_hidden_layers: adapter expects 2"
+    ):
         peft_core.load_adapter(_three_layers(), tmp_path / "a")
 
 
@@ -40,9 +42,16 @@ def _three_layers():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tiny.VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch) -> None:

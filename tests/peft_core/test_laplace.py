@@ -31,7 +31,11 @@ def _model(hessian: str = "kfac", seed: int = 3, targets=TARGETS, **cfg) -> peft
 
 
 def _blocks(pm):
-    return [(lin, post) for _, layer in laplace.laplace_layers(pm.base_model) for lin, post in layer.blocks()]
+    return [
+        (lin, post)
+        for _, layer in laplace.laplace_layers(pm.base_model)
+        for lin, post in layer.blocks()
+    ]
 
 
 def _jacobian(pm, batch, out_fn) -> list[torch.Tensor]:
@@ -45,8 +49,12 @@ def _jacobian(pm, batch, out_fn) -> list[torch.Tensor]:
             grads = torch.autograd.grad(out[b, k], params, retain_graph=True)
             per_k.append([g.reshape(-1) for g in grads])
         rows.append(per_k)
-    return [torch.stack([torch.stack([rows[b][k][i] for k in range(out.shape[1])]) for b in range(out.shape[0])])
-            for i in range(len(params))]
+    return [
+        torch.stack(
+            [torch.stack([rows[b][k][i] for k in range(out.shape[1])]) for b in range(out.shape[0])]
+        )
+        for i in range(len(params))
+    ]
 
 
 def _softmax_hessian(logits: torch.Tensor) -> torch.Tensor:
@@ -61,7 +69,11 @@ def _kron_precision(post) -> torch.Tensor:
 
 
 def _dense_curvature(post) -> torch.Tensor:
-    return _kron_precision(post) if isinstance(post, laplace.KronPosterior) else torch.diag(post.hess.reshape(-1))
+    return (
+        _kron_precision(post)
+        if isinstance(post, laplace.KronPosterior)
+        else torch.diag(post.hess.reshape(-1))
+    )
 
 
 def _ggn(pm, batch) -> list[torch.Tensor]:
@@ -92,7 +104,9 @@ def test_diag_is_the_exact_ggn_diagonal() -> None:
     ggns = _ggn(pm, batch)
     scale = max(float(g.abs().max()) for g in ggns)
     for (_, post), ggn in zip(_blocks(pm), ggns):
-        torch.testing.assert_close(post.hess.reshape(-1), torch.diagonal(ggn), rtol=1e-3, atol=1e-6 * scale)
+        torch.testing.assert_close(
+            post.hess.reshape(-1), torch.diagonal(ggn), rtol=1e-3, atol=1e-6 * scale
+        )
 
 
 def test_dataset_size_scales_the_curvature() -> None:
@@ -101,7 +115,9 @@ def test_dataset_size_scales_the_curvature() -> None:
     laplace.fit_posterior(plain, [batch])
     laplace.fit_posterior(scaled, [batch])
     for (_, p), (_, s) in zip(_blocks(plain), _blocks(scaled)):
-        torch.testing.assert_close(_kron_precision(s), 10 * _kron_precision(p), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            _kron_precision(s), 10 * _kron_precision(p), rtol=1e-4, atol=1e-7
+        )
 
 
 @pytest.mark.parametrize("hessian", ["kfac", "diag"])
@@ -137,7 +153,9 @@ def test_marglik_prior_maximises_the_dense_evidence() -> None:
         total = -0.5 * t * theta2
         for _, post in blocks:
             h = _dense_curvature(post).double()
-            total += 0.5 * h.shape[0] * math.log(t) - 0.5 * float(torch.logdet(h + t * torch.eye(h.shape[0], dtype=h.dtype)))
+            total += 0.5 * h.shape[0] * math.log(t) - 0.5 * float(
+                torch.logdet(h + t * torch.eye(h.shape[0], dtype=h.dtype))
+            )
         return total
 
     best = evidence(tau)
@@ -188,7 +206,9 @@ def test_probs_from_moments() -> None:
     mean = torch.tensor([[0.0, 2.0], [0.0, -1.0]])
     zero = torch.zeros(2, 2, 2)
     for link in ("probit", "mc"):
-        torch.testing.assert_close(laplace.probs_from_moments(mean, zero, link), mean.softmax(-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            laplace.probs_from_moments(mean, zero, link), mean.softmax(-1), atol=1e-5, rtol=0
+        )
     cov = torch.zeros(2, 2, 2)
     cov[:, 1, 1] = 4.0
     probit = laplace.probs_from_moments(mean, cov, "probit")
@@ -198,11 +218,14 @@ def test_probs_from_moments() -> None:
 
 
 def test_calibration_metrics_by_hand() -> None:
-    probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.35, 0.65], [0.08, 0.92]], dtype=torch.float64)
+    probs = torch.tensor(
+        [[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.35, 0.65], [0.08, 0.92]], dtype=torch.float64
+    )
     labels = torch.tensor([0, 1, 1, 1, 1])
     m = laplace.calibration_metrics(probs, labels, n_bins=10)
     assert m["accuracy"] == 0.8
-    # Bins (.9, 1]: {.95 right, .92 right}; (.8, .9]: .85 wrong; (.7, .8]: .75 right; (.6, .7]: .65 right.
+    # Bins (.9, 1]: {.95 right, .92 right}; (.8, .9]: .85 wrong; (.7, .8]: .75 right;
+    # (.6, .7]: .65 right.
     want = (2 * abs(1 - 0.935) + abs(0 - 0.85) + abs(1 - 0.75) + abs(1 - 0.65)) / 5
     assert math.isclose(m["ece"], want, abs_tol=1e-12)
     nll = -(math.log(0.95) + math.log(0.15) + math.log(0.75) + math.log(0.65) + math.log(0.92)) / 5

@@ -86,7 +86,9 @@ def test_lora_plus_groups_match_peft_optimizer() -> None:
     names = {id(p): n for n, p in ref.named_parameters()}
     for group in ref_opt.param_groups:
         for p in group["params"]:
-            ref_lr[names[id(p)].replace(".default", "").removeprefix("base_model.model.")] = group["lr"]
+            ref_lr[names[id(p)].replace(".default", "").removeprefix("base_model.model.")] = group[
+                "lr"
+            ]
     our_lr = {}
     names = {id(p): n for n, p in ours.base_model.named_parameters()}
     for group in ours.param_groups(lr):
@@ -99,7 +101,9 @@ def test_lora_plus_groups_match_peft_optimizer() -> None:
 
 def test_moslora_with_identity_mixer_is_lora() -> None:
     lora = peft_core.apply(tiny.model("llama"), {"name": "lora", "rank": RANK})
-    mos = peft_core.apply(tiny.model("llama"), {"name": "moslora", "rank": RANK, "mixer_init": "identity"})
+    mos = peft_core.apply(
+        tiny.model("llama"), {"name": "moslora", "rank": RANK, "mixer_init": "identity"}
+    )
     with torch.no_grad():
         for (_, a), (_, m) in zip(lora_layers(lora.base_model), lora_layers(mos.base_model)):
             a.lora_B.weight.normal_()

@@ -49,7 +49,9 @@ def test_only_method_params_get_gradients(method: str, arch: str) -> None:
     reg = pm.regularizer()
     (loss if reg is None else loss + reg).backward()
     with_grad = {n for n, p in pm.base_model.named_parameters() if p.grad is not None}
-    assert with_grad <= trainable, f"frozen params got gradients: {sorted(with_grad - trainable)[:5]}"
+    assert with_grad <= trainable, (
+        f"frozen params got gradients: {sorted(with_grad - trainable)[:5]}"
+    )
     assert any(
         p.grad is not None and p.grad.abs().sum() > 0 for _, p in pm.trainable_parameters()
     ), "no trainable parameter received a non-zero gradient"
@@ -67,7 +69,8 @@ def test_save_load_roundtrip(method: str, arch: str, tmp_path) -> None:
     loaded = peft_core.load_adapter(tiny.model(arch), tmp_path / "adapter")
     torch.testing.assert_close(tiny.logits(loaded, b), expected, atol=1e-6, rtol=0)
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter.safetensors", "adapter_config.json"
+        "adapter.safetensors",
+        "adapter_config.json",
     ]
 
 

@@ -162,11 +162,15 @@ def test_merged_matches_peft_merged(method: str, arch: str) -> None:
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera"])
 def test_expected_trainable_params(method: str, arch: str) -> None:
     ours = _ours(method, arch)
-    assert ours.method.expected_trainable_params(tiny.model(arch)) == ours.summary()["trainable_params"]
-    assert ours.method.expected_trainable_params(ours.base_model) == ours.summary()["trainable_params"]
+    assert (ours.method.expected_trainable_params(tiny.model(arch))
+            == ours.summary()["trainable_params"])
+    assert (
+        ours.method.expected_trainable_params(ours.base_model) == ours.summary()["trainable_params"]
+    )
 
 
 # -- LoRA initialisations -------------------------------------------------------------------
+
 
 def _peft_base_weight(ref, name: str) -> torch.Tensor:
     layer = ref.get_submodule(f"base_model.model.{name}").get_base_layer()
@@ -178,21 +182,29 @@ def _peft_base_weight(ref, name: str) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_rewriting_inits_match_peft(method: str, init: str, arch: str) -> None:
     if init == "olora" and arch == "gpt2":
-        pytest.skip("peft's OLoRA factorises GPT-2's Conv1D weight in its stored (in, out) "
-                    "layout and fails on it; ours uses the (out, in) matrix")
+        pytest.skip(
+            "peft's OLoRA factorises GPT-2's Conv1D weight in its stored (in, out) "
+            "layout and fails on it; ours uses the (out, in) matrix"
+        )
     ours = _ours(method, arch, init=init)
     ref = peft.get_peft_model(tiny.model(arch), _ref_config(method, ours, arch, init=init))
     ref_params = dict(ref.named_parameters())
     for name, layer in peft_core.methods.lora.lora_layers(ours.base_model):
         for which in ("lora_A", "lora_B"):
             torch.testing.assert_close(
-                getattr(layer, which).weight, ref_params[f"base_model.model.{name}.{which}.default.weight"],
-                atol=TOL, rtol=0,
+                getattr(layer, which).weight,
+                ref_params[f"base_model.model.{name}.{which}.default.weight"],
+                atol=TOL,
+                rtol=0,
             )
-        torch.testing.assert_close(layer.base.weight, _peft_base_weight(ref, name), atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            layer.base.weight, _peft_base_weight(ref, name), atol=TOL, rtol=0
+        )
     b = tiny.batch(arch)
     # The rewrite keeps the output at init (up to the SVD/QR's rounding).
-    torch.testing.assert_close(tiny.logits(ours, b), tiny.logits(tiny.model(arch), b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tiny.logits(ours, b), tiny.logits(tiny.model(arch), b), atol=1e-5, rtol=0
+    )
     _assert_training_step_matches(method, ours, ref, b)
 
 
@@ -233,6 +245,8 @@ def test_default_init_is_unchanged() -> None:
     torch.manual_seed(0)
     b = _ours("lora", "llama", init="kaiming")
     assert a.method.config.init == "kaiming"
-    for (_, x), (_, y) in zip(peft_core.methods.lora.lora_layers(a.base_model),
-                              peft_core.methods.lora.lora_layers(b.base_model)):
+    for (_, x), (_, y) in zip(
+        peft_core.methods.lora.lora_layers(a.base_model),
+        peft_core.methods.lora.lora_layers(b.base_model),
+    ):
         torch.testing.assert_close(x.lora_A.weight, y.lora_A.weight, atol=0, rtol=0)

@@ -22,15 +22,26 @@ CAUSAL = ("llama", "gpt2")
 # our config -> (peft config class, its kwargs): the same method on both sides
 PARITY = {
     "prompt_tuning": ({"name": "prompt_tuning"}, "PromptTuningConfig", {}),
-    "p_tuning_mlp": ({"name": "p_tuning", "encoder_hidden_size": 16}, "PromptEncoderConfig",
-                     {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": 16}),
-    "p_tuning_lstm": ({"name": "p_tuning", "encoder": "lstm", "encoder_hidden_size": 16},
-                      "PromptEncoderConfig",
-                      {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 16}),
-    "prefix_projection": ({"name": "prefix_tuning", "encoder_hidden_size": 16}, "PrefixTuningConfig",
-                          {"prefix_projection": True, "encoder_hidden_size": 16}),
-    "prefix_plain": ({"name": "prefix_tuning", "projection": False}, "PrefixTuningConfig",
-                     {"prefix_projection": False}),
+    "p_tuning_mlp": (
+        {"name": "p_tuning", "encoder_hidden_size": 16},
+        "PromptEncoderConfig",
+        {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": 16},
+    ),
+    "p_tuning_lstm": (
+        {"name": "p_tuning", "encoder": "lstm", "encoder_hidden_size": 16},
+        "PromptEncoderConfig",
+        {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 16},
+    ),
+    "prefix_projection": (
+        {"name": "prefix_tuning", "encoder_hidden_size": 16},
+        "PrefixTuningConfig",
+        {"prefix_projection": True, "encoder_hidden_size": 16},
+    ),
+    "prefix_plain": (
+        {"name": "prefix_tuning", "projection": False},
+        "PrefixTuningConfig",
+        {"prefix_projection": False},
+    ),
     "p_tuning_v2": ({"name": "p_tuning_v2"}, "PrefixTuningConfig", {"prefix_projection": False}),
 }
 
@@ -67,20 +78,33 @@ def _padded(arch: str, side: str, lengths=(12, 7, 9)):
 def _with_head(cls: type, arch: str, **config) -> nn.Module:
     """The tiny ``arch`` model's shape with another head (``cls``), in eval mode."""
     torch.manual_seed(0)
-    return cls(tiny.model(arch).config.__class__(
-        vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, **config,
-    )).eval()
+    return cls(
+        tiny.model(arch).config.__class__(
+            vocab_size=tiny.VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            **config,
+        )
+    ).eval()
 
 
 def _llama_classifier() -> nn.Module:
-    return _with_head(LlamaForSequenceClassification, "llama", num_key_value_heads=2,
-                      pad_token_id=0, num_labels=3)
+    return _with_head(
+        LlamaForSequenceClassification, "llama", num_key_value_heads=2, pad_token_id=0, num_labels=3
+    )
 
 
 def _bert_tagger() -> nn.Module:
-    return _with_head(BertForTokenClassification, "bert", num_labels=5,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _with_head(
+        BertForTokenClassification,
+        "bert",
+        num_labels=5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 # -- parity with Hugging Face peft ----------------------------------------------------------------
@@ -123,7 +147,7 @@ def test_export_loads_in_peft(case: str, arch: str, tmp_path) -> None:
     ref = peft.PeftModel.from_pretrained(tiny.model(arch), tmp_path / "hf").eval()
     b = tiny.batch(arch)
     want = tiny.logits(ref, b)
-    torch.testing.assert_close(tiny.logits(ours, b), want[:, -tiny.SEQ:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tiny.logits(ours, b), want[:, -tiny.SEQ :], atol=1e-5, rtol=0)
 
 
 # (peft 0.21 cannot run prefix tuning on classifiers under transformers 5: it looks for a
@@ -180,7 +204,7 @@ def test_batched_generate_matches_unbatched(method: str, side: str) -> None:
         alone = pm.generate(input_ids=row, max_new_tokens=4, do_sample=False)
         torch.testing.assert_close(out[i, -4:], alone[0, -4:], atol=0, rtol=0)
         # padding moved left; the prompt itself is unchanged
-        assert torch.equal(out[i, tiny.SEQ - row.shape[1]:tiny.SEQ], row[0])
+        assert torch.equal(out[i, tiny.SEQ - row.shape[1] : tiny.SEQ], row[0])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -189,8 +213,9 @@ def test_generate_with_beams_and_several_returns(method: str) -> None:
     pm = _apply(method, tiny.model("gpt2"))
     _no_eos(pm)
     ids = tiny.batch("gpt2", size=2)["input_ids"][:, :5]
-    out = pm.generate(input_ids=ids, max_new_tokens=3, num_beams=3, num_return_sequences=2,
-                      do_sample=False)
+    out = pm.generate(
+        input_ids=ids, max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False
+    )
     assert out.shape == (4, 8)
     assert torch.equal(out[:, :5], ids.repeat_interleave(2, dim=0))
     sampled = pm.generate(input_ids=ids, max_new_tokens=3, do_sample=True, num_return_sequences=3)
@@ -203,10 +228,14 @@ def test_generate_on_an_encoder_is_refused() -> None:
         pm.generate(input_ids=tiny.batch("bert")["input_ids"])
 
 
-# -- padding ----------------------------------------------------------------------------------------
+# -- padding ---------------------------------------------------------------------------------------
 def _models():
-    return {"llama": lambda: tiny.model("llama"), "gpt2": lambda: tiny.model("gpt2"),
-            "llama_cls": _llama_classifier, "bert": lambda: tiny.model("bert")}
+    return {
+        "llama": lambda: tiny.model("llama"),
+        "gpt2": lambda: tiny.model("gpt2"),
+        "llama_cls": _llama_classifier,
+        "bert": lambda: tiny.model("bert"),
+    }
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -226,7 +255,7 @@ def test_padded_batch_matches_unbatched(method: str, model_name: str, side: str)
             torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
 
 
-# -- labels -----------------------------------------------------------------------------------------
+# -- labels ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", CAUSAL)
 @pytest.mark.parametrize("method", METHODS)
 def test_virtual_tokens_never_count_in_the_causal_loss(method: str, arch: str) -> None:
@@ -253,7 +282,9 @@ def test_token_labels_line_up_for_sequence_labelling(method: str) -> None:
     with torch.no_grad():
         out = pm(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits.shape == (*ids.shape, 5)
-    want = nn.functional.cross_entropy(out.logits.reshape(-1, 5), labels.reshape(-1), ignore_index=-100)
+    want = nn.functional.cross_entropy(
+        out.logits.reshape(-1, 5), labels.reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(out.loss, want, atol=1e-5, rtol=1e-5)
 
 
@@ -285,14 +316,18 @@ def test_input_prompts_follow_cls_on_encoders() -> None:
     tt = pm.base_model.bert.embeddings.token_type_embeddings.weight[0]
     with torch.no_grad():
         torch.testing.assert_close(hidden[0, 0], ln(emb[0, 0] + positions[0] + tt))
-        torch.testing.assert_close(hidden[0, 1:1 + N], ln(table + positions[1:1 + N] + tt))
+        torch.testing.assert_close(hidden[0, 1 : 1 + N], ln(table + positions[1 : 1 + N] + tt))
 
 
-# -- folding (finalize) ------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", [
-    {"name": "p_tuning"}, {"name": "p_tuning", "encoder": "lstm"},
-    {"name": "prefix_tuning"},
-])
+# -- folding (finalize) ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "p_tuning"},
+        {"name": "p_tuning", "encoder": "lstm"},
+        {"name": "prefix_tuning"},
+    ],
+)
 def test_finalize_folds_the_encoder_and_round_trips(cfg: dict, tmp_path) -> None:
     pm = _apply(cfg, tiny.model("llama"))
     b = tiny.batch("llama")
@@ -333,12 +368,19 @@ def test_folding_is_run_state_and_old_adapters_with_a_folded_field_still_load(tm
     torch.testing.assert_close(tiny.logits(loaded, b), before, atol=1e-6, rtol=0)
 
 
-# -- initialisation ----------------------------------------------------------------------------------
+# -- initialisation --------------------------------------------------------------------------------
 def test_prompt_tuning_init_from_token_ids_and_vocab() -> None:
     model = tiny.model("llama")
     emb = model.get_input_embeddings()
-    pm = peft_core.apply(model, {"name": "prompt_tuning", "num_virtual_tokens": 5, "init": "text",
-                                 "init_token_ids": [7, 9]})
+    pm = peft_core.apply(
+        model,
+        {
+            "name": "prompt_tuning",
+            "num_virtual_tokens": 5,
+            "init": "text",
+            "init_token_ids": [7, 9],
+        },
+    )
     with torch.no_grad():
         torch.testing.assert_close(_module(pm)(), emb(torch.tensor([7, 9, 7, 9, 7])))
         pm = peft_core.apply(tiny.model("llama"), {"name": "prompt_tuning", "init": "vocab"})
@@ -355,11 +397,21 @@ def test_prompt_tuning_init_from_text_uses_the_tokenizer(tmp_path) -> None:
     vocab = {"[UNK]": 0, "classify": 5, "the": 6, "review": 8}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(
+        tmp_path / "tok"
+    )
     model = tiny.model("gpt2")
     emb = model.get_input_embeddings()
-    pm = peft_core.apply(model, {"name": "prompt_tuning", "num_virtual_tokens": 4, "init": "text",
-                                 "init_text": "classify the review", "tokenizer": str(tmp_path / "tok")})
+    pm = peft_core.apply(
+        model,
+        {
+            "name": "prompt_tuning",
+            "num_virtual_tokens": 4,
+            "init": "text",
+            "init_text": "classify the review",
+            "tokenizer": str(tmp_path / "tok"),
+        },
+    )
     with torch.no_grad():
         torch.testing.assert_close(_module(pm)(), emb(torch.tensor([5, 6, 8, 5])))
 
@@ -377,19 +429,20 @@ def test_prefix_of_token_activations_equals_those_tokens_in_context(arch: str) -
     t = torch.tensor([[5, 17, 33, 60]])
     pm = peft_core.apply(tiny.model(arch), {"name": "p_tuning_v2", "num_virtual_tokens": 4})
     with torch.no_grad():
-        _module(pm).embedding.weight.copy_(
-            token_activations(pm.base_model, pm.method._layout, t))
+        _module(pm).embedding.weight.copy_(token_activations(pm.base_model, pm.method._layout, t))
     x = tiny.batch(arch, size=1)["input_ids"]
     base = tiny.model(arch)
     with torch.no_grad():
-        torch.testing.assert_close(pm(input_ids=x).logits, base(torch.cat([t, x], 1)).logits[:, 4:],
-                                   atol=1e-5, rtol=0)
-    pm2 = peft_core.apply(tiny.model(arch), {"name": "p_tuning_v2", "num_virtual_tokens": 4,
-                                             "init": "vocab"})
+        torch.testing.assert_close(
+            pm(input_ids=x).logits, base(torch.cat([t, x], 1)).logits[:, 4:], atol=1e-5, rtol=0
+        )
+    pm2 = peft_core.apply(
+        tiny.model(arch), {"name": "p_tuning_v2", "num_virtual_tokens": 4, "init": "vocab"}
+    )
     assert _module(pm2)().abs().sum() > 0
 
 
-# -- ZeRO-3 safety: the base model's weights are read only by their own modules ----------------------
+# -- ZeRO-3 safety: the base model's weights are read only by their own modules --------------------
 class _GuardedEmbedding(nn.Embedding):
     """Under ZeRO-3 a partitioned weight is whole only inside its module's forward."""
 
@@ -408,11 +461,17 @@ class _GuardedEmbedding(nn.Embedding):
         return super().__getattr__(name)
 
 
-@pytest.mark.parametrize("cfg", [
-    {"name": "prompt_tuning"}, {"name": "prompt_tuning", "init": "vocab"},
-    {"name": "prompt_tuning", "init": "text", "init_token_ids": [3, 4]},
-    {"name": "p_tuning"}, {"name": "prefix_tuning"}, {"name": "p_tuning_v2", "init": "vocab"},
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "prompt_tuning"},
+        {"name": "prompt_tuning", "init": "vocab"},
+        {"name": "prompt_tuning", "init": "text", "init_token_ids": [3, 4]},
+        {"name": "p_tuning"},
+        {"name": "prefix_tuning"},
+        {"name": "p_tuning_v2", "init": "vocab"},
+    ],
+)
 def test_embedding_matrix_is_only_used_through_its_module(cfg: dict) -> None:
     model = tiny.model("gpt2")
     model.get_input_embeddings().__class__ = _GuardedEmbedding
@@ -425,15 +484,18 @@ def test_embedding_matrix_is_only_used_through_its_module(cfg: dict) -> None:
     pm.generate(input_ids=b["input_ids"], max_new_tokens=2, do_sample=False)
 
 
-# -- errors ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg, field", [
-    ({"name": "prompt_tuning", "num_virtual_tokens": 0}, "num_virtual_tokens"),
-    ({"name": "prompt_tuning", "init": "text"}, "init"),
-    ({"name": "prompt_tuning", "init": "words"}, "init"),
-    ({"name": "p_tuning", "encoder": "gru"}, "encoder"),
-    ({"name": "prefix_tuning", "target_modules": ["q_proj"]}, "target_modules"),
-    ({"name": "p_tuning_v2", "dropout": 1.5}, "dropout"),
-])
+# -- errors ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        ({"name": "prompt_tuning", "num_virtual_tokens": 0}, "num_virtual_tokens"),
+        ({"name": "prompt_tuning", "init": "text"}, "init"),
+        ({"name": "prompt_tuning", "init": "words"}, "init"),
+        ({"name": "p_tuning", "encoder": "gru"}, "encoder"),
+        ({"name": "prefix_tuning", "target_modules": ["q_proj"]}, "target_modules"),
+        ({"name": "p_tuning_v2", "dropout": 1.5}, "dropout"),
+    ],
+)
 def test_bad_config_names_the_field(cfg: dict, field: str) -> None:
     with pytest.raises(peft_core.ConfigError, match=f"{cfg['name']}.{field}"):
         peft_core.apply(tiny.model("llama"), cfg)

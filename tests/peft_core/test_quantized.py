@@ -30,18 +30,40 @@ def _small(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = transformers.LlamaConfig(
-            vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+            vocab_size=tiny.VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
         return transformers.LlamaForCausalLM(cfg).eval()
     if arch == "gpt2":
         cfg = transformers.GPT2Config(
-            vocab_size=tiny.VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
+            vocab_size=tiny.VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=0,
+        )
         return transformers.GPT2LMHeadModel(cfg).eval()
     cfg = transformers.BertConfig(
-        vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)
+        vocab_size=tiny.VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
@@ -57,10 +79,16 @@ def folders(tmp_path_factory) -> dict[str, str]:
 
 
 def _load(folder: str, arch: str, quant: dict | None = Q4) -> torch.nn.Module:
-    cls = (transformers.AutoModelForSequenceClassification if arch == "bert"
-           else transformers.AutoModelForCausalLM)
-    kw = {"quantization_config": transformers.BitsAndBytesConfig(**quant), "device_map": "cpu"} \
-        if quant else {}
+    cls = (
+        transformers.AutoModelForSequenceClassification
+        if arch == "bert"
+        else transformers.AutoModelForCausalLM
+    )
+    kw = (
+        {"quantization_config": transformers.BitsAndBytesConfig(**quant), "device_map": "cpu"}
+        if quant
+        else {}
+    )
     return cls.from_pretrained(folder, dtype=torch.float32, **kw).eval()
 
 
@@ -101,9 +129,13 @@ def test_matches_peft_on_the_same_4bit_base(method: str, arch: str, folders) -> 
 
 def test_lora_on_8bit_base_matches_peft(folders) -> None:
     q8 = {"load_in_8bit": True, "llm_int8_skip_modules": HEADS}
-    ours = peft_core.apply(_load(folders["llama"], "llama", q8), {"name": "lora", "rank": 4, "alpha": 8.0})
+    ours = peft_core.apply(
+        _load(folders["llama"], "llama", q8), {"name": "lora", "rank": 4, "alpha": 8.0}
+    )
     parity._perturb(ours)
-    ref = peft.get_peft_model(_load(folders["llama"], "llama", q8), parity._ref_config("lora", ours, "llama"))
+    ref = peft.get_peft_model(
+        _load(folders["llama"], "llama", q8), parity._ref_config("lora", ours, "llama")
+    )
     ref_params = dict(ref.named_parameters())
     with torch.no_grad():
         for n, p in parity._adapter_params(ours):
@@ -142,8 +174,14 @@ def test_adapter_from_a_4bit_base_loads_onto_both_bases(method: str, folders, tm
         assert n == m
         torch.testing.assert_close(p, q, atol=0, rtol=0)
     # The full-precision base differs from the 4-bit one only by the quantization error.
-    q_err = (tiny.logits(_load(folders["llama"], "llama"), b)
-             - tiny.logits(_load(folders["llama"], "llama", None), b)).abs().max()
+    q_err = (
+        (
+            tiny.logits(_load(folders["llama"], "llama"), b)
+            - tiny.logits(_load(folders["llama"], "llama", None), b)
+        )
+        .abs()
+        .max()
+    )
     assert (tiny.logits(full, b) - expected).abs().max() < 3 * q_err + 1e-4
     # ... and another base is still refused.
     with pytest.raises(peft_core.FingerprintMismatchError, match="weights_sha256"):

@@ -46,7 +46,9 @@ def _mask(layer: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", SELECTIVE)
-def test_only_masked_entries_move_and_the_file_holds_only_them(method: str, arch: str, tmp_path) -> None:
+def test_only_masked_entries_move_and_the_file_holds_only_them(
+    method: str, arch: str, tmp_path
+) -> None:
     torch.manual_seed(0)
     reference = dict(tiny.model(arch).named_modules())
     pm = peft_core.apply(tiny.model(arch), {"name": method, "budget": 0.01})
@@ -61,7 +63,9 @@ def test_only_masked_entries_move_and_the_file_holds_only_them(method: str, arch
     saved = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
     heads = targets.new_task_heads(pm.base_model)
     for key in saved:
-        assert key.endswith((".sparse_idx", ".sparse_delta")) or any(key.startswith(h + ".") for h in heads), key
+        assert key.endswith((".sparse_idx", ".sparse_delta")) or any(
+            key.startswith(h + ".") for h in heads
+        ), key
     assert sum(saved[f"{n}.sparse_idx"].numel() for n, _ in layers) == k
     assert sum(saved[f"{n}.sparse_delta"].numel() for n, _ in layers) == k
 
@@ -76,17 +80,27 @@ def test_only_masked_entries_move_and_the_file_holds_only_them(method: str, arch
         assert not diff[~masks[name]].any(), f"{name}: an entry outside the mask changed"
         idx = saved[f"{name}.sparse_idx"].long()
         # The merge adds exactly the saved values at the saved positions.
-        torch.testing.assert_close(diff.reshape(-1)[idx], saved[f"{name}.sparse_delta"], atol=1e-6, rtol=1e-6)
-        assert torch.equal(torch.sort(idx).values, torch.nonzero(masks[name].reshape(-1)).reshape(-1))
+        torch.testing.assert_close(
+            diff.reshape(-1)[idx], saved[f"{name}.sparse_delta"], atol=1e-6, rtol=1e-6
+        )
+        assert torch.equal(
+            torch.sort(idx).values, torch.nonzero(masks[name].reshape(-1)).reshape(-1)
+        )
         moved += int(diff.ne(0).sum())
     assert moved > k // 2, "training moved almost nothing"
     # Nothing else in the model changed (bar a new classification head, which trains).
     wrapped = {n for n, _ in layers}
     for name, p in pm.base_model.named_parameters():
         owner = name.rsplit(".", 1)[0]
-        if any(name.startswith(h + ".") for h in heads) or owner.rsplit(".", 1)[0] in wrapped or owner in wrapped:
+        if (
+            any(name.startswith(h + ".") for h in heads)
+            or owner.rsplit(".", 1)[0] in wrapped
+            or owner in wrapped
+        ):
             continue
-        torch.testing.assert_close(p, reference[owner].get_parameter(name.rsplit(".", 1)[1]), atol=0, rtol=0)
+        torch.testing.assert_close(
+            p, reference[owner].get_parameter(name.rsplit(".", 1)[1]), atol=0, rtol=0
+        )
 
     loaded = peft_core.load_adapter(tiny.model(arch), tmp_path / "adapter")
     torch.testing.assert_close(tiny.logits(loaded, b), unmerged, atol=1e-6, rtol=0)
@@ -101,7 +115,10 @@ def test_budget_is_met(method: str, budget: float, arch: str) -> None:
     total = sum(layer.numel for _, layer in layers)
     chosen = sum(layer.sparse_idx.numel() for _, layer in layers)
     assert abs(chosen / total - budget) / budget < 0.01
-    assert sum(p.numel() for n, p in pm.trainable_parameters() if n.endswith(".sparse_delta")) == chosen
+    assert (
+        sum(p.numel() for n, p in pm.trainable_parameters() if n.endswith(".sparse_delta"))
+        == chosen
+    )
     # the count `peftpipe methods` prints, from the base model alone
     assert pm.method.expected_trainable_params(tiny.model(arch)) == pm.summary()["trainable_params"]
 
@@ -163,12 +180,18 @@ def test_sam_scores_and_mask_match_brute_force(arch: str) -> None:
 
     pm.prepare(batches)
     ranked = sorted(
-        ((float(expected[n].reshape(-1)[i]), n, i) for n in names for i in range(expected[n].numel())),
+        (
+            (float(expected[n].reshape(-1)[i]), n, i)
+            for n in names
+            for i in range(expected[n].numel())
+        ),
         reverse=True,
     )
     k = budget_count(len(ranked), 0.01)
     want = {(n, i) for _, n, i in ranked[:k]}
-    assert {(n, int(i)) for n, layer in sparse_layers(pm.base_model) for i in layer.sparse_idx} == want
+    assert {
+        (n, int(i)) for n, layer in sparse_layers(pm.base_model) for i in layer.sparse_idx
+    } == want
 
 
 def test_sam_gradient_matches_finite_differences() -> None:
@@ -225,11 +248,15 @@ def test_hard_concrete_gate_matches_its_expected_l0() -> None:
     shift = cfg.temperature * math.log(-cfg.gate_lower / cfg.gate_upper)
     analytic = torch.sigmoid(logits.double() - shift)
     torch.testing.assert_close(p_nonzero, analytic, atol=0.015, rtol=0)
-    torch.testing.assert_close(layer.expected_l0().detach().double(), 20000 * analytic.sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        layer.expected_l0().detach().double(), 20000 * analytic.sum(), rtol=1e-5, atol=0
+    )
     # Both ends of the stretched interval are reached with positive probability (hard zeros).
     assert (z == 0).any() and (z == 1).any()
     # The deterministic gate: clamp(sigmoid(log α)(r - l) + l, 0, 1).
-    det = (torch.sigmoid(layer.dp_log_alpha) * (cfg.gate_upper - cfg.gate_lower) + cfg.gate_lower).clamp(0, 1)
+    det = (
+        torch.sigmoid(layer.dp_log_alpha) * (cfg.gate_upper - cfg.gate_lower) + cfg.gate_lower
+    ).clamp(0, 1)
     torch.testing.assert_close(layer.gate(sample=False), det)
 
 
@@ -245,8 +272,11 @@ def test_l0_penalty_closes_gates() -> None:
 
 @pytest.mark.parametrize(
     ("cfg", "field"),
-    [({"name": "pafi", "budget": 0.0}, "pafi.budget"), ({"name": "sam", "budget": 1.5}, "sam.budget"),
-     ({"name": "diff_pruning", "gate_lower": 0.1}, "diff_pruning.gate_lower")],
+    [
+        ({"name": "pafi", "budget": 0.0}, "pafi.budget"),
+        ({"name": "sam", "budget": 1.5}, "sam.budget"),
+        ({"name": "diff_pruning", "gate_lower": 0.1}, "diff_pruning.gate_lower"),
+    ],
 )
 def test_bad_config_names_the_field(cfg: dict, field: str) -> None:
     with pytest.raises(peft_core.ConfigError, match=field.replace(".", r"\.")):
@@ -267,9 +297,16 @@ def test_diff_pruning_second_phase_trains_only_the_kept_entries(arch: str, tmp_p
     # optimizer step): gated steps, then the projection to the budget, then fixed-mask steps.
     torch.manual_seed(0)
     budget, steps = 0.01, 10
-    pm = peft_core.apply(tiny.model(arch), {"name": "diff_pruning", "budget": budget,
-                                            "fixed_mask_fraction": 0.5, "gate_lr_ratio": 10.0,
-                                            "fixed_mask_lr_ratio": 5.0})
+    pm = peft_core.apply(
+        tiny.model(arch),
+        {
+            "name": "diff_pruning",
+            "budget": budget,
+            "fixed_mask_fraction": 0.5,
+            "gate_lr_ratio": 10.0,
+            "fixed_mask_lr_ratio": 5.0,
+        },
+    )
     assert pm.method.mask_fix_step(steps) == 5
     groups = {g["name"]: g for g in pm.param_groups(lr=1e-2, weight_decay=0.1)}
     assert groups["gates"]["lr"] == pytest.approx(0.1) and groups["gates"]["weight_decay"] == 0.0
@@ -292,8 +329,9 @@ def test_diff_pruning_second_phase_trains_only_the_kept_entries(arch: str, tmp_p
             # fixing the mask is the projection: the same function as finalize() gives
             pm.eval()
             fixed_logits = tiny.logits(pm, probe)
-            torch.testing.assert_close(fixed_logits, tiny.logits(projected.eval(), probe),
-                                       atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(
+                fixed_logits, tiny.logits(projected.eval(), probe), atol=1e-6, rtol=1e-6
+            )
             pm.train()
         assert all(layer.fixed for layer in layers) == (step >= 5)
         loss = pm(**b).loss

@@ -41,9 +41,12 @@ def test_gpt2_conv1d_is_wrapped_with_right_dims() -> None:
 
 
 def test_regex_and_suffix_patterns() -> None:
-    pm = peft_core.apply(tiny.model("llama"), {"name": "lora", "target_modules": r".*\.0\.self_attn\.(q|v)_proj"})
+    pm = peft_core.apply(
+        tiny.model("llama"), {"name": "lora", "target_modules": r".*\.0\.self_attn\.(q|v)_proj"}
+    )
     assert [n for n, _ in lora_layers(pm.base_model)] == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
     ]
     pm = peft_core.apply(tiny.model("llama"), {"name": "lora", "target_modules": ["down_proj"]})
     assert len(lora_layers(pm.base_model)) == 2
@@ -52,11 +55,21 @@ def test_regex_and_suffix_patterns() -> None:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: LlamaForSequenceClassification(LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)),
-        lambda: GPT2ForSequenceClassification(GPT2Config(
-            vocab_size=64, n_embd=32, n_layer=1, n_head=4, num_labels=3, pad_token_id=0)),
+        lambda: LlamaForSequenceClassification(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_labels=3,
+                pad_token_id=0,
+            )
+        ),
+        lambda: GPT2ForSequenceClassification(
+            GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, num_labels=3, pad_token_id=0)
+        ),
     ],
 )
 def test_classification_head_trains_with_the_adapter(build) -> None:
