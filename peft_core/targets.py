@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
 from typing import TypeVar
 
 import torch
@@ -241,14 +240,6 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def iter_params(
-    model: nn.Module, trainable: bool | None = None
-) -> Iterator[tuple[str, nn.Parameter]]:
-    for n, p in model.named_parameters():
-        if trainable is None or p.requires_grad == trainable:
-            yield n, p
 
 
 def numel(p: torch.Tensor) -> int:

@@ -1,6 +1,8 @@
-"""Built-in methods, one module per family; importing this package registers them all.
+"""Built-in methods, one module per family (a subpackage for the two largest, ``laplace`` and
+``prompts``); importing this package registers them all.
 
-Every module in this package is imported, so a new family only has to add its file.
+Every module and subpackage here is imported, so a new family only has to add its file;
+names starting with ``_`` are helpers shared by several families.
 """
 
 import importlib
