@@ -28,10 +28,7 @@ HOOKS = {
     "llama": ("model.layers.{i}", "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj"),
     "gpt2": ("transformer.h.{i}", "attn", "attn.c_proj", "mlp", "mlp.c_proj"),
     "bert": (
-        "bert.encoder.layer.{i}",
-        "attention",
-        "attention.output.dense",
-        "intermediate",
+        "bert.encoder.layer.{i}", "attention", "attention.output.dense", "intermediate",
         "output.dense",
     ),
 }
@@ -354,11 +351,8 @@ def test_coda_generate_with_cache_and_left_padding() -> None:
     b = tiny.batch("llama", size=2)
     b["attention_mask"][0, :4] = 0
     out = pm.generate(
-        input_ids=b["input_ids"],
-        attention_mask=b["attention_mask"],
-        max_new_tokens=4,
-        do_sample=False,
-        pad_token_id=0,
+        input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=4,
+        do_sample=False, pad_token_id=0,
     )
     assert out.shape == (2, tiny.SEQ + 4)
 

@@ -193,9 +193,7 @@ def test_rewriting_inits_match_peft(method: str, init: str, arch: str) -> None:
         for which in ("lora_A", "lora_B"):
             torch.testing.assert_close(
                 getattr(layer, which).weight,
-                ref_params[f"base_model.model.{name}.{which}.default.weight"],
-                atol=TOL,
-                rtol=0,
+                ref_params[f"base_model.model.{name}.{which}.default.weight"], atol=TOL, rtol=0,
             )
         torch.testing.assert_close(
             layer.base.weight, _peft_base_weight(ref, name), atol=TOL, rtol=0

@@ -80,13 +80,8 @@ def _with_head(cls: type, arch: str, **config) -> nn.Module:
     torch.manual_seed(0)
     return cls(
         tiny.model(arch).config.__class__(
-            vocab_size=tiny.VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            **config,
+            vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, **config,
         )
     ).eval()
 
@@ -99,10 +94,7 @@ def _llama_classifier() -> nn.Module:
 
 def _bert_tagger() -> nn.Module:
     return _with_head(
-        BertForTokenClassification,
-        "bert",
-        num_labels=5,
-        hidden_dropout_prob=0.0,
+        BertForTokenClassification, "bert", num_labels=5, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
 

@@ -30,38 +30,20 @@ def _small(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = transformers.LlamaConfig(
-            vocab_size=tiny.VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
+            vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             pad_token_id=0,
         )
         return transformers.LlamaForCausalLM(cfg).eval()
     if arch == "gpt2":
         cfg = transformers.GPT2Config(
-            vocab_size=tiny.VOCAB,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            pad_token_id=0,
+            vocab_size=tiny.VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
         )
         return transformers.GPT2LMHeadModel(cfg).eval()
     cfg = transformers.BertConfig(
-        vocab_size=tiny.VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
+        vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     return transformers.BertForSequenceClassification(cfg).eval()

@@ -57,14 +57,8 @@ def test_regex_and_suffix_patterns() -> None:
     [
         lambda: LlamaForSequenceClassification(
             LlamaConfig(
-                vocab_size=64,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                num_labels=3,
-                pad_token_id=0,
+                vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
             )
         ),
         lambda: GPT2ForSequenceClassification(
