@@ -7,9 +7,14 @@ import copy
 import json
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
+
+if TYPE_CHECKING:  # annotations only: the commands import what they run when they run
+    from pipelines.data.manifest import Manifest
+    from pipelines.recipe import Recipe
+    from pipelines.tune import SearchResult
 
 app = typer.Typer(
     add_completion=False,
@@ -24,7 +29,8 @@ RECIPE_ARG = typer.Argument(..., help="A recipe YAML file, or the name of a buil
 SET_OPT = typer.Option(None, "--set", help="Override a recipe field: key.path=value "
                        "(value parsed as YAML; repeat for several).")
 ADDRESS_OPT = typer.Option(None, help="Ray cluster to run on (auto, HOST:PORT, ray://HOST:10001); "
-                           "default: the recipe's ray.address, else a local Ray started for the job.")
+                           "default: the recipe's ray.address, else a local Ray started for the "
+                           "job.")
 
 
 @app.command()
@@ -94,13 +100,15 @@ def promote(
     set_: list[str] = SET_OPT,
     run_id: str = typer.Option(None, help="MLflow run whose `adapter` artifact to register."),
     search_id: str = typer.Option(None, help="Or: a search id; its best trial is registered."),
-    dataset: str = typer.Option(None, help="Dataset folder (manifest.json) whose test split decides."),
+    dataset: str = typer.Option(None, help="Dataset folder (manifest.json) whose test split "
+                                "decides."),
     model_name: str = typer.Option("peft-adapter", help="Registered model name."),
     metric: str = typer.Option("eval_accuracy", help="Metric compared on the test split."),
     mode: str = typer.Option("max", help="max or min: which direction is better."),
     margin: float = typer.Option(0.0, help="How much better the candidate must be."),
     run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
-    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the run dir)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: "
+                                     "$MLFLOW_TRACKING_URI or the run dir)."),
     experiment: str = typer.Option("peft-pipelines", help="MLflow experiment of the search."),
 ) -> None:
     """Register a winner as `candidate`; move `champion` only if it beats the current one."""
@@ -116,14 +124,16 @@ def promote(
     if dataset is None:
         _fail("--dataset: the dataset folder whose test split decides is required")
     try:
-        rcfg = registry.RegistryConfig(model_name=model_name, metric=metric, mode=mode, margin=margin)
+        rcfg = registry.RegistryConfig(model_name=model_name, metric=metric, mode=mode,
+                                       margin=margin)
     except ValidationError as e:
         _fail(str(e))
     tcfg = tracking.TrackingConfig(tracking_uri=tracking_uri, experiment=experiment)
     try:
         if search_id is not None:
             client = tracking.client(tcfg, run_dir)
-            parent = promotion.find_search(client, tracking.experiment_id(client, tcfg, run_dir), search_id)
+            exp = tracking.experiment_id(client, tcfg, run_dir)
+            parent = promotion.find_search(client, exp, search_id)
             run_id = parent.data.tags.get("peftpipe.best_run_id")
             if not run_id:
                 _fail(f"search {search_id!r} has no eligible best trial to promote")
@@ -175,7 +185,8 @@ def rollback(
 
 @app.command()
 def predict(
-    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder."),
+    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an "
+                              "adapter folder."),
     text: list[str] = typer.Option(..., help="Text to classify (repeat for several)."),
     run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI."),
@@ -189,7 +200,8 @@ def predict(
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder."),
+    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an "
+                              "adapter folder."),
     prompt: str = typer.Option(..., help="The prompt."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
     run_dir: str = typer.Option("runs", help="Run directory (embedded MLflow store lives here)."),
@@ -256,7 +268,8 @@ def serve_command(
 
 @app.command("export")
 def export_command(
-    model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder."),
+    model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAME/VERSION or an "
+                                "adapter folder."),
     dst: str = typer.Argument(..., help="Folder to write (replaced atomically)."),
     fmt: str = typer.Option(..., "--format", help="peft (Hugging Face peft folder), merged (full "
                             "weights, methods that merge) or vllm (LoRA folder + vllm.json)."),
@@ -277,7 +290,8 @@ def export_command(
         if model.startswith("models:/"):
             uri = tracking.resolve_uri(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
             client = tracking.client(tracking.TrackingConfig(tracking_uri=uri), run_dir)
-            _, folder = registry.download(client, model, tempfile.mkdtemp(prefix="peftpipe-export-"))
+            _, folder = registry.download(client, model,
+                                          tempfile.mkdtemp(prefix="peftpipe-export-"))
         elif not folder.is_dir():
             _fail(f"model: {model!r} is neither a models:/ URI nor a folder")
         out = exporter.export(folder, fmt, dst, name=model.rsplit("/", 1)[-1].replace("@", "-"))
@@ -371,31 +385,29 @@ def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDR
         f" (test {r.registry.metric} {decision.candidate_score:.4f})"
     typer.echo(f"\n{r.registry.model_name} v{decision.version}{score} {verb}: {decision.reason}")
     typer.echo(f"report:  {out.report}  (+ quality_vs_params.png, eval_loss_curves.png)")
-    uri = search.tracking_uri if hasattr(search, "tracking_uri") else search["tracking_uri"]
-    typer.echo(f"MLflow:  mlflow ui --backend-store-uri {uri}")
+    typer.echo(f"MLflow:  mlflow ui --backend-store-uri {search.tracking_uri}")
     use = _serve_hint(manifest)
     typer.echo(f"serve:   peftpipe {use} --model models:/{r.registry.model_name}@champion "
                f"--run-dir {r.run_dir}")
 
 
-def _say_dataset(m) -> None:
+def _say_dataset(m: Manifest) -> None:
     """Rows kept per split, rejected by reason, duplicates found, and where the rejects are."""
-    hit = " (reused)" if getattr(m, "cache_hit", False) else ""
+    hit = " (reused)" if m.cache_hit else ""
     kept = sum(m.rows.values())
     splits = ", ".join(f"{s} {n}" for s, n in m.rows.items())
     line = f"dataset {m.dataset_id}{hit}: {kept} rows kept ({splits}); {m.rejected} rejected"
     if m.rejected:
         kinds = ", ".join(f"{n} {k}" for k, n in m.rejected_by_kind.items())
         line += f" ({kinds}; see {m.path}/rejects.jsonl)"
-    dups = getattr(m, "duplicates", 0)
-    dropped = getattr(m, "duplicates_dropped", 0)
+    dups, dropped = m.duplicates, m.duplicates_dropped
     if dropped:
         line += f"; {dups} duplicates found and dropped"
     elif dups:
         line += f"; {dups} duplicates found and kept (data.dedup: true drops them)"
     else:
         line += "; 0 duplicates"
-    full = getattr(m, "rows_at_max_length", 0)
+    full = m.rows_at_max_length
     if full:
         line += f"; {full} rows fill max_length {m.max_length} (longer inputs were cut there)"
     typer.echo(line)
@@ -403,27 +415,22 @@ def _say_dataset(m) -> None:
         typer.echo(f"classes: {', '.join(m.label_names)}")
 
 
-def _serve_hint(m) -> str:
+def _serve_hint(m: Manifest) -> str:
     """The serve command for this dataset's model, on an input of its own eval split."""
     import shlex
 
-    examples = getattr(m, "examples", None) or {}
-    example = examples.get("eval") or examples.get("test") or examples.get("train")
+    example = m.examples.get("eval") or m.examples.get("test") or m.examples.get("train")
     if m.task == "classification":
         return f"predict --text {shlex.quote(example or 'some text')}"
     return f"generate --prompt {shlex.quote(example or 'Hello, who are you?')}"
 
 
-def _print_leaderboard(r, search) -> None:
+def _print_leaderboard(r: Recipe, search: SearchResult) -> None:
     from pipelines import pipeline, report
-    from pipelines.tune import Objective
 
-    data = search if isinstance(search, dict) else pipeline.load_trials(r)
-    objective = Objective.model_validate(
-        data.get("objective") or (r.tune.objective.model_dump() if r.tune else
-                                  {"metric": r.registry.metric, "mode": r.registry.mode}))
     typer.echo("\nleaderboard")
-    for line in report.console_table(data["trials"], objective, data.get("reference")):
+    for line in report.console_table(search.trials, pipeline.objective_of(r, search),
+                                     search.reference):
         typer.echo(line)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -20,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .data.manifest import Manifest
 from .recipe import Recipe, RecipeError
+from .tune import Objective, SearchResult  # Ray-free (the recipe imports them too)
 
 log = logging.getLogger("pipelines")
 
@@ -35,8 +36,8 @@ class NoWinnerError(RuntimeError):
 @dataclasses.dataclass
 class RunResult:
     run_dir: Path
-    manifest: Any = None
-    search: Any = None
+    manifest: Manifest | None = None
+    search: SearchResult | None = None
     decision: Any = None
     report: Path | None = None
 
@@ -174,7 +175,7 @@ def split_requirements(recipe: Recipe) -> dict[str, tuple[int, str]]:
     return need
 
 
-def prepare_stage(recipe: Recipe):
+def prepare_stage(recipe: Recipe) -> Manifest:
     """Tokenize the recipe's corpora with Ray Data (reused when already built); splits too
     small for the recipe's batch or evaluation are a :class:`~pipelines.data.DataError`."""
     from .data import prepare
@@ -206,7 +207,7 @@ def _materialise(source: str, recipe: Recipe) -> str:
     return str(out.resolve())
 
 
-def tune_stage(recipe: Recipe, manifest, *, verbose: bool = True):
+def tune_stage(recipe: Recipe, manifest: Manifest, *, verbose: bool = True) -> SearchResult:
     """Ray Tune over the recipe's methods and hyperparameters, every trial in MLflow."""
     from .tune import search
 
@@ -214,11 +215,10 @@ def tune_stage(recipe: Recipe, manifest, *, verbose: bool = True):
         raise RecipeError("tune: the recipe has no tune section (use `peftpipe train` for one run)")
     result = search(recipe.train, recipe.tune, manifest=manifest, run_dir=recipe.run_dir,
                     tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose)
-    _save_trials(recipe, result, manifest)
-    return result
+    return _save_trials(recipe, result, manifest)
 
 
-def train_stage(recipe: Recipe, manifest, *, verbose: bool = True):
+def train_stage(recipe: Recipe, manifest: Manifest, *, verbose: bool = True) -> SearchResult:
     """One training run of ``train.method``: a search with a single trial, so it is tracked,
     resumable and promotable exactly like a searched one."""
     from .tune import TuneConfig, search
@@ -244,17 +244,16 @@ def train_stage(recipe: Recipe, manifest, *, verbose: bool = True):
     result = search(train, one, manifest=manifest, run_dir=recipe.run_dir,
                     tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose,
                     trial_driver_cpu=0.0)
-    _save_trials(recipe, result, manifest)
-    return result
+    return _save_trials(recipe, result, manifest)
 
 
-def promote_stage(recipe: Recipe, manifest, search=None):
-    """Register the search's best trial; it becomes ``champion`` only if it beats the
-    current champion on the test split."""
+def promote_stage(recipe: Recipe, manifest: Manifest, search: SearchResult | None = None):
+    """Register the search's best trial (``search``, else the run dir's last one); it
+    becomes ``champion`` only if it beats the current champion on the test split."""
     from .promote import promote
 
     search = search or load_trials(recipe)
-    best = search.best if hasattr(search, "best") else search["best"]
+    best = search.best
     if not best:
         raise NoWinnerError("promote: no trial finished with the objective's metric within budget")
     decision = promote(run_id=best["mlflow_run_id"], manifest=manifest, config=recipe.registry,
@@ -264,13 +263,13 @@ def promote_stage(recipe: Recipe, manifest, search=None):
     return decision
 
 
-def report_stage(recipe: Recipe, search=None, decision=None) -> Path:
-    """``report.md`` with the leaderboard and the two plots, in ``run_dir``."""
+def report_stage(recipe: Recipe, search: SearchResult | None = None, decision=None) -> Path:
+    """``report.md`` with the leaderboard and the two plots, in ``run_dir`` (from
+    ``search``, else the run dir's last search)."""
     from .report import write_report
-    from .tune import Objective
 
-    data = _as_dict(search) if search is not None else load_trials(recipe)
-    objective = Objective.model_validate(data.get("objective") or _objective(recipe))
+    search = search or load_trials(recipe)
+    objective = objective_of(recipe, search)
     champion = None
     if decision is not None:
         champion = {"model": f"models:/{decision.model_name}@champion" if decision.promoted
@@ -278,10 +277,10 @@ def report_stage(recipe: Recipe, search=None, decision=None) -> Path:
                     "version": decision.version, "promoted": decision.promoted,
                     f"test_{recipe.registry.metric}": decision.candidate_score,
                     "reason": decision.reason}
-    return write_report(data["trials"], objective, Path(recipe.run_dir),
+    return write_report(search.trials, objective, Path(recipe.run_dir),
                         title=f"peft-pipelines: {recipe.name}", champion=champion,
-                        extra=f"\nSearch `{data['search_id']}`, MLflow: `{data['tracking_uri']}`.\n",
-                        ref=data.get("reference"), label_names=data.get("label_names"))
+                        extra=f"\nSearch `{search.search_id}`, MLflow: `{search.tracking_uri}`.\n",
+                        ref=search.reference, label_names=search.label_names)
 
 
 def run(recipe: Recipe, *, address: str | None = None, verbose: bool = True,
@@ -304,41 +303,38 @@ def run(recipe: Recipe, *, address: str | None = None, verbose: bool = True,
 
 # -- what a search leaves on disk --------------------------------------------------------------
 
-def _as_dict(search) -> dict[str, Any]:
-    if isinstance(search, dict):
-        return search
-    return {"search_id": search.search_id, "trials": search.trials, "best": search.best,
-            "pareto": [p["trial_id"] for p in search.pareto],
-            "tracking_uri": search.tracking_uri, "parent_run_id": search.parent_run_id}
-
-
 def _objective(recipe: Recipe) -> dict[str, Any]:
     if recipe.tune is not None:
         return recipe.tune.objective.model_dump()
     return {"metric": recipe.registry.metric, "mode": recipe.registry.mode}
 
 
-def _save_trials(recipe: Recipe, search, manifest=None) -> Path:
+def objective_of(recipe: Recipe, search: SearchResult) -> Objective:
+    """The objective ``search`` ranked by (the recipe's for a file that has none)."""
+    return search.objective or Objective.model_validate(_objective(recipe))
+
+
+def _save_trials(recipe: Recipe, search: SearchResult,
+                 manifest: Manifest | None = None) -> SearchResult:
+    """``search`` completed with what the dataset tells (the reference score, class names)
+    and saved as ``run_dir/trials.json``."""
     from .report import reference
-    from .tune import Objective
 
-    data = {**_as_dict(search), "objective": _objective(recipe)}
+    search = dataclasses.replace(search, objective=objective_of(recipe, search))
     if manifest is not None:
-        data["reference"] = reference(manifest, data["trials"],
-                                      Objective.model_validate(data["objective"]))
-        data["label_names"] = getattr(manifest, "label_names", None)
-        data["dataset_id"] = getattr(manifest, "dataset_id", None)
-    path = Path(recipe.run_dir) / TRIALS_FILE
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
-    return path
+        search = dataclasses.replace(
+            search, reference=reference(manifest, search.trials, search.objective),
+            label_names=manifest.label_names, dataset_id=manifest.dataset_id)
+    search.save(Path(recipe.run_dir) / TRIALS_FILE)
+    return search
 
 
-def load_trials(recipe: Recipe) -> dict[str, Any]:
+def load_trials(recipe: Recipe) -> SearchResult:
     """The last search's outcome saved in ``run_dir`` (for promote/report run alone)."""
     path = Path(recipe.run_dir) / TRIALS_FILE
     if not path.is_file():
         raise RecipeError(f"run_dir: {path} does not exist; run `peftpipe tune` (or `run`) first")
-    return json.loads(path.read_text())
+    try:
+        return SearchResult.load(path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecipeError(f"run_dir: {path} is not a search's outcome: {e}") from e

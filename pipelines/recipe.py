@@ -152,14 +152,16 @@ class Recipe(BaseModel):
             except peft_core.PeftError as e:
                 raise ValueError(f"tune.space.methods.{e}") from e
         metric = self.tune.objective.metric if self.tune else self.registry.metric
-        if self.data.task != "classification" and "accuracy" in metric and metric != "eval_token_accuracy":
+        if (self.data.task != "classification" and "accuracy" in metric
+                and metric != "eval_token_accuracy"):
             where = "tune.objective.metric" if self.tune else "registry.metric"
             raise ValueError(
                 f"{where}: {metric!r} needs the classification task; "
                 f"for {self.data.task} use eval_loss (mode: min) or eval_token_accuracy"
             )
         t = self.train
-        if self.tune is not None and t.batch_size % (t.micro_batch_size * self.tune.workers_per_trial):
+        if self.tune is not None and t.batch_size % (t.micro_batch_size
+                                                     * self.tune.workers_per_trial):
             # the search runs train with tune.workers_per_trial workers: the same rule as
             # TrainConfig's, checked here so `run` and `train` refuse it alike, up front
             per_step = t.micro_batch_size * self.tune.workers_per_trial
@@ -215,15 +217,16 @@ class Recipe(BaseModel):
         else:
             per_worker = self.tune.cpus_per_worker or 0.1
             need = self.tune.max_concurrent_trials * self.tune.workers_per_trial * per_worker
-            where = ("tune.max_concurrent_trials x tune.workers_per_trial x "
-                     f"{'tune.cpus_per_worker' if self.tune.cpus_per_worker else 'a 0.1 CPU minimum'}")
+            each = "tune.cpus_per_worker" if self.tune.cpus_per_worker else "a 0.1 CPU minimum"
+            where = f"tune.max_concurrent_trials x tune.workers_per_trial x {each}"
         if need > cpus:
             raise RecipeError(f"{where} needs {need:g} CPUs; the Ray cluster has {cpus:g}")
         if self.data.num_actors and self.data.actor_cpus and \
                 self.data.num_actors * self.data.actor_cpus > cpus:
             raise RecipeError(
                 f"data.num_actors x data.actor_cpus needs "
-                f"{self.data.num_actors * self.data.actor_cpus:g} CPUs; the Ray cluster has {cpus:g}")
+                f"{self.data.num_actors * self.data.actor_cpus:g} CPUs; "
+                f"the Ray cluster has {cpus:g}")
 
     def dump(self) -> dict[str, Any]:
         """The recipe as plain data (what is logged with the run)."""
@@ -287,7 +290,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         p = builtin_recipe(str(path))
     if not p.is_file():
         raise RecipeError(
-            f"recipe {str(path)!r}: no such file (built-in recipes: {', '.join(available_recipes())})")
+            f"recipe {str(path)!r}: no such file "
+            f"(built-in recipes: {', '.join(available_recipes())})")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:

@@ -207,7 +207,8 @@ def champion_chain(client, name: str) -> list[str]:
 # -- the lock ---------------------------------------------------------------------------------
 
 LOCK_SUFFIX = ".peftpipe-lock"
-_LOCK_TOKEN, _LOCK_HOLDER, _LOCK_EXPIRES = TAG + "lock.token", TAG + "lock.holder", TAG + "lock.expires"
+_LOCK_TOKEN, _LOCK_HOLDER, _LOCK_EXPIRES = (TAG + "lock.token", TAG + "lock.holder",
+                                           TAG + "lock.expires")
 
 
 def _error_code(exc: Exception) -> str:
@@ -339,7 +340,8 @@ class RegistryLock:
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@alias`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
     if not uri.startswith("models:/"):
-        raise RegistryError(f"model: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+        raise RegistryError("model: expected models:/NAME@ALIAS or models:/NAME/VERSION, "
+                            f"got {uri!r}")
     rest = uri[len("models:/"):]
     if "@" in rest:
         name, alias = rest.split("@", 1)

@@ -65,7 +65,7 @@ def experiment_id(mlflow_client, config: TrackingConfig, run_dir: str | Path) ->
     if exp is not None:
         return exp.experiment_id
     location = None
-    if mlflow_client.tracking_uri.startswith("sqlite:") or mlflow_client.tracking_uri.startswith("file:"):
+    if mlflow_client.tracking_uri.startswith(("sqlite:", "file:")):
         location = (Path(run_dir).resolve() / "mlartifacts").as_uri()
     try:
         return mlflow_client.create_experiment(config.experiment, artifact_location=location)

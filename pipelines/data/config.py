@@ -141,7 +141,8 @@ class DataConfig(BaseModel):
         if self.labels is not None and self.task != "classification":
             raise ValueError(f"labels: only the classification task has labels, not {self.task}")
         if self.label_names is not None and self.task != "classification":
-            raise ValueError(f"label_names: only the classification task has labels, not {self.task}")
+            raise ValueError("label_names: only the classification task has labels, "
+                             f"not {self.task}")
         if self.labels is not None and self.label_names is not None:
             check_label_names(self.label_names, self.labels)
         if self.chat_template is not None and self.task != "instruction":

@@ -41,7 +41,8 @@ def list_array(lists: list[list[int] | None], dtype: Any) -> pa.Array:
 def ones_like(ids: pa.ListArray) -> pa.Array:
     """The attention mask of unpadded rows: a 1 for every token, same offsets and nulls."""
     values = pa.array(np.ones(len(ids.values), np.int8))
-    return pa.ListArray.from_arrays(ids.offsets, values, mask=ids.is_null() if ids.null_count else None)
+    return pa.ListArray.from_arrays(ids.offsets, values,
+                                    mask=ids.is_null() if ids.null_count else None)
 
 
 def _lengths(ids: pa.ListArray) -> pa.Array:

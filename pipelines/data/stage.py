@@ -39,9 +39,9 @@ from . import sources as sources_mod
 from . import store
 from .config import SPLITS, DataConfig, DataError, check_label_names
 from .encode import TokenizeAndWrite
+from .manifest import Manifest
 from .readers import CorpusDatasource
 from .split import duplicates
-from .store import Manifest
 from .validate import RowSpec, label_type_drift, sort_labels
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,8 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
         # Both need every row first: one pass over the raw rows, then only small columns
         # (keys, labels) travel to the driver.
         ds = ds.materialize()
-        cols = ["_reject", "_kind", "_src", "_line", "_order", "_dup"] + (["label"] if infer else [])
+        cols = ["_reject", "_kind", "_src", "_line", "_order", "_dup"]
+        cols += ["label"] if infer else []
         meta = _gather(ds, cols, task_cpus)
         good = meta.filter(pc.is_null(meta.column("_reject")))
         if good.num_rows == 0:

@@ -33,12 +33,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
 from .config import SPLITS, DataConfig
+from .manifest import FORMAT_VERSION, Manifest
 
-#: bump when the output of the same inputs changes (templates, columns, split rule)
-FORMAT_VERSION = 2  # 2: strict CSV, oversized and label-type rejects, duplicates counted
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "vocab.txt", "vocab.json", "merges.txt",
@@ -47,53 +45,6 @@ TOKENIZER_FILES = (
 #: ``PEFTPIPE_DATA_COMMIT_DELAY_S``: fault injection for tests, a pause after every file is
 #: written and before the commit (so a test can kill the run at its most complete point)
 COMMIT_DELAY_ENV = "PEFTPIPE_DATA_COMMIT_DELAY_S"
-
-
-class Manifest(BaseModel):
-    """``manifest.json``: what the dataset is, how it was made, and how big each split is."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    dataset_id: str
-    format_version: int = FORMAT_VERSION
-    task: str
-    tokenizer: dict[str, Any]  # name (as given), identity (hash), class
-    max_length: int
-    pad_token_id: int | None
-    padding_side: str
-    template: dict[str, Any]
-    label_names: list[str] | None = None
-    num_labels: int = 0
-    rows: dict[str, int]
-    tokens: dict[str, int]
-    documents: dict[str, int]
-    rejected: int
-    rejected_by_kind: dict[str, int] = Field(default_factory=dict)
-    # exact duplicate rows found (every task field equal), counted whether or not ``dedup``
-    # dropped them; ``duplicates_dropped`` is how many were dropped
-    duplicates: int = 0
-    duplicates_dropped: int = 0
-    # kept rows whose tokens fill max_length: longer inputs were truncated there (the rule
-    # for over-long rows below max_chars), counted so the cut is never silent
-    rows_at_max_length: int = 0
-    # the label values of the data in class order (``label_names`` are their display names)
-    label_values: list[str] | None = None
-    # rows per class in each split, by class name (classification)
-    label_counts: dict[str, dict[str, int]] = Field(default_factory=dict)
-    # the first valid input of each split (shown to the user, e.g. as the serve hint)
-    examples: dict[str, str] = Field(default_factory=dict)
-    read_rows: int
-    columns: dict[str, str]
-    sources: list[dict[str, Any]]
-    config: dict[str, Any]
-    created_at: str
-    path: str = ""
-    cache_hit: bool = Field(False, exclude=True)  # set by prepare(), never stored
-
-    def split_path(self, split: str) -> str:
-        if split not in SPLITS:
-            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-        return str(Path(self.path) / split)
 
 
 def tokenizer_identity(name: str) -> str:

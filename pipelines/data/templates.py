@@ -57,7 +57,8 @@ class Encoder:
     @classmethod
     def from_hf(cls, tok: Any) -> Encoder:
         side = getattr(tok, "truncation_side", "right")
-        backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+        fast = getattr(tok, "is_fast", False)
+        backend = getattr(tok, "backend_tokenizer", None) if fast else None
         if backend is not None:
             fast = cls(backend=backend, truncation_side=side)
             slow = cls(tok=tok, truncation_side=side)

@@ -10,7 +10,6 @@ every ZeRO stage sees the same data for the same seed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +17,19 @@ from typing import Any
 
 import torch
 
-TASKS = ("classification", "instruction", "causal_lm")
+# read_manifest and DatasetError are re-exported: the training stage's users (evaluate,
+# benchmarks) import them from here
+from ..data.manifest import DatasetError, Manifest, read_manifest
 
-
-class DatasetError(ValueError):
-    """The manifest or its splits are missing or do not fit the training config."""
+__all__ = ["Collator", "DatasetError", "DatasetInfo", "TrainBatches", "eval_batches",
+           "find_dataset", "read_manifest", "read_split"]
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What training needs from ``manifest.json``."""
+    """The fields of the :class:`~pipelines.data.manifest.Manifest` a training worker
+    needs, in the plain form the driver sends it (:meth:`to_dict`); built only from a
+    Manifest (:meth:`from_manifest`), never parsed from the file."""
 
     path: Path
     dataset_id: str
@@ -40,6 +42,13 @@ class DatasetInfo:
     max_length: int | None
     tokenizer: str | None
 
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> DatasetInfo:
+        return cls(path=m.folder, dataset_id=m.dataset_id, task=m.task,
+                   pad_token_id=int(m.pad_token_id or 0), padding_side=m.padding_side,
+                   rows=dict(m.rows), num_labels=m.num_labels or None, label_names=m.label_names,
+                   max_length=m.max_length, tokenizer=m.tokenizer_name)
+
     @property
     def is_lm(self) -> bool:
         return self.task != "classification"
@@ -48,23 +57,6 @@ class DatasetInfo:
         d = dataclasses.asdict(self)
         d["path"] = str(self.path)
         return d
-
-
-def manifest_dir(manifest: Any) -> Path:
-    """The dataset folder of ``manifest``: a Manifest object (``.path``), a folder, or the
-    path of a ``manifest.json``."""
-    path = getattr(manifest, "path", manifest)
-    if isinstance(manifest, dict):
-        path = manifest.get("path")
-    if path is None:
-        raise DatasetError("manifest: expected a Manifest, a dataset folder or a manifest.json path")
-    # Absolute: Ray Train workers run in their own working directory.
-    path = Path(path).expanduser().resolve()
-    if path.name == "manifest.json":
-        path = path.parent
-    if not (path / "manifest.json").is_file():
-        raise DatasetError(f"manifest: no manifest.json in {str(path)!r}; run the data stage first")
-    return path
 
 
 def find_dataset(data_root: str | Path, dataset_id: str) -> Path:
@@ -80,52 +72,11 @@ def find_dataset(data_root: str | Path, dataset_id: str) -> Path:
     return folder
 
 
-def read_manifest(manifest: Any) -> DatasetInfo:
-    """Read and check the manifest's fields this stage relies on."""
-    folder = manifest_dir(manifest)
-    raw = json.loads((folder / "manifest.json").read_text())
-
-    def need(key: str) -> Any:
-        if key not in raw:
-            raise DatasetError(f"{folder}/manifest.json: missing field {key!r}")
-        return raw[key]
-
-    task = need("task")
-    if task not in TASKS:
-        raise DatasetError(f"{folder}/manifest.json: task {task!r}; expected one of {TASKS}")
-    side = raw.get("padding_side", "right")
-    if side not in ("left", "right"):
-        raise DatasetError(f"{folder}/manifest.json: padding_side {side!r}; expected left or right")
-    labels = raw.get("label_names")
-    num_labels = raw.get("num_labels") or (len(labels) if labels else None)
-    if task == "classification" and not num_labels:
-        raise DatasetError(f"{folder}/manifest.json: a classification dataset needs num_labels")
-    for split in ("train", "eval"):
-        if not (folder / split).is_dir():
-            raise DatasetError(f"{folder}: split folder {split!r} is missing")
-    tok = raw.get("tokenizer")
-    if isinstance(tok, dict):
-        tok = tok.get("name") or tok.get("name_or_path")
-    pad = need("pad_token_id")
-    return DatasetInfo(
-        path=folder,
-        dataset_id=str(raw.get("dataset_id", folder.name)),
-        task=task,
-        pad_token_id=int(pad if pad is not None else 0),
-        padding_side=side,
-        rows={k: int(v) for k, v in (raw.get("rows") or {}).items()},
-        num_labels=int(num_labels) if num_labels else None,
-        label_names=list(labels) if labels else None,
-        max_length=raw.get("max_length"),
-        tokenizer=tok,
-    )
-
-
-def read_split(info: DatasetInfo, split: str) -> list[dict[str, Any]]:
+def read_split(info: Manifest | DatasetInfo, split: str) -> list[dict[str, Any]]:
     """All rows of one split as Python lists (``input_ids``, ``attention_mask``, ``labels``)."""
     import pyarrow.dataset as pads
 
-    folder = info.path / split
+    folder = Path(info.path) / split
     files = sorted(str(p) for p in folder.rglob("*.parquet"))
     if not files:
         return []
@@ -142,8 +93,8 @@ def read_split(info: DatasetInfo, split: str) -> list[dict[str, Any]]:
 class Collator:
     """Pads a list of rows to the longest one, on the manifest's side with its pad id."""
 
-    def __init__(self, info: DatasetInfo):
-        self.pad_id = info.pad_token_id
+    def __init__(self, info: Manifest | DatasetInfo):
+        self.pad_id = int(info.pad_token_id or 0)
         self.left = info.padding_side == "left"
         self.is_lm = info.is_lm
 
@@ -179,7 +130,8 @@ class TrainBatches:
                  micro_batch_size: int, rank: int, world: int, seed: int):
         if len(rows) < batch_size:
             raise DatasetError(
-                f"batch_size: the train split has {len(rows)} rows, fewer than one batch of {batch_size}"
+                f"batch_size: the train split has {len(rows)} rows, fewer than one batch of "
+                f"{batch_size}"
             )
         self.rows, self.collate = rows, collate
         self.batch_size, self.micro = batch_size, micro_batch_size

@@ -16,8 +16,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..data.manifest import DatasetError, Manifest, read_manifest
 from .config import TrainConfig
-from .data import DatasetError, DatasetInfo, read_manifest
+from .data import DatasetInfo
 
 
 @dataclasses.dataclass
@@ -50,9 +51,9 @@ def _split_run_dir(run_dir: str | Path) -> tuple[str, str]:
     return str(p.parent), p.name
 
 
-def check_inputs(config: TrainConfig, manifest: Any) -> DatasetInfo:
-    """Everything that can fail before workers start: the dataset, its size against the
-    batch, and whether the base model's config loads."""
+def check_inputs(config: TrainConfig, manifest: Manifest | str | Path) -> Manifest:
+    """Everything that can fail before workers start: the dataset (a Manifest or its
+    folder), its size against the batch, and whether the base model's config loads."""
     info = read_manifest(manifest)
     train_rows = info.rows.get("train")
     if train_rows is not None and train_rows < config.batch_size:
@@ -66,7 +67,7 @@ def check_inputs(config: TrainConfig, manifest: Any) -> DatasetInfo:
     return info
 
 
-def _check_model(name: str, info: DatasetInfo) -> None:
+def _check_model(name: str, info: Manifest) -> None:
     from transformers import AutoConfig
 
     from pipelines import models
@@ -78,7 +79,7 @@ def _check_model(name: str, info: DatasetInfo) -> None:
     vocab = getattr(cfg, "vocab_size", None)
     if info.is_lm and getattr(cfg, "is_encoder_decoder", False):
         raise ValueError(f"model.name: {name!r} is encoder-decoder; {info.task} needs a causal LM")
-    if vocab is not None and info.pad_token_id >= vocab:
+    if vocab is not None and (info.pad_token_id or 0) >= vocab:
         raise ValueError(
             f"model.name: {name!r} has {vocab} tokens but dataset {info.dataset_id} pads with "
             f"id {info.pad_token_id}; was it tokenized for another model?"
@@ -98,16 +99,21 @@ def _use_gpu(config: TrainConfig) -> bool:
 
 
 def _in_tune() -> bool:
-    try:
-        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-    except ImportError:  # pragma: no cover - older/newer Ray layouts
-        return False
-    return _in_tune_session()
+    """Whether this process runs a Tune trial: Tune's public context has a trial id only
+    there (elsewhere it returns None, with a warning meant for misplaced calls)."""
+    import warnings
+
+    from ray import tune
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return tune.get_context().get_trial_id() is not None
 
 
-def build_trainer(config: TrainConfig, manifest: Any, run_dir: str | Path | None = None, *,
-                  name: str | None = None, callbacks: list[Any] | None = None,
-                  report_to_tune: bool | None = None, resume_from: str | Path | None = None,
+def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
+                  run_dir: str | Path | None = None, *, name: str | None = None,
+                  callbacks: list[Any] | None = None, report_to_tune: bool | None = None,
+                  resume_from: str | Path | None = None,
                   pid_dir: str | Path | None = None) -> Any:
     """A ready-to-``fit()`` ``TorchTrainer`` for ``config`` on the dataset ``manifest``.
 
@@ -152,7 +158,7 @@ def build_trainer(config: TrainConfig, manifest: Any, run_dir: str | Path | None
         train_loop_per_worker,
         train_loop_config={
             "train_config": config.model_dump(mode="json"),
-            "dataset": info.to_dict(),
+            "dataset": DatasetInfo.from_manifest(info).to_dict(),
             "resume_from": str(resume_from) if resume_from else None,
             "pid_dir": str(pid_dir) if pid_dir else None,
         },
@@ -170,7 +176,7 @@ def build_trainer(config: TrainConfig, manifest: Any, run_dir: str | Path | None
     )
 
 
-def train(config: TrainConfig | dict[str, Any], *, manifest: Any,
+def train(config: TrainConfig | dict[str, Any], *, manifest: Manifest | str | Path,
           run_dir: str | Path | None = None, name: str | None = None,
           ray_address: str | None = None, resume_from: str | Path | None = None,
           pid_dir: str | Path | None = None) -> TrainResult:

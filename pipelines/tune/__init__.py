@@ -6,6 +6,7 @@ Public API: :class:`TuneConfig`, :class:`SearchSpace`, :class:`Objective`,
 
 from .config import TuneConfig
 from .objective import Objective, pareto_front
+from .result import SearchResult
 from .space import Range, SearchSpace
 
 
@@ -16,4 +17,6 @@ def search(*args, **kwargs):
     return _search(*args, **kwargs)
 
 
-__all__ = ["Objective", "Range", "SearchSpace", "TuneConfig", "pareto_front", "search"]
+__all__ = [
+    "Objective", "Range", "SearchResult", "SearchSpace", "TuneConfig", "pareto_front", "search",
+]

@@ -1,4 +1,10 @@
-"""Driver-side Ray Tune callbacks: MLflow child runs per trial and a concise live status."""
+"""Driver-side Ray Tune callbacks: MLflow child runs per trial and a concise live status.
+
+Tune pickles the callbacks with the experiment when the search starts and a restored search
+(``Tuner.restore``, a new driver) runs with those copies: ``Tuner.restore`` takes no new
+callbacks. So each callback keeps only its configuration across pickling and rebuilds its
+per-process state when unpickled (``__setstate__``).
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,6 @@ ADAPTER = "adapter"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray's TuneReportCallback
 
 
-def trial_method(config: dict[str, Any]) -> dict[str, Any]:
-    return config["trial"]["method"]
-
-
 class MlflowTrialCallback(Callback):
     """Logs each trial as a nested MLflow run from the driver (workers need no MLflow access).
 
@@ -32,6 +34,10 @@ class MlflowTrialCallback(Callback):
         self.expected_reports = expected_reports
         self.extra_params = extra_params
         self.runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # trial -> run ids of this driver: a restored driver finds them again by tags
+        return {**self.__dict__, "runs": {}}
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
@@ -70,14 +76,19 @@ class StatusCallback(Callback):
 
     def __init__(self, metric: str, stream=None, total_steps: int | None = None):
         self.metric = metric
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: this process's sys.stdout (also after unpickling)
         self.total = f"/{total_steps}" if total_steps else ""  # step 50/100: how far along
         self.t0 = time.time()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a restored search's clock starts with its new driver
+        self.__dict__.update(state, t0=time.time())
 
     def _say(self, trial, text: str) -> None:
         m = trial.config["trial"]["method"]
         elapsed = time.time() - self.t0
-        print(f"[{elapsed:6.0f}s] {trial.trial_id} {m['name']:<16} {text}", file=self.stream, flush=True)
+        print(f"[{elapsed:6.0f}s] {trial.trial_id} {m['name']:<16} {text}",
+              file=self.stream or sys.stdout, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._say(trial, "started")
@@ -88,7 +99,8 @@ class StatusCallback(Callback):
         loss = result.get("train_loss")
         # a step-0 report (evaluation before training) has no training loss yet
         train = f"  train_loss={loss:.4f}" if isinstance(loss, float) and loss == loss else ""
-        self._say(trial, f"step {result.get('step', '?'):>4}{self.total}  {self.metric}={val}{train}")
+        step = f"{result.get('step', '?'):>4}{self.total}"
+        self._say(trial, f"step {step}  {self.metric}={val}{train}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._say(trial, "done")

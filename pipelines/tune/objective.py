@@ -40,7 +40,8 @@ def pareto_front(results: Sequence[dict[str, Any]], metric: str, mode: str) -> l
     """Trials not dominated in (quality, trainable parameters): no other trial is at least
     as good on both and strictly better on one. Sorted by trainable parameters."""
     sign = 1.0 if mode == "max" else -1.0
-    pts = [r for r in results if r.get(metric) is not None and r.get("trainable_params") is not None]
+    pts = [r for r in results
+           if r.get(metric) is not None and r.get("trainable_params") is not None]
     front = []
     for r in pts:
         q, p = sign * r[metric], r["trainable_params"]

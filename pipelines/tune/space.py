@@ -80,7 +80,8 @@ class SearchSpace(BaseModel):
             unknown = sorted(set(params or {}) - fields - {"lr"})
             if unknown:
                 raise ValueError(
-                    f"methods.{name}: unknown hyperparameter(s) {unknown}; {name} has {sorted(fields)}"
+                    f"methods.{name}: unknown hyperparameter(s) {unknown}; "
+                    f"{name} has {sorted(fields)}"
                 )
             for key, dom in (params or {}).items():
                 if isinstance(dom, list) and not dom:

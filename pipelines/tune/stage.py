@@ -10,17 +10,18 @@ from their last checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from pathlib import Path
 from typing import Any
 
+from ..data.manifest import Manifest
 from ..tracking import SearchTracker, TrackingConfig, client, content_hash, experiment_id, git_sha
 from ..train import TrainConfig, build_trainer, check_inputs
 from .callbacks import ADAPTER, CHECKPOINT_PATH_KEY, MlflowTrialCallback, StatusCallback
 from .config import TuneConfig
 from .objective import pareto_front
+from .result import SearchResult
 
 TRIAL_DRIVER_CPU = 0.01  # a trial's driver only waits on its trainer; it must not hold a CPU
 
@@ -29,18 +30,8 @@ class ResourceError(ValueError):
     """The cluster cannot run the search as configured."""
 
 
-@dataclasses.dataclass
-class SearchResult:
-    search_id: str
-    path: str
-    trials: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    pareto: list[dict[str, Any]]
-    parent_run_id: str
-    tracking_uri: str
-
-
-def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: str, trials_dir: str) -> None:
+def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: str,
+               trials_dir: str) -> None:
     """One trial: train the trial's method and learning rate with the shared recipe."""
     from ray import tune
 
@@ -61,8 +52,9 @@ def _cpus_per_worker(config: TuneConfig, driver_cpu: float = TRIAL_DRIVER_CPU) -
         need = workers * config.cpus_per_worker + config.max_concurrent_trials * driver_cpu
         if need > total:
             raise ResourceError(
-                f"tune: {config.max_concurrent_trials} concurrent trials x {config.workers_per_trial} "
-                f"workers x {config.cpus_per_worker} CPU need {need:g} CPUs; the cluster has {total:g}"
+                f"tune: {config.max_concurrent_trials} concurrent trials x "
+                f"{config.workers_per_trial} workers x {config.cpus_per_worker} CPU need "
+                f"{need:g} CPUs; the cluster has {total:g}"
             )
         return config.cpus_per_worker
     share = math.floor((total - config.max_concurrent_trials * driver_cpu) / workers * 100) / 100
@@ -99,7 +91,8 @@ def _expected_reports(train: TrainConfig) -> int:
     return math.ceil(train.max_steps / train.eval_every)
 
 
-def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: str | Path,
+def search(train: TrainConfig, config: TuneConfig, *, manifest: Manifest | str | Path,
+           run_dir: str | Path,
            tracking: TrackingConfig | None = None, recipe: dict[str, Any] | None = None,
            verbose: bool = True, trial_driver_cpu: float = TRIAL_DRIVER_CPU) -> SearchResult:
     """Run (or resume) the search; returns every trial's outcome, the best under the
@@ -176,11 +169,12 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: st
                                 callbacks=callbacks, verbose=0)
     exp_path = run_dir / "search" / search_id
     if tune.Tuner.can_restore(str(exp_path)):
+        # The search goes on with the callbacks it started with (pickled with the experiment;
+        # Tuner.restore takes no others): they rebuild their per-driver state when unpickled,
+        # and the outcomes below find each trial's MLflow run by its tags.
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True,
                                    param_space=param_space)
-        # Callbacks are not pickled with the experiment: hand the new driver's ones over.
-        tuner._local_tuner._run_config.callbacks = callbacks
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
@@ -205,9 +199,10 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Any, run_dir: st
         "best_run_id": best_trial["mlflow_run_id"] if best_trial else "",
         "best_" + obj.metric: best_trial["metrics"].get(obj.metric) if best_trial else "",
     })
-    return SearchResult(search_id, str(exp_path), outcomes, best_trial,
-                        [o for o in outcomes if o["trial_id"] in front_ids],
-                        tracker.parent_id, mlc.tracking_uri)
+    return SearchResult(search_id=search_id, path=str(exp_path), trials=outcomes,
+                        best=best_trial, pareto=[o for o in outcomes if o["trial_id"] in front_ids],
+                        parent_run_id=tracker.parent_id, tracking_uri=mlc.tracking_uri,
+                        objective=obj)
 
 
 def _close_open_runs(mlc, tracker: SearchTracker, outcomes: list[dict[str, Any]]) -> None:

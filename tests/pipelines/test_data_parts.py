@@ -31,7 +31,8 @@ CLS = RowSpec.of({"text": "text", "label": "label"})
 def toks():
     from pipelines.models import load_tokenizer
 
-    return {"minilm": load_tokenizer("builtin:minilm"), "smollm2": load_tokenizer("builtin:smollm2")}
+    return {"minilm": load_tokenizer("builtin:minilm"),
+            "smollm2": load_tokenizer("builtin:smollm2")}
 
 
 def _rows(path: Path | S.Source, fmt: str = "auto", spec: RowSpec = CLS, **kw) -> list[dict]:
@@ -286,7 +287,8 @@ def test_encoders_match_the_tokenizer_call(toks, name):
             assert driver.ids(texts, special=special, max_length=max_length) == want
             assert worker.ids(texts, special=special, max_length=max_length) == want
     # a chat template needs transformers in the worker
-    assert T.TokenizerSpec.build("builtin:smollm2", toks["smollm2"], needs_hf=True).backend_json is None
+    spec = T.TokenizerSpec.build("builtin:smollm2", toks["smollm2"], needs_hf=True)
+    assert spec.backend_json is None
 
 
 def test_instruction_masks_the_prompt_with_the_chat_template(toks):
@@ -315,7 +317,8 @@ def test_instruction_plain_template_and_truncation(toks):
     assert tok.decode(labels[n:]) == "Hello!" + tok.eos_token
     long = " ".join(["word"] * 50)
     out = T.instruction(enc, ["short", long], [long, "x"], 16, **plain)
-    assert len(out[0][0]) == 16 and out[0][1].count(-100) == len(enc.ids(["short\n"], special=False)[0])
+    assert len(out[0][0]) == 16
+    assert out[0][1].count(-100) == len(enc.ids(["short\n"], special=False)[0])
     assert isinstance(out[1], Reject) and out[1].kind == "too_long"
 
 
@@ -367,7 +370,8 @@ def test_label_names_name_the_classes():
     from pipelines.data.config import check_label_names
 
     base = dict(sources=["x.jsonl"], task="classification", tokenizer="t")
-    assert DataConfig(**base, label_names={0: "ham", 1: "spam"}).label_names == {"0": "ham", "1": "spam"}
+    named = DataConfig(**base, label_names={0: "ham", 1: "spam"})
+    assert named.label_names == {"0": "ham", "1": "spam"}
     assert check_label_names(["ham", "spam"], ["0", "1"]) == ["ham", "spam"]
     assert check_label_names({"1": "spam"}, ["0", "1"]) == ["0", "spam"]  # unnamed stay
     with pytest.raises(ValueError, match=r"label_names: 1 name\(s\) \['ham'\] for 2 class"):
@@ -388,13 +392,15 @@ def test_actor_reports_cut_rows_duplicate_keys_examples_and_class_counts(tmp_pat
     texts = ["short", "a much longer text with many many words in it", "short",
              "another long one with lots of words here"]
     p = tmp_path / "a.jsonl"
-    p.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts)))
+    p.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n"
+                         for i, t in enumerate(texts)))
     src = S.resolve([str(p)])[0]
     table = pa.concat_tables(list(candidates(src, 0, CLS, "classification", 0,
                                              SplitFractions(train=1.0, eval=0.0, test=0.0), 100)))
     (tmp_path / "out").mkdir()
     actor = TokenizeAndWrite(folder=str(tmp_path / "out"), source_uris=[src.uri],
-                             tokenizer=TokenizerSpec.build("builtin:minilm", toks["minilm"], needs_hf=False),
+                             tokenizer=TokenizerSpec.build("builtin:minilm", toks["minilm"],
+                                                           needs_hf=False),
                              task="classification", max_length=8, label_names=["0", "1"],
                              use_chat=False, packing=False)
     got = actor(table).to_pylist()[0]

@@ -39,7 +39,8 @@ BAD_LINES = [  # (line content, expected kind or None for a good row)
 def tok():
     from pipelines.models import load_tokenizer
 
-    return {"minilm": load_tokenizer("builtin:minilm"), "smollm2": load_tokenizer("builtin:smollm2")}
+    return {"minilm": load_tokenizer("builtin:minilm"),
+            "smollm2": load_tokenizer("builtin:smollm2")}
 
 
 @pytest.fixture(scope="module")

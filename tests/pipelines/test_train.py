@@ -29,7 +29,8 @@ def cfg(**over) -> TrainConfig:
         ({"zero": {"stage": 4}}, "zero.stage", "0, 1, 2 or 3"),
         ({"zero": {"stage": 0, "offload_optimizer": True}}, "zero", "needs ZeRO stage 1, 2 or 3"),
         ({"zero": {"stage": 2, "offload_param": True}}, "zero", "needs ZeRO stage 3"),
-        ({"batch_size": 10}, "batch_size", "not divisible by micro_batch_size (2) x num_workers (2)"),
+        ({"batch_size": 10}, "batch_size",
+         "not divisible by micro_batch_size (2) x num_workers (2)"),
         ({"method": {"name": "loraa"}}, "method", "loraa"),
         ({"method": {"name": "lora", "rnak": 4}}, "method", "unknown field"),
         ({"method": {"name": "lora", "rank": 0}}, "method", "rank"),
@@ -78,7 +79,8 @@ def test_deepspeed_config_per_stage() -> None:
     assert zc["stage3_max_live_parameters"] == 123 and zc["stage3_prefetch_bucket_size"] == 7
     zg = dsc.build(cfg(zero={"stage": 3}), device_type="cuda")["zero_optimization"]
     assert not any(k in zg for k in dsc.ZERO3_CPU_DEFAULTS)
-    with pytest.raises(ValueError, match="zero.max_live_parameters: only meaningful with ZeRO stage 3"):
+    with pytest.raises(ValueError,
+                       match="zero.max_live_parameters: only meaningful with ZeRO stage 3"):
         cfg(zero={"stage": 2, "max_live_parameters": 1})
     # An explicit bf16 runs on CPU too (the GPU code path, testable here); auto stays fp32.
     assert dsc.build(cfg(precision="bf16"), device_type="cpu")["bf16"]["enabled"] is True
@@ -106,7 +108,8 @@ def tiny_lm(tmp_path_factory):
 
 def test_missing_dataset_id_lists_what_exists(tiny_lm) -> None:
     _, data = tiny_lm
-    with pytest.raises(DatasetError, match=r"dataset_id: 'nope' not found .* available: \['tiny-causal_lm-0'\]"):
+    with pytest.raises(DatasetError, match=r"dataset_id: 'nope' not found .* "
+                                           r"available: \['tiny-causal_lm-0'\]"):
         find_dataset(data.parent, "nope")
     assert find_dataset(data.parent, data.name) == data
     with pytest.raises(DatasetError, match="no manifest.json"):

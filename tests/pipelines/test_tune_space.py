@@ -61,7 +61,8 @@ def test_a_method_may_carry_its_own_learning_rate() -> None:
     ("space", "message"),
     [
         ({"methods": {"loar": {}}}, "unknown method 'loar'"),
-        ({"methods": {"lora": {"num_virtual_tokens": [8]}}}, r"methods.lora: unknown hyperparameter"),
+        ({"methods": {"lora": {"num_virtual_tokens": [8]}}},
+         r"methods.lora: unknown hyperparameter"),
         ({"methods": {"lora": {"rank": []}}}, "empty list"),
         ({"methods": {}}, "at least 1"),
         ({"methods": {"lora": {}}, "lr": {"min": 1, "max": 0.1}}, "min"),
@@ -91,3 +92,26 @@ def test_budgeted_objective_and_pareto_front() -> None:
     assert Objective(max_trainable_fraction=0.0001).best(results) is None
     assert Objective(metric="trainable_params", mode="min").best(results)["trial"] == "e"
     assert [r["trial"] for r in pareto_front(results, "eval_accuracy", "max")] == ["d", "b", "a"]
+
+
+def test_search_result_is_its_trials_json(tmp_path) -> None:
+    from pipelines.tune import SearchResult
+
+    trials = [{"trial_id": "t1", "metrics": {"eval_accuracy": 0.9}},
+              {"trial_id": "t2", "metrics": {"eval_accuracy": 0.7}}]
+    res = SearchResult(search_id="s", trials=trials, best=trials[0], pareto=[trials[0]],
+                       parent_run_id="p", tracking_uri="sqlite:///x.db", path="/exp",
+                       objective=Objective(), reference={"eval_accuracy": 0.5},
+                       label_names=["neg", "pos"], dataset_id="d")
+    back = SearchResult.load(res.save(tmp_path / "trials.json"))
+    assert back == res
+    import json
+
+    # a file written before SearchResult had to_json: no path, objective a plain dict
+    old = json.loads(res.to_json())
+    del old["path"]
+    old["objective"] = {"metric": "eval_accuracy", "mode": "max"}
+    back = SearchResult.from_json(json.dumps(old))
+    assert back.pareto == [trials[0]] and back.path is None and back.objective == Objective()
+    with pytest.raises(ValueError, match="search_id"):
+        SearchResult.from_json(json.dumps({"trials": []}))
