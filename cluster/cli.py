@@ -29,10 +29,12 @@ def up(
     head_cpus: float = typer.Option(None, help="CPUs of the head node (default: --cpus)."),
     gpus: int = typer.Option(0, help="GPUs each worker node advertises."),
     object_store_mb: int = typer.Option(256, help="Object store size per node (MiB)."),
-    dashboard_port: int = typer.Option(8265, help="Ray dashboard / job server port (0: any free port)."),
+    dashboard_port: int = typer.Option(8265, help="Ray dashboard / job server port "
+                                       "(0: any free port)."),
     port: int = typer.Option(0, help="GCS port of the head (0: any free port)."),
     client_port: int = typer.Option(10001, help="Ray Client server port (0: any free port)."),
-    mlflow: bool = typer.Option(True, help="Also start an MLflow server (SQLite, local artifacts)."),
+    mlflow: bool = typer.Option(True, help="Also start an MLflow server (SQLite, local "
+                                "artifacts)."),
     mlflow_port: int = typer.Option(5000, help="MLflow server port (0: any free port)."),
     root: str = typer.Option(local.DEFAULT_ROOT, help=ROOT_HELP),
 ) -> None:
@@ -112,20 +114,25 @@ def validate(deploy: str = typer.Option(None, help="Folder of the deployment fil
 def submit(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or a built-in recipe name (demo)."),
     address: str = typer.Option(None, help="Ray dashboard (job server) address, "
-                                "http://HEAD:8265; default $RAY_API_SERVER_ADDRESS or the local cluster."),
-    set_: list[str] = typer.Option(None, "--set", help="Override a recipe field: key.path=value (repeatable)."),
-    storage: str = typer.Option(None, help="Where run outputs go, reachable from every node: a shared "
+                                "http://HEAD:8265; default $RAY_API_SERVER_ADDRESS or the local "
+                                "cluster."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a recipe field: key.path=value "
+                                   "(repeatable)."),
+    storage: str = typer.Option(None, help="Where run outputs go, reachable from every node: a "
+                                "shared "
                                 "folder or s3://... / gs://... (run_dir becomes STORAGE/NAME)."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI for the job."),
     pip: list[str] = typer.Option(None, help="Extra pip package for the job's runtime env, or one "
                                   "requirements file (repeatable)."),
     image: str = typer.Option(None, help="Container image for the job (runtime env image_uri); "
                               "its installed code is used."),
-    env: list[str] = typer.Option(None, help="Environment variable for the job: KEY=VALUE (repeatable)."),
+    env: list[str] = typer.Option(None, help="Environment variable for the job: KEY=VALUE "
+                                  "(repeatable)."),
     wait: bool = typer.Option(True, help="Stream the logs and wait for the job's end."),
     check: bool = typer.Option(True, help="Validate the recipe here before submitting."),
     timeout: float = typer.Option(None, help="Stop the job after this many seconds."),
-    cluster_root: str = typer.Option(local.DEFAULT_ROOT, help="Local cluster folder (for defaults)."),
+    cluster_root: str = typer.Option(local.DEFAULT_ROOT,
+                                     help="Local cluster folder (for defaults)."),
 ) -> None:
     """Submit a recipe as a Ray Job, stream its logs, exit with the job's exit code."""
     from . import submit as submission

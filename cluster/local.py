@@ -4,7 +4,8 @@
 127.0.0.1 with its own CPUs, GPUs, a custom resource naming it (``peftpipe_head``,
 ``peftpipe_worker_1``, ...) and its own Ray temp folder under one short cluster folder (nodes
 on one host must not share ``runtime_resources``: a node installing a job's working dir
-would delete the copy another node's driver runs in); then an ``mlflow server`` (SQLite backend, artifacts served from a local folder). Everything about the cluster
+would delete the copy another node's driver runs in); then an ``mlflow server`` (SQLite
+backend, artifacts served from a local folder). Everything about the cluster
 (addresses, ports, pids, folders) goes into one JSON state file, written atomically.
 
 ``down`` stops exactly the processes of that cluster: the recorded pids (checked against
@@ -224,7 +225,13 @@ def client_auth() -> dict[str, str]:
     """Ray's token authentication (on by default for ``ray start`` since Ray 2.5x): let this
     process's Ray clients (job submission, State API) use the user's token
     (``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``) when there is one, and return the HTTP
-    headers that carry it for our own requests. ``RAY_AUTH_MODE`` set by the user wins."""
+    headers that carry it for our own requests. ``RAY_AUTH_MODE`` set by the user wins.
+
+    The one place the project reaches into ``ray._private``: Ray (2.60) turns token mode on
+    and loads the token only inside ``ray start``/``ray.init`` and its own SDK clients; it
+    has no public function for a process that only talks to a cluster it did not start
+    (finding the token where Ray looks for it, in Ray's order, and the header Ray's servers
+    accept). Doing that by hand would copy Ray's rules and drift from them."""
     try:
         from ray._private.authentication.authentication_token_setup import (
             maybe_enable_token_auth_if_token_available,
@@ -398,7 +405,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-# -- stopping ----------------------------------------------------------------------------------------
+# -- stopping --------------------------------------------------------------------------------------
 
 def _live_processes(state: ClusterState) -> list:
     """Every live process of this cluster: recorded ones, their descendants, and any process
@@ -442,7 +449,8 @@ def live_processes(root: str | Path = DEFAULT_ROOT) -> list[int]:
     return sorted(p.pid for p in _live_processes(read_state(root)))
 
 
-def down(root: str | Path = DEFAULT_ROOT, *, grace_s: float = 10, keep_logs: bool = True) -> list[int]:
+def down(root: str | Path = DEFAULT_ROOT, *, grace_s: float = 10,
+         keep_logs: bool = True) -> list[int]:
     """Stop every process of the cluster under ``root``; returns the pids that were stopped.
     Ray's session logs are moved to ``{root}/logs/ray`` (``keep_logs``) and the temp folder
     removed. Raises :class:`ClusterError` if a process survives SIGKILL.
@@ -522,7 +530,7 @@ def _sweep_files(state: ClusterState, keep_logs: bool = True) -> None:
     shutil.rmtree(temp, ignore_errors=True)
 
 
-# -- status --------------------------------------------------------------------------------------------
+# -- status ----------------------------------------------------------------------------------------
 
 def status(root: str | Path = DEFAULT_ROOT) -> dict[str, Any]:
     """What runs: per node its process and whether the GCS sees it alive; MLflow's health."""

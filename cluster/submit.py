@@ -92,7 +92,8 @@ def resolve_address(address: str | None, cluster_root: str | Path = local.DEFAUL
 
 def prepare(recipe: str | Path, *, address: str | None = None, overrides: list[str] | None = None,
             storage: str | None = None, tracking_uri: str | None = None,
-            pip: list[str] | None = None, image: str | None = None, env: dict[str, str] | None = None,
+            pip: list[str] | None = None, image: str | None = None,
+            env: dict[str, str] | None = None,
             ship_code: bool | None = None, check: bool = True, submission_id: str | None = None,
             cluster_root: str | Path = local.DEFAULT_ROOT) -> JobSpec:
     """Build the job for ``recipe`` (a file or a built-in recipe name); raises
@@ -144,7 +145,8 @@ def prepare(recipe: str | Path, *, address: str | None = None, overrides: list[s
     staging = Path(tempfile.mkdtemp(prefix=f"peftpipe-job-{name}-"))
     (staging / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     runtime_env = build_runtime_env(staging, pip=pip, image=image, env=env, ship_code=ship_code)
-    sid = submission_id or f"peftpipe-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    sid = submission_id or f"peftpipe-{name}-{stamp}-{secrets.token_hex(3)}"
     return JobSpec(address=address, entrypoint=ENTRYPOINT, runtime_env=runtime_env,
                    submission_id=sid, staging_dir=str(staging), recipe=raw,
                    metadata={"peftpipe.recipe": name, "peftpipe.user": getpass.getuser(),

@@ -2,16 +2,18 @@
 
 Each check parses a file and raises :class:`DeployError` naming the file and field at fault:
 
-- the Ray cluster launcher YAML: Ray's own ``prepare_config`` + ``validate_config`` (what
-  ``ray up`` runs before it talks to the cloud), a CPU-only head, autoscaling GPU workers, and
-  every ``ray start`` command parsed by Ray's own CLI;
+- the Ray cluster launcher YAML: the JSON schema Ray publishes for it
+  (``ray/autoscaler/ray-schema.json``, what ``ray up`` validates against), a CPU-only head,
+  autoscaling GPU workers, and every ``ray start`` command parsed by Ray's own CLI;
 - KubeRay ``RayCluster``/``RayJob``: the fields the ``ray.io/v1`` CRDs require, every
   ``rayStartParams`` entry parsed as a ``ray start`` flag, images and Ray versions consistent,
-  GPUs requested by the worker groups, the RayJob entrypoint parsed by ``peftpipe run``;
+  GPUs requested by the worker groups, the RayJob entrypoint parsed by the CLI's own ``run``
+  command (its parameters asked from the Typer app);
 - the MLflow server deployment: ``mlflow server`` flags parsed by MLflow's own CLI, a SQL
   backend store and an object-store artifact destination;
-- the Dockerfile: instructions parsed (continuations, parser directives, JSON forms),
-  a CUDA base image, CUDA torch, DeepSpeed, ``COPY`` sources present in the build context.
+- the Dockerfile: instructions parsed by ``dockerfile-parse`` (continuations, parser
+  directives), JSON forms, a CUDA base image, CUDA torch, DeepSpeed, ``COPY`` sources present
+  in the build context.
 """
 
 from __future__ import annotations
@@ -59,11 +61,6 @@ def _get(doc: Any, dotted: str, where: str) -> Any:
     return node
 
 
-def _require(doc: Any, where: str, *fields: str) -> None:
-    for f in fields:
-        _get(doc, f, where)
-
-
 # -- ray start flags -------------------------------------------------------------------------------
 
 def parse_ray_start(args: list[str], where: str) -> dict[str, Any]:
@@ -99,31 +96,34 @@ def _start_commands(commands: list[str], where: str) -> list[dict[str, Any]]:
     return out
 
 
-# -- the cluster launcher ----------------------------------------------------------------------------
+# -- the cluster launcher --------------------------------------------------------------------------
 
 def check_launcher(path: str | Path = DEPLOY / "ray-cluster-aws.yaml") -> dict[str, Any]:
-    """Ray's own checks of a launcher config, plus the shape this project needs."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    """A launcher config against the schema Ray ships for it, plus the shape this project
+    needs. The file is checked as written: ``ray up`` merges its provider defaults in only
+    where a field is absent, so every field these checks read is in the file."""
+    from importlib import resources
+
+    import jsonschema
 
     where = str(path)
     (cfg,) = load_docs(path)
-    import logging
-
-    quiet = logging.getLogger("ray.autoscaler")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # "setting max workers for head node type to 0"
+    schema = json.loads((resources.files("ray.autoscaler") / "ray-schema.json").read_text())
     try:
-        prepared = prepare_config(cfg)
-        validate_config(prepared)
-    except Exception as e:  # jsonschema.ValidationError, ValueError
-        raise DeployError(f"{where}: rejected by Ray's cluster config checks: {e}") from e
-    finally:
-        quiet.setLevel(level)
-    types = prepared["available_node_types"]
-    head = types[prepared["head_node_type"]]
+        jsonschema.validate(cfg, schema)
+    except jsonschema.ValidationError as e:
+        loc = ".".join(str(p) for p in e.absolute_path) or "<top level>"
+        raise DeployError(f"{where}: rejected by Ray's cluster config schema: {loc}: "
+                          f"{e.message}") from None
+    types = _get(cfg, "available_node_types", where)
+    head_type = _get(cfg, "head_node_type", where)
+    if head_type not in types:
+        raise DeployError(f"{where}: head_node_type: {head_type!r} is not one of "
+                          f"available_node_types {sorted(types)}")
+    head = types[head_type]
     if head.get("resources", {}).get("GPU"):
         raise DeployError(f"{where}: the head node type advertises GPUs; it should be CPU only")
-    gpu_types = [n for n, t in types.items() if n != prepared["head_node_type"]
+    gpu_types = [n for n, t in types.items() if n != head_type
                  and re.match(r"^(g|p)\d", str(t.get("node_config", {}).get("InstanceType", "")))]
     if not gpu_types:
         raise DeployError(f"{where}: no GPU worker node type (g*/p* instances)")
@@ -132,20 +132,28 @@ def check_launcher(path: str | Path = DEPLOY / "ray-cluster-aws.yaml") -> dict[s
         if not t.get("max_workers", 0) > t.get("min_workers", 0):
             raise DeployError(f"{where}: available_node_types.{n}: max_workers must exceed "
                               "min_workers for the autoscaler to add GPU nodes")
-    if not prepared.get("docker", {}).get("image"):
+    if not cfg.get("docker", {}).get("image"):
         raise DeployError(f"{where}: docker.image: the nodes must run the peftpipe image")
-    heads = _start_commands(prepared["head_start_ray_commands"], where + ": head_start_ray_commands")
-    workers = _start_commands(prepared["worker_start_ray_commands"],
+    heads = _start_commands(cfg.get("head_start_ray_commands", []),
+                            where + ": head_start_ray_commands")
+    workers = _start_commands(cfg.get("worker_start_ray_commands", []),
                               where + ": worker_start_ray_commands")
     if not heads or not heads[0]["head"]:
         raise DeployError(f"{where}: head_start_ray_commands: no `ray start --head`")
     if not workers or not workers[0]["address"]:
         raise DeployError(f"{where}: worker_start_ray_commands: no `ray start --address`")
-    return prepared
+    return cfg
 
 
-# -- KubeRay -----------------------------------------------------------------------------------------
+# -- KubeRay ---------------------------------------------------------------------------------------
 
+# The schemas below are the parts of KubeRay's ray.io/v1 CRDs the operator needs, written
+# here, checked with the `jsonschema` library. Why not a maintained package: KubeRay
+# publishes its CRD schemas only inside its Helm chart and Go module (no Python package
+# ships them), and the Kubernetes validators on PyPI (e.g. kubernetes-validate) carry the
+# core API's schemas, not custom resources; the full CRD is checked by the API server at
+# `kubectl apply --dry-run=server`, which needs a cluster (tests run `kubectl kustomize`
+# offline where kubectl is installed).
 _CONTAINER_SCHEMA = {
     "type": "object", "required": ["name", "image"],
     "properties": {"name": {"type": "string", "minLength": 1},
@@ -283,42 +291,50 @@ def check_rayjob(path: str | Path = DEPLOY / "kubernetes" / "rayjob.yaml") -> di
     return doc
 
 
+#: how a job may start the CLI: the stage commands alone, or the composed ``peftpipe``
+ENTRY_PREFIXES = tuple([py, "-m", mod] for py in ("python", "python3")
+                       for mod in ("pipelines.cli", "peftpipe")) + (["peftpipe"],)
+
+
 def check_entrypoint(entrypoint: str, where: str) -> dict[str, Any]:
-    """``python -m pipelines.cli run RECIPE [--set ...]``: parsed by the ``peftpipe`` CLI
-    itself, the recipe loaded with its overrides (no cluster needed)."""
+    """``python -m pipelines.cli run RECIPE [--set ...]`` (or ``peftpipe run ...``): parsed by
+    the CLI's own ``run`` command, whose parameters are asked from its Typer app (the recipe
+    argument, the ``--set`` option), the recipe loaded with its overrides (no cluster needed).
+    """
     import typer
 
-    words = shlex.split(entrypoint)
-    prefixes = (["python", "-m", "pipelines.cli"], ["python3", "-m", "pipelines.cli"], ["peftpipe"])
-    rest = next((words[len(p):] for p in prefixes if words[:len(p)] == p), None)
-    if rest is None or not rest or rest[0] != "run":
-        raise DeployError(f"{where}: expected `python -m pipelines.cli run RECIPE ...`, "
-                          f"got {entrypoint!r}")
+    # `run` is a stage command: pipelines.cli holds it (cluster builds on pipelines, so this
+    # import is the allowed direction; the composed app in `peftpipe` mounts the same one)
     from pipelines.cli import app
 
-    group = typer.main.get_command(app)
-    cmd = group.commands.get("run") if hasattr(group, "commands") else None
+    words = shlex.split(entrypoint)
+    rest = next((words[len(p):] for p in ENTRY_PREFIXES if words[:len(p)] == p), None)
+    if not rest or rest[0] != "run":
+        raise DeployError(f"{where}: expected `python -m pipelines.cli run RECIPE ...`, "
+                          f"got {entrypoint!r}")
+    # the command group Typer builds and runs (Typer carries its own copy of click, so the
+    # objects are read by their documented attributes, not checked against click's classes)
+    cmd = getattr(typer.main.get_command(app), "commands", {}).get("run")
     if cmd is None:
         raise DeployError(f"{where}: this peftpipe has no `run` command")
     try:
         ctx = cmd.make_context("run", rest[1:])
-    except Exception as e:  # typer may bring its own click: match any usage error
-        msg = e.format_message() if hasattr(e, "format_message") else str(e)
-        raise DeployError(f"{where}: {msg}") from e
-    params = dict(ctx.params)
-    recipe = next((v for k, v in params.items() if k in ("recipe", "recipe_path", "path")), None)
-    overrides = next((v for k, v in params.items() if k in ("set_", "set", "overrides")), None)
-    if recipe is not None:
-        from pipelines.recipe import RecipeError, load_recipe
+    except typer.TyperException as e:  # the base of its usage errors
+        raise DeployError(f"{where}: {e.format_message()}") from e
+    (recipe_arg,) = [p for p in cmd.params if p.param_type_name == "argument"]
+    overrides_opt = next((p for p in cmd.params if "--set" in p.opts), None)
+    recipe = ctx.params[recipe_arg.name]
+    overrides = ctx.params.get(overrides_opt.name) if overrides_opt is not None else None
+    from pipelines.recipe import RecipeError, load_recipe
 
-        try:
-            load_recipe(recipe, list(overrides or []), check_paths=False)
-        except RecipeError as e:
-            raise DeployError(f"{where}: the recipe it runs: {e}") from e
-    return params
+    try:
+        load_recipe(recipe, list(overrides or []), check_paths=False)
+    except RecipeError as e:
+        raise DeployError(f"{where}: the recipe it runs: {e}") from e
+    return dict(ctx.params)
 
 
-# -- MLflow --------------------------------------------------------------------------------------------
+# -- MLflow ----------------------------------------------------------------------------------------
 
 def check_mlflow(path: str | Path = DEPLOY / "kubernetes" / "mlflow.yaml") -> dict[str, Any]:
     """The MLflow Deployment's ``mlflow server`` flags, its SQL store and object-store artifacts."""
@@ -367,7 +383,8 @@ def check_mlflow(path: str | Path = DEPLOY / "kubernetes" / "mlflow.yaml") -> di
         raise DeployError(f"{where}: --artifacts-destination: expected an object store "
                           f"(s3://, gs://...), got {dest!r}")
     if p.get("serve_artifacts") is False:
-        raise DeployError(f"{where}: --no-serve-artifacts: clients would need object-store credentials")
+        raise DeployError(f"{where}: --no-serve-artifacts: clients would need object-store "
+                          "credentials")
     services = [d for d in docs if d.get("kind") == "Service"]
     labels = _get(dep, "spec.template.metadata.labels", where)
     if not any(all(labels.get(k) == v for k, v in (s.get("spec", {}).get("selector") or {}).items())
@@ -385,7 +402,7 @@ def _secret_value(docs: list[dict], ref: dict[str, str], where: str) -> str:
     raise DeployError(f"{where}: secretKeyRef {ref}: no such Secret key in this file")
 
 
-# -- Dockerfile ----------------------------------------------------------------------------------------
+# -- Dockerfile ------------------------------------------------------------------------------------
 
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
                 "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL",
@@ -393,38 +410,24 @@ INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "
 
 
 def parse_dockerfile(text: str) -> list[tuple[str, str, int]]:
-    """``(INSTRUCTION, arguments, line)`` for each instruction: comments dropped, backslash
-    continuations joined, parser directives (``# syntax=``, ``# escape=``) honoured."""
+    """``(INSTRUCTION, arguments, line)`` for each instruction, as ``dockerfile-parse`` reads
+    them (comments dropped, continuations joined, the ``escape`` directive honoured); runs of
+    whitespace in the arguments become one space."""
+    import io
+
+    from dockerfile_parse import DockerfileParser
+
+    parsed = DockerfileParser(fileobj=io.BytesIO(text.encode())).structure
+    steps = [i for i in parsed if i["instruction"] != "COMMENT"]
+    # dockerfile-parse silently drops an instruction whose continuation never ends
+    covered = max((i["endline"] for i in parsed), default=-1)
     lines = text.splitlines()
-    escape = "\\"
-    i = 0
-    while i < len(lines):  # parser directives come first
-        m = re.match(r"^#\s*(\w+)\s*=\s*(\S+)\s*$", lines[i])
-        if not m:
-            break
-        if m.group(1).lower() == "escape":
-            escape = m.group(2)
-        i += 1
-    out = []
-    buf, start = "", 0
-    for n, line in enumerate(lines[i:], start=i + 1):
-        stripped = line.strip()
-        if not buf and (not stripped or stripped.startswith("#")):
-            continue
-        if buf and stripped.startswith("#"):
-            continue  # comment lines inside a continued instruction
-        if not buf:
-            start = n
-        if stripped.endswith(escape):
-            buf += stripped[:-1].rstrip() + " "
-            continue
-        buf += stripped
-        word, _, args = buf.partition(" ")
-        out.append((word.upper(), args.strip(), start))
-        buf = ""
-    if buf:
-        raise DeployError(f"Dockerfile line {start}: continuation runs past the end of the file")
-    return out
+    left = [n for n in range(covered + 1, len(lines)) if lines[n].strip()]
+    if left:
+        raise DeployError(f"Dockerfile line {left[0] + 1}: continuation runs past the end of "
+                          "the file")
+    return [(i["instruction"].upper(), " ".join(i["value"].split()), i["startline"] + 1)
+            for i in steps]
 
 
 def check_dockerfile(path: str | Path = DEPLOY / "Dockerfile", context: str | Path = REPO

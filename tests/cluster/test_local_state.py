@@ -24,7 +24,8 @@ def _sleeper(*extra: str) -> subprocess.Popen:
 
 
 def _state(tmp_path, procs, temp_dir="/tmp/peftpipe-ray-test0000") -> local.ClusterState:
-    nodes = [local.Node(name, f"peftpipe_{name}", 1, 0, local.Proc.of(p.pid), str(tmp_path / "x.log"),
+    nodes = [local.Node(name, f"peftpipe_{name}", 1, 0, local.Proc.of(p.pid),
+                        str(tmp_path / "x.log"),
                         temp_dir=f"{temp_dir}/{name}")
              for name, p in procs]
     return local.ClusterState(root=str(tmp_path), temp_dir=temp_dir, storage=str(tmp_path / "s"),
@@ -75,7 +76,8 @@ def test_down_stops_recorded_processes_their_children_and_the_clusters_own(tmp_p
     temp_dir = f"/tmp/peftpipe-ray-t{os.getpid()}"
     head = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time; "
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")],
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        "time.sleep(600)")],
         start_new_session=True)
     worker = _sleeper()
     stray = _sleeper(f"--temp-dir={temp_dir}/w1")  # not recorded, but names the cluster's folder
@@ -91,7 +93,8 @@ def test_down_stops_recorded_processes_their_children_and_the_clusters_own(tmp_p
         assert set(stopped) == {head.pid, child, worker.pid, stray.pid}
         for p in (head, worker, stray):
             assert p.wait(timeout=10) is not None
-        assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        assert (not psutil.pid_exists(child)
+                or psutil.Process(child).status() == psutil.STATUS_ZOMBIE)
         assert bystander.poll() is None, "a process of another cluster was stopped"
         assert not (tmp_path / local.STATE_FILE).exists()
     finally:

@@ -68,7 +68,8 @@ def test_relative_local_sources_become_absolute(tmp_path, monkeypatch) -> None:
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "a good film", "label": "positive"}\n')
     monkeypatch.chdir(tmp_path)
-    spec = prep(tmp_path, storage="/shared", overrides=["data.sources=[c.jsonl, builtin:movie_reviews]"])
+    spec = prep(tmp_path, storage="/shared",
+                overrides=["data.sources=[c.jsonl, builtin:movie_reviews]"])
     assert spec.recipe["data"]["sources"] == [str(corpus), "builtin:movie_reviews"]
 
 

@@ -29,7 +29,8 @@ def test_launcher_is_a_cpu_head_with_autoscaling_gpu_workers() -> None:
     head = cfg["available_node_types"][cfg["head_node_type"]]
     assert head["max_workers"] == 0 and not head["resources"].get("GPU")
     gpu = cfg["available_node_types"]["gpu_worker"]
-    assert gpu["node_config"]["InstanceType"].startswith("g") and gpu["max_workers"] > gpu["min_workers"]
+    assert gpu["node_config"]["InstanceType"].startswith("g")
+    assert gpu["max_workers"] > gpu["min_workers"]
     assert cfg["setup_commands"] == []  # no default `pip install ray nightly` merged in
     assert any("/shared" in o for o in cfg["docker"]["run_options"])
 
@@ -52,7 +53,8 @@ def _mutated(path: Path, tmp: Path, fn, index: int = 0) -> Path:
     (lambda c: c["available_node_types"]["gpu_worker"].update(bogus_key=1), "bogus_key"),
     (lambda c: c["available_node_types"]["head"].update(resources={"GPU": 1}), "CPU only"),
     (lambda c: c["available_node_types"]["gpu_worker"].update(max_workers=1), "max_workers"),
-    (lambda c: c.update(head_start_ray_commands=["ray start --head --no-such-flag"]), "no-such-flag"),
+    (lambda c: c.update(head_start_ray_commands=["ray start --head --no-such-flag"]),
+     "no-such-flag"),
 ])
 def test_launcher_checks_reject(tmp_path, mutate, message) -> None:
     bad = _mutated(DEPLOY / "ray-cluster-aws.yaml", tmp_path, mutate)
@@ -67,7 +69,8 @@ def _spec(doc):
 RAY_MUTATIONS = [
     (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "apiVersion"),
     (lambda d: _spec(d).pop("headGroupSpec"), "headGroupSpec"),
-    (lambda d: _spec(d)["headGroupSpec"]["template"]["spec"]["containers"][0].pop("image"), "image"),
+    (lambda d: _spec(d)["headGroupSpec"]["template"]["spec"]["containers"][0].pop("image"),
+     "image"),
     (lambda d: _spec(d)["workerGroupSpecs"][0].pop("groupName"), "groupName"),
     (lambda d: _spec(d)["workerGroupSpecs"][0].update(replicas=9), "replicas"),
     (lambda d: _spec(d)["headGroupSpec"]["rayStartParams"].update({"dashbord-host": "0.0.0.0"}),
@@ -94,7 +97,8 @@ def test_kuberay_checks_reject(tmp_path, kind, mutate, message) -> None:
     (lambda d: d["spec"].pop("entrypoint"), "entrypoint"),
     (lambda d: d["spec"].update(entrypoint="python train.py"), "pipelines.cli run"),
     (lambda d: d["spec"].update(entrypoint="python -m pipelines.cli run demo --sett x=1"), "sett"),
-    (lambda d: d["spec"].update(entrypoint="python -m pipelines.cli run demo --set train.max_stepz=3"),
+    (lambda d: d["spec"].update(
+        entrypoint="python -m pipelines.cli run demo --set train.max_stepz=3"),
      "max_stepz"),
     (lambda d: d["spec"].update(runtimeEnvYAML="pip: [a\n"), "runtimeEnvYAML"),
     (lambda d: d["spec"].update(submissionMode="Batch"), "submissionMode"),
@@ -159,11 +163,13 @@ def test_dockerfile_parses_and_installs_cuda_torch_and_deepspeed() -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("FROM ubuntu:24.04\nRUN pip install torch --index-url https://download.pytorch.org/whl/cu128 deepspeed\n",
+    ("FROM ubuntu:24.04\n"
+     "RUN pip install torch --index-url https://download.pytorch.org/whl/cu128 deepspeed\n",
      "CUDA base image"),
     ("RUN echo hi\nFROM nvidia/cuda:12.8.1-devel-ubuntu24.04\n", "before FROM"),
     ("FROM nvidia/cuda:12.8.1-devel-ubuntu24.04\nRUNN echo\n", "unknown instruction"),
-    ("FROM nvidia/cuda:12.8.1-devel-ubuntu24.04\nRUN pip install torch deepspeed\n", "CUDA wheel index"),
+    ("FROM nvidia/cuda:12.8.1-devel-ubuntu24.04\nRUN pip install torch deepspeed\n",
+     "CUDA wheel index"),
     ("FROM nvidia/cuda:12.8.1-devel-ubuntu24.04\n"
      "RUN pip install torch --index-url https://download.pytorch.org/whl/cu128\n", "DeepSpeed"),
     ("FROM nvidia/cuda:12.8.1-devel-ubuntu24.04\nCOPY no_such_dir /app\n", "build context"),
@@ -179,7 +185,8 @@ def test_dockerfile_checks_reject(tmp_path, text, message) -> None:
 
 
 def test_dockerfile_parser_joins_continuations_and_honours_directives() -> None:
-    steps = v.parse_dockerfile("# syntax=docker/dockerfile:1\n# escape=`\nFROM a\nRUN x `\n  # c\n  y\n")
+    steps = v.parse_dockerfile(
+        "# syntax=docker/dockerfile:1\n# escape=`\nFROM a\nRUN x `\n  # c\n  y\n")
     assert steps == [("FROM", "a", 3), ("RUN", "x y", 4)]
 
 
@@ -209,5 +216,6 @@ def test_kubectl_kustomize_builds_the_manifests(tmp_path, files) -> None:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_shipped_kustomization_builds() -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr

@@ -48,7 +48,8 @@ def test_predict_from_adapter_folder(tmp_path) -> None:
         (["rollback", "nosuch"], "has no champion"),
         (["promote", "--dataset", "x"], "exactly one of --run-id or --search-id"),
         (["promote", "--dataset", "x", "--run-id", "r", "--mode", "up"], "mode"),
-        (["predict", "--model", "missing-folder", "--text", "hi"], "neither a models:/ URI nor a folder"),
+        (["predict", "--model", "missing-folder", "--text", "hi"],
+         "neither a models:/ URI nor a folder"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_line(args, message, tmp_path) -> None:

@@ -56,7 +56,8 @@ def test_run_registers_a_champion_writes_the_report_and_serves(tmp_path) -> None
     board = lines[lines.index("leaderboard") + 1:]
     assert board[0].split()[:3] == ["rank", "method", "trainable_params"]
     assert {b.split()[1].split("(")[0] for b in board[1:3]} == {"lora", "linear_probe"}
-    assert re.search(r"e2e-sentiment v1 \(test eval_accuracy 0\.\d+\) is the new champion", out.stdout)
+    assert re.search(r"e2e-sentiment v1 \(test eval_accuracy 0\.\d+\) is the new champion",
+                     out.stdout)
     assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
 
     trials = json.loads((run_dir / "trials.json").read_text())
@@ -92,7 +93,8 @@ def test_run_registers_a_champion_writes_the_report_and_serves(tmp_path) -> None
     ("change", "message"),
     [
         ({"trian": {}}, "trian: unknown field; expected one of"),
-        ({"train": {**SMALL["train"], "max_steps": "many"}}, "train.max_steps: Input should be a valid integer"),
+        ({"train": {**SMALL["train"], "max_steps": "many"}},
+         "train.max_steps: Input should be a valid integer"),
         ({"data": {**SMALL["data"], "sources": ["no/such/file.jsonl"]}},
          "data.sources.0: path does not exist"),
         ({"tune": {**SMALL["tune"], "space": {"methods": {"lorra": {}}}}},
