@@ -65,7 +65,7 @@ def methods(
                 s = pm.summary()
                 row.update(trainable_params=s["trainable_params"],
                            trainable_pct=round(100 * s["trainable_fraction"], 4))
-                formula = getattr(pm.method, "expected_trainable_params", None)
+                formula = pm.method.expected_trainable_params  # a Method hook, None by default
                 if formula is not None:
                     # Methods that document a closed form: show it beside the count.
                     row["formula"] = formula(base)
