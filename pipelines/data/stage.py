@@ -245,6 +245,12 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
         # Parquet part per block and split
         batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
+        # Ray Data restarts pool actors by default, but it hands them their constructor
+        # through the object store, where a restart after losing that object fails anyway
+        # (ray-project/ray#53727) and Ray prints an error line on every run saying so. A
+        # failed actor fails the stage instead; its output is a temp folder, so rerunning
+        # `prepare` starts clean.
+        max_restarts=0,
     )
     results = ds.take_all()
     stats = store.merge_stats(results)
