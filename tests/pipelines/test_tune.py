@@ -89,7 +89,8 @@ def test_search_trials_runs_and_early_stopping(searched) -> None:
 
     client = tracking.client(searched["tracking"], searched["run_dir"])
     exp = client.get_run(res.parent_run_id).info.experiment_id
-    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    children = client.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
     assert len(children) == len(res.trials) and all(r.info.status == "FINISHED" for r in children)
     best = client.get_run(res.best["mlflow_run_id"])
     assert best.data.params["method.name"] == res.best["method"]["name"]
@@ -136,7 +137,8 @@ def test_promote_reject_rollback_and_serve(searched) -> None:
     for adapter in (folder, ranked[0]["adapter_dir"]):
         from pipelines import models
 
-        pm = peft_core.load_adapter(models.load_model(model_dir, "classification", num_labels=2), adapter)
+        base = models.load_model(model_dir, "classification", num_labels=2)
+        pm = peft_core.load_adapter(base, adapter)
         with torch.no_grad():
             outs.append(pm.eval()(**batch).logits)
     torch.testing.assert_close(outs[0], outs[1])
@@ -155,7 +157,8 @@ from tests.pipelines.test_tune import RESUME, small_search
 tmp = Path(sys.argv[1])
 ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR", _temp_dir=sys.argv[2])
 data, train, cfg = small_search(tmp, **RESUME)
-search(train, cfg, manifest=data, run_dir=tmp / "run", tracking=tracking.TrackingConfig(), verbose=False)
+search(train, cfg, manifest=data, run_dir=tmp / "run", tracking=tracking.TrackingConfig(),
+       verbose=False)
 """
 
 
@@ -197,7 +200,8 @@ def test_search_resumes_after_its_driver_is_killed(ray_with_dashboard, tmp_path)
         # The killed driver's Ray processes live under its own temp dir: stop exactly those.
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
     finished = _finished_trials(run)
-    before = {t: sorted(p.name for p in (run / "trials" / t).glob("checkpoint_*")) for t in finished}
+    before = {t: sorted(p.name for p in (run / "trials" / t).glob("checkpoint_*"))
+              for t in finished}
 
     data, train, cfg = small_search(tmp_path, **RESUME)
     res = search(train, cfg, manifest=data, run_dir=run, verbose=False)
@@ -206,5 +210,6 @@ def test_search_resumes_after_its_driver_is_killed(ray_with_dashboard, tmp_path)
         assert sorted(p.name for p in (run / "trials" / t).glob("checkpoint_*")) == ckpts
     client = tracking.client(tracking.TrackingConfig(), run)
     exp = client.get_run(res.parent_run_id).info.experiment_id
-    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    children = client.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
