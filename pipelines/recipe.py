@@ -113,6 +113,12 @@ class Recipe(BaseModel):
         if not isinstance(data.get("tune"), dict) and (
                 reg is None or isinstance(reg, dict) and "metric" not in reg):
             data["registry"] = {**default_objective, **(reg or {})}
+        reg = data.get("registry")
+        if data.get("name") and (reg is None or isinstance(reg, dict)
+                                 and "model_name" not in reg):
+            # the registered model is named after the recipe (models:/qa@champion for
+            # qa.yaml), so two recipes' champions are not versions of one model
+            data["registry"] = {**(reg or {}), "model_name": data["name"]}
         if isinstance(data.get("data"), dict):
             d = dict(data["data"])
             if model is not None:
