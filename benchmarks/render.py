@@ -163,8 +163,10 @@ def minilm_block(data: dict[str, Any] | None, plot_name: str) -> str:
     for s in sorted(summary, key=lambda s: -s.get("eval_accuracy", 0)):
         rows.append({
             "method": s["method"], "family": _family(s["method"]), "seeds": s["seeds"],
-            "eval accuracy %": _pm(s.get("eval_accuracy"), s.get("eval_accuracy_std"), 100, seeds=s["seeds"]),
-            "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3, seeds=s["seeds"]),
+            "eval accuracy %": _pm(s.get("eval_accuracy"), s.get("eval_accuracy_std"), 100,
+                                   seeds=s["seeds"]),
+            "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3,
+                             seeds=s["seeds"]),
             "trainable": s["trainable_params"], "trainable %": _pct(s["trainable_fraction"]),
             "stored %": _pct(s["stored_fraction"]), "lr": f"{s['lr']:g}",
             "step s": f"{s['step_time_s']:.3f}", "peak MB": f"{s['peak_mem_mb']:.0f}",
@@ -187,8 +189,10 @@ def smollm2_block(data: dict[str, Any] | None) -> str:
     for s in sorted(summary, key=lambda s: s.get("eval_loss", math.inf)):
         rows.append({
             "method": s["method"], "family": _family(s["method"]), "seeds": s["seeds"],
-            "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3, seeds=s["seeds"]),
-            "exact match %": _pm(s.get("exact_match"), s.get("exact_match_std"), 100, 1, s["seeds"]),
+            "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3,
+                             seeds=s["seeds"]),
+            "exact match %": _pm(s.get("exact_match"), s.get("exact_match_std"), 100, 1,
+                                 s["seeds"]),
             "answer F1 %": _pm(s.get("answer_f1"), s.get("answer_f1_std"), 100, 1, s["seeds"]),
             "trainable %": _pct(s.get("trainable_fraction")),
             "stored %": _pct(s.get("stored_fraction")),
@@ -252,6 +256,131 @@ def scale_block(data: dict[str, Any] | None) -> str:
             + _commands(data))
 
 
+def _ms(x: float | None) -> str:
+    return "–" if x is None else f"{1000 * x:.0f}"
+
+
+def _reason(target: dict[str, Any], data: dict[str, Any]) -> str:
+    """Why a serving target came out as it did, from the measurements."""
+    name = target["target"]
+    cost = data.get("forward_cost") or {}
+    for key, kind, label in (("MiniLM classifier", "classifier", "reviews"),
+                             ("SmolLM2", "lm", "chat prompts")):
+        if key not in name:
+            continue
+        b, u = data.get(f"{kind}_batched") or {}, data.get(f"{kind}_unbatched") or {}
+        c = cost.get(kind)
+        parts = []
+        if c:
+            parts.append(f"the model alone answers 16 {label} at once "
+                         f"{c['bound']:.2f}x faster per request than one at a time "
+                         f"({_ms(c['s_per_request_1'])} -> {_ms(c['s_per_request_16'])} ms)")
+        if b and u:
+            parts.append(f"served, the batches average {b['mean_batch']:.1f} requests "
+                         f"(p50 {_ms(b['p50_s'])} ms batched, {_ms(u['p50_s'])} ms unbatched)")
+        h = data.get("ingress_health") or {}
+        if kind == "classifier" and h.get("req_per_s"):
+            parts.append(f"the HTTP path alone (`GET /health`) serves {h['req_per_s']:.0f} "
+                         "req/s, so it is not the limit")
+        w = data.get("lm_batched_wait") if kind == "lm" else None
+        if w and u.get("req_per_s"):
+            parts.append(f"with a {1000 * w['batch_wait_timeout_s']:.0f} ms batch wait: mean "
+                         f"batch {w['mean_batch']:.1f}, "
+                         f"{w['req_per_s'] / u['req_per_s']:.2f}x unbatched")
+        return "; ".join(parts)
+    if "failed" in name:
+        m, lm = data["classifier_moves"], data["lm_moves"]
+        return (f"classifier {m['failed']} failed / {m['wrong_version']} wrong / "
+                f"{m['off_alias']} off-alias of {m['requests']}; causal LM {lm['failed']} / "
+                f"{lm['wrong_version']} / {lm['off_alias']} of {lm['requests']}")
+    if "RSS" in name:
+        mem = data["memory"]
+        return (f"{mem['one']['rss_mb']:.0f} MB with 1 adapter, {mem['four']['rss_mb']:.0f} MB "
+                "with 4 (the adapters share the base's tensors)")
+    if "switch" in name:
+        s = data["adapter_switch"]
+        return (f"p50 {_ms(s['p50_s'])} ms, max {_ms(s['max_s'])} ms over {s['requests']} "
+                f"loads; a cached adapter's request p50 {_ms(s['warm_p50_s'])} ms")
+    return ""
+
+
+def serve_block(data: dict[str, Any] | None) -> str:
+    """``peftpipe serve`` under load (``benchmarks/serve_load.py``)."""
+    if data is None:
+        return "_not run yet: `python -m benchmarks.serve_load`_\n"
+    s = data["settings"]
+    head = (f"LoRA champions from short runs ({s['steps']} AdamW steps): MiniLM classifier "
+            f"(one review per request) and SmolLM2-135M (chat completions, "
+            f"{s['lm_tokens']} new tokens, greedy); one replica with 1 CPU unless said; "
+            "HTTP over 127.0.0.1 from client threads in the driver (same 2 cores). "
+            "`wrong` = an answer that is not the named version's (probabilities within "
+            f"{s['tolerance']:g}, or exact text).\n")
+    phases = [("classifier, alias moved 2x + rolled back", "classifier_moves"),
+              ("classifier, batched (max 16)", "classifier_batched"),
+              ("classifier, unbatched", "classifier_unbatched"),
+              ("`GET /health` (HTTP path alone)", "ingress_health"),
+              ("baseline: `peftpipe predict` process per request", "baseline"),
+              ("causal LM, alias moved 2x + rolled back", "lm_moves"),
+              ("causal LM, batched (max 16), 100 ms batch wait", "lm_batched"),
+              ("causal LM, unbatched", "lm_unbatched"),
+              ("causal LM, batched (max 16), 10 ms batch wait", "lm_batched_wait")]
+    clients = {"classifier_moves": s["clients"], "baseline": 2,
+               "lm_moves": (data.get("lm_moves") or {}).get("clients")}
+    rows = []
+    for label, key in phases:
+        r = data.get(key)
+        if not r:
+            continue
+        rows.append({"phase": label, "C": clients.get(key, 16), "requests": r["requests"],
+                     "failed": r["failed"], "wrong": r.get("wrong_version", "–"),
+                     "p50 ms": _ms(r["p50_s"]), "p99 ms": _ms(r["p99_s"]),
+                     "req/s": f"{r['req_per_s']:.1f}" if r.get("req_per_s") else "–",
+                     "mean batch": (f"{r['mean_batch']:.1f}" if r.get("mean_batch")
+                                    and key != "ingress_health" else "–")})
+    lines = [head, table(rows, list(rows[0])), ""]
+    for key, label in (("classifier_moves", "classifier"), ("lm_moves", "causal LM")):
+        m = data.get(key)
+        if not m:
+            continue
+        follow = ", ".join(f"{x['kind']} v{x['version']} {x['followed_s']:+.2f} s"
+                           for x in m["moves"])
+        lines.append(f"- {label}: the server switched (its switch log's time minus the time "
+                     f"the registry call returned; negative: before it returned, as a "
+                     f"rollback sets the alias before writing its tags) {follow}; "
+                     f"answers by version {m['by_version']}; "
+                     f"off-alias answers {m['off_alias']}"
+                     + ("" if m.get("versions_distinguishable", True) else
+                        " (the versions' greedy texts are identical: the text check cannot "
+                        "tell them apart)") + ".")
+    for kind, label in (("classifier", "MiniLM, one review"), ("lm", "SmolLM2, one chat "
+                                                                   "prompt")):
+        c = (data.get("forward_cost") or {}).get(kind)
+        if c:
+            lines.append(f"- the model alone ({label}, in the driver, no serving): "
+                         f"{_ms(c['s_per_request_1'])} ms per request one at a time, "
+                         f"{_ms(c['s_per_request_16'])} ms per request 16 at a time "
+                         f"({c['bound']:.2f}x).")
+    sw, mem, rep = data["adapter_switch"], data["memory"], data.get("replicas")
+    lines.append(f"- adapter switch (a request naming a version not in the replica's LRU of "
+                 f"{sw['lru']}, {sw['requests']} of them): p50 {_ms(sw['p50_s'])} ms, p99 "
+                 f"{_ms(sw['p99_s'])} ms; a cached adapter: p50 {_ms(sw['warm_p50_s'])} ms.")
+    lines.append(f"- replica RSS (the replica process's VmRSS, same traffic on each adapter): "
+                 f"{mem['one']['rss_mb']:.0f} MB serving 1 adapter, "
+                 f"{mem['four']['rss_mb']:.0f} MB serving 4 over one base "
+                 f"({mem['ratio']:.3f}x).")
+    if rep:
+        lines.append(f"- `--replicas 2`: replicas answering before the promotion "
+                     f"{len(rep['replicas_before'])}, answering with the new v"
+                     f"{rep['new_version']} after it {len(rep['replicas_after_on_new_version'])}"
+                     f"; failed {rep['before']['failed'] + rep['after']['failed']}; "
+                     f"{'ok' if rep['ok'] else '**NOT OK**'}.")
+    trows = [{"target": t["target"], "limit": t["limit"], "measured": t["measured"],
+              "status": "met" if t["status"] == "met" else "**MISSED**",
+              "detail": _reason(t, data)} for t in data["targets"]]
+    lines += ["", table(trows, list(trows[0])), "", _commands(data)]
+    return "\n".join(lines)
+
+
 def plot(data: dict[str, Any], out: Path) -> Path | None:
     """Mean eval accuracy (± std over seeds) against the trainable fraction, log x; a hollow
     marker where the stored adapter is much smaller than what trained, joined to it."""
@@ -261,7 +390,8 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    summary = [s for s in summarise(data["runs"]) if s["model"] == "minilm" and "eval_accuracy" in s]
+    summary = [s for s in summarise(data["runs"])
+               if s["model"] == "minilm" and "eval_accuracy" in s]
     if not summary:
         return None
     fams = sorted({_family(s["method"]) for s in summary})
@@ -294,7 +424,8 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
             ax.plot([x, xs], [y, y], color=c, lw=0.8, ls=":", zorder=2)
             ax.plot(xs, y, "o", mfc="white", color=c, ms=6, zorder=3)
         if s["method"] not in crowded:
-            ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7.5)
+            ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(6, 4),
+                        fontsize=7.5)
     if crowded:
         col_x = 10 ** (max(math.log10(pts[m][0]) for m in crowded) + 0.5)
         top = max(pts[m][1] for m in crowded) + 0.5
@@ -319,14 +450,16 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
 
 
 def fill(doc: str, name: str, body: str) -> str:
-    pat = re.compile(rf"(<!-- BEGIN generated: {name} -->\n).*?(<!-- END generated: {name} -->)", re.S)
+    pat = re.compile(rf"(<!-- BEGIN generated: {name} -->\n).*?"
+                     rf"(<!-- END generated: {name} -->)", re.S)
     if not pat.search(doc):
         doc += f"\n<!-- BEGIN generated: {name} -->\n<!-- END generated: {name} -->\n"
     return pat.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), doc)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="render the *_quick.json results")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -343,6 +476,7 @@ def main() -> None:
     doc = fill(doc, "smollm2", smollm2_block(methods))
     doc = fill(doc, "targets", targets_block(methods))
     doc = fill(doc, "scale", scale_block(_load("scale")))
+    doc = fill(doc, "serve_load", serve_block(_load(f"serve_load{sfx}")))
     tmp = out.with_name(out.name + ".tmp")  # the hand-written prose must survive a crash
     tmp.write_text(doc)
     tmp.replace(out)

@@ -22,12 +22,15 @@ Phases (each a fresh deployment of the application):
    traffic on 1 adapter and after the same traffic on 4 adapters over its one base.
 4. causal LM: ``/v1/chat/completions`` from C/2 clients while its alias moves twice and
    rolls back (each answer's text must be its version's greedy one); then requests/s at
-   C=16 batched and unbatched (generation is where a replica's compute dominates).
+   C=16 batched and unbatched (generation is where a replica's compute dominates), and
+   batched with the classifiers' 10 ms batch wait instead of the LM default 100 ms.
 5. ``--replicas 2``: both replicas answer, and both answer with the new champion after a
    promotion.
 
 Baseline: the same classifier requests sent to ``peftpipe predict``, one process per request
-(loads torch, the base and the adapter each time), a bounded number of them.
+(loads torch, the base and the adapter each time), a bounded number of them. And the model
+alone in this process, one request at a time against 16 at a time: the most batching could
+gain on this CPU before any serving overhead.
 
     python -m benchmarks.serve_load [--quick] [--clients 8]
 
@@ -57,6 +60,9 @@ from benchmarks._common import bench_env, table, write_json
 MINILM, SMOLLM2 = "builtin:minilm", "builtin:smollm2"
 LABELS = ["negative", "positive"]
 TOLERANCE = 1e-4  # batched (padded) forwards differ from single ones by ~1e-6
+# chat prompts tried in turn until the LM versions answer each differently
+PROMPTS = ["What is the capital of France?", "What is AI?", "Tell me a joke.",
+           "Who are you?", "What is your favourite book?", "Do you like music?"]
 TARGETS = {"failed_or_wrong": 0, "batched_over_unbatched": 3.0, "memory_4_over_1": 1.2,
            "switch_p99_s": 1.0}
 
@@ -183,15 +189,61 @@ def expected_predictions(folders: dict[str, Path], texts: list[str]) -> dict[str
     return out
 
 
-def expected_completions(folders: dict[str, Path], prompt: str, n: int) -> dict[str, str]:
+def expected_completions(folders: dict[str, Path], prompts: list[str], n: int
+                         ) -> tuple[str, dict[str, str]]:
+    """The first of ``prompts`` whose greedy chat answers differ between every two versions
+    (else the last), and each version's answer to it: the text check can then tell the
+    versions apart."""
     from pipelines import serve
     from pipelines.serve.adapters import SharedBase
 
     shared = SharedBase(serve.pipeline_info(next(iter(folders.values()))))
-    msgs = [{"role": "user", "content": prompt}]  # as /v1/chat/completions sends it
-    out = {v: serve.generate_batch(shared.attach(f), [msgs], max_new_tokens=n)[0]["text"]
-           for v, f in folders.items()}
-    del shared
+    adapters = {v: shared.attach(f) for v, f in folders.items()}
+    for prompt in prompts:
+        msgs = [{"role": "user", "content": prompt}]  # as /v1/chat/completions sends it
+        out = {v: serve.generate_batch(a, [msgs], max_new_tokens=n)[0]["text"]
+               for v, a in adapters.items()}
+        if len(set(out.values())) == len(out):
+            break
+    del shared, adapters
+    gc.collect()
+    return prompt, out
+
+
+def forward_cost(clf: Path, lm: Path, texts: list[str], prompt: str, n: int
+                 ) -> dict[str, Any]:
+    """The model alone, in this process: seconds per request answered one at a time and 16
+    at a time (one review; one chat prompt with ``n`` new tokens). Their ratio bounds what
+    dynamic batching can gain on this CPU before any serving overhead."""
+    from pipelines import serve
+
+    out: dict[str, Any] = {}
+    a = serve.load(str(clf))
+    batch = [texts[i % len(texts)] for i in range(16)]
+    serve.predict(a, batch)  # warm-up
+    t0 = time.perf_counter()
+    for t in batch:
+        serve.predict(a, [t])
+    one = (time.perf_counter() - t0) / 16
+    t0 = time.perf_counter()
+    for _ in range(2):
+        serve.predict(a, batch)
+    sixteen = (time.perf_counter() - t0) / 32
+    out["classifier"] = {"s_per_request_1": one, "s_per_request_16": sixteen,
+                         "bound": one / sixteen}
+    del a
+    a = serve.load(str(lm))
+    msgs = [{"role": "user", "content": prompt}]
+    serve.generate_batch(a, [msgs], max_new_tokens=n)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(4):
+        serve.generate_batch(a, [msgs], max_new_tokens=n)
+    one = (time.perf_counter() - t0) / 4
+    t0 = time.perf_counter()
+    serve.generate_batch(a, [msgs] * 16, max_new_tokens=n)
+    sixteen = (time.perf_counter() - t0) / 16
+    out["lm"] = {"s_per_request_1": one, "s_per_request_16": sixteen, "bound": one / sixteen}
+    del a
     gc.collect()
     return out
 
@@ -490,11 +542,13 @@ def main() -> None:
     gc.collect()
     log("trained 5 MiniLM and 3 SmolLM2 LoRA adapters")
     texts = [r["text"] for r in _classifier_rows(200, seed=99)[-8:]]
-    prompt = "What is the capital of France?"
     expected = expected_predictions({str(i + 1): f for i, f in enumerate(clf)}, texts)
-    want_lm = expected_completions({str(i + 1): f for i, f in enumerate(lm)}, prompt,
-                                   budget["lm_tokens"])
-    log(f"expected answers computed; classifier versions differ by >= {separation(expected):.3g}")
+    prompt, want_lm = expected_completions({str(i + 1): f for i, f in enumerate(lm)},
+                                           PROMPTS, budget["lm_tokens"])
+    log(f"expected answers computed; classifier versions differ by >= {separation(expected):.3g}"
+        f"; LM prompt {prompt!r}: {want_lm}")
+    cost = forward_cost(clf[0], lm[0], texts, prompt, budget["lm_tokens"])
+    log(f"model alone, per request at batch 1 / 16: {cost}")
 
     reg = Registry(work / "registry")
     first_clf = reg.register("clf", clf[0], score=0.0)
@@ -631,6 +685,16 @@ def main() -> None:
                     max_s=120)
         lm_unbatched = {**summary(recs), "wrong_version": lm_wrong(recs), "deploy_s": up}
         log(f"causal LM unbatched C=16: {lm_unbatched}")
+        # batched with the classifiers' 10 ms batch wait instead of the LM default 100 ms:
+        # generation holds the GIL, requests reach the queue late and batches stay small
+        up = deploy(reg, "models:/lm@champion", port, max_batch_size=16, max_adapters=4,
+                    batch_wait_timeout_s=0.01)
+        load(port, chat, lm_body, clients=2, max_requests=4, max_s=60)
+        recs = load(port, chat, lm_body, clients=16, max_requests=budget["lm_requests"],
+                    max_s=90)
+        lm_batched_wait = {**summary(recs), "wrong_version": lm_wrong(recs), "deploy_s": up,
+                           "batch_wait_timeout_s": 0.01}
+        log(f"causal LM batched C=16, 10 ms wait: {lm_batched_wait}")
 
         # 5. two replicas: both answer, both follow the alias.
         up = deploy(reg, "models:/clf@champion", port, max_batch_size=16, max_adapters=4,
@@ -666,7 +730,8 @@ def main() -> None:
 
     result.update({"classifier_batched": batched, "classifier_unbatched": unbatched,
                    "ingress_health": ingress, "lm_batched": lm_batched,
-                   "lm_unbatched": lm_unbatched,
+                   "lm_unbatched": lm_unbatched, "lm_batched_wait": lm_batched_wait,
+                   "forward_cost": cost,
                    "classifier_moves": clf_moves, "adapter_switch": adapter_switch,
                    "memory": memory, "lm_moves": lm_moves, "replicas": replicas})
     result["targets"] = judge(result)
@@ -680,6 +745,7 @@ def main() -> None:
         {"phase": "causal LM, alias moves", "C": lm_moves["clients"], **_row(lm_moves)},
         {"phase": "causal LM batched", "C": 16, **_row(lm_batched)},
         {"phase": "causal LM unbatched", "C": 16, **_row(lm_unbatched)},
+        {"phase": "causal LM batched, 10 ms wait", "C": 16, **_row(lm_batched_wait)},
         {"phase": "2 replicas, after a promotion", "C": args.clients,
          **_row(replicas["after"])},
     ]

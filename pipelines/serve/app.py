@@ -42,14 +42,18 @@ HEADER = "x-peftpipe-model"
 @dataclasses.dataclass
 class ServeSettings:
     """What ``peftpipe serve`` starts. ``max_batch_size=1`` serves unbatched (the benchmark's
-    comparison); ``max_adapters`` is each replica's LRU size."""
+    comparison); ``max_adapters`` is each replica's LRU size. ``batch_wait_timeout_s``: how
+    long a batch waits to fill; None: 10 ms for classifiers, 100 ms for causal LMs, whose
+    generation holds the GIL so much that requests reach the batch queue late (measured
+    with SmolLM2 at 16 clients: batches of 4.4 requests with 10 ms, 16 with 100 ms, 1.8x
+    the requests/s; ``benchmarks/serve_load.py``)."""
 
     model: str
     tracking_uri: str
     replicas: int = 1
     max_adapters: int = 4
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float | None = None
     poll_s: float = 1.0
     replica_cpus: float = 1.0
     max_ongoing_requests: int = 64
@@ -121,6 +125,9 @@ def build(settings: ServeSettings):
     base = base_info(settings)
     name, alias, _ = parse_model_uri(settings.model)
     task = base["pipeline"]["task"]
+    batch_wait = settings.batch_wait_timeout_s
+    if batch_wait is None:
+        batch_wait = 0.01 if task == "classification" else 0.1
 
     @serve.deployment(num_replicas=settings.replicas,
                       max_ongoing_requests=settings.max_ongoing_requests,
@@ -188,7 +195,7 @@ def build(settings: ServeSettings):
             return await self._predict_batch(item)
 
         @serve.batch(max_batch_size=settings.max_batch_size,
-                     batch_wait_timeout_s=settings.batch_wait_timeout_s)
+                     batch_wait_timeout_s=batch_wait)
         async def _predict_batch(self, items: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
             from .local import predict, uses_posterior
 
@@ -216,7 +223,7 @@ def build(settings: ServeSettings):
             return await self._generate_batch(item)
 
         @serve.batch(max_batch_size=settings.max_batch_size,
-                     batch_wait_timeout_s=settings.batch_wait_timeout_s)
+                     batch_wait_timeout_s=batch_wait)
         async def _generate_batch(self, items: list[tuple[str, Any, int, bool]]
                                   ) -> list[dict[str, Any]]:
             from .local import generate_batch
@@ -385,6 +392,7 @@ def build(settings: ServeSettings):
                     "base_fingerprint": base["base_fingerprint"], "replicas": settings.replicas,
                     "max_adapters": settings.max_adapters,
                     "max_batch_size": settings.max_batch_size,
+                    "batch_wait_timeout_s": batch_wait,
                     "switches": self.switches[-10:], "poll_error": self.poll_error}
 
     return Api.bind(AdapterReplica.bind())
