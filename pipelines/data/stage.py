@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,23 +236,27 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
             if dropped:
                 ds = ds.map_batches(_drop_rows, fn_kwargs={"orders": drop.to_pylist()},
                                     batch_format="pyarrow", num_cpus=task_cpus)
-    ds = ds.map_batches(
-        TokenizeAndWrite,
-        fn_constructor_kwargs={"folder": str(tmp), "source_uris": [s.uri for s in srcs],
-                               "tokenizer": tok_spec, "task": config.task,
-                               "max_length": config.max_length, "label_names": label_names,
-                               "use_chat": use_chat, "packing": config.packing},
-        # whole blocks (BLOCK_BYTES) as batches: what lets the read fuse in, and one
-        # Parquet part per block and split
-        batch_size=None, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
-        # Ray Data restarts pool actors by default, but it hands them their constructor
-        # through the object store, where a restart after losing that object fails anyway
-        # (ray-project/ray#53727) and Ray prints an error line on every run saying so. A
-        # failed actor fails the stage instead; its output is a temp folder, so rerunning
-        # `prepare` starts clean.
-        max_restarts=0,
-    )
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in the pinned Ray (2.60): only the deprecated
+        # ray_remote_args route sets it, which would warn on every run
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(
+            TokenizeAndWrite,
+            fn_constructor_kwargs={"folder": str(tmp), "source_uris": [s.uri for s in srcs],
+                                   "tokenizer": tok_spec, "task": config.task,
+                                   "max_length": config.max_length, "label_names": label_names,
+                                   "use_chat": use_chat, "packing": config.packing},
+            # whole blocks (BLOCK_BYTES) as batches: what lets the read fuse in, and one
+            # Parquet part per block and split
+            batch_size=None, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
+            # Ray Data restarts pool actors by default, but it hands them their constructor
+            # through the object store, where a restart after losing that object fails anyway
+            # (ray-project/ray#53727) and Ray prints an error line on every run saying so. A
+            # failed actor fails the stage instead; its output is a temp folder, so rerunning
+            # `prepare` starts clean.
+            max_restarts=0,
+        )
     results = ds.take_all()
     stats = store.merge_stats(results)
     blob = b"".join(r["dup_keys"] for r in results)
