@@ -26,7 +26,8 @@ class PromotionError(RuntimeError):
 def find_search(client, experiment: str, search_id: str):
     runs = client.search_runs(
         [experiment],
-        filter_string=f"tags.`{tracking.TAG_SEARCH}` = '{search_id}' and tags.`{tracking.TAG_KIND}` = 'search'",
+        filter_string=(f"tags.`{tracking.TAG_SEARCH}` = '{search_id}' and "
+                       f"tags.`{tracking.TAG_KIND}` = 'search'"),
         max_results=1,
     )
     if not runs:

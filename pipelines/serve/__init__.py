@@ -7,16 +7,17 @@ In-process (what ``peftpipe predict``/``generate`` and the evaluation use):
   ``laplace_lora`` answers with its posterior predictive) and :func:`generate` /
   :func:`generate_batch` (causal LMs, greedy); :func:`pipeline_info` reads the adapter's
   ``pipeline`` block (base model, task, tokenizer, labels).
-- :mod:`pipelines.serve.adapters`: :class:`AdapterPool`, one base model shared by an LRU of
-  adapters (the base's frozen tensors are shared, not copied).
+- :mod:`pipelines.serve.adapters`: :class:`~pipelines.serve.adapters.SharedBase`, one base
+  model that many adapters attach to (the base's frozen tensors are shared, not copied).
 - :mod:`pipelines.serve.mlflow_model`: the registered version as an MLflow Model (a
   ``pyfunc`` over this loader, with signature and input example), so
   ``mlflow.pyfunc.load_model("models:/NAME@champion")`` predicts.
 
 Over HTTP: :mod:`pipelines.serve.app` (imported on demand; needs ``ray[serve]``), the Ray
 Serve application behind ``peftpipe serve``: ``POST /predict``, ``POST /v1/completions``,
-``POST /v1/chat/completions``, ``GET /health``; it follows a registry alias, multiplexes
-adapters over one base per replica and batches requests.
+``POST /v1/chat/completions``, ``GET /health``; it follows a registry alias (every replica
+loads the new version), multiplexes an LRU of adapters over one base per replica and batches
+requests.
 """
 
 from .local import (

@@ -44,11 +44,12 @@ class SharedBase:
                 f"{folder}: built on another base ({info['model']!r}, {info['task']}) than "
                 f"this server's ({self.info['model']!r}, {self.info['task']})")
         if len(info.get("label_names") or []) != len(self.info.get("label_names") or []):
-            raise ServeError(f"{folder}: {len(info.get('label_names') or [])} labels; this "
-                             f"server's base has a {len(self.info.get('label_names') or [])}-class head")
+            n, own = len(info.get("label_names") or []), len(self.info.get("label_names") or [])
+            raise ServeError(f"{folder}: {n} labels; this server's base has a {own}-class head")
         diff = _differences(folder, self.fingerprint)
         if diff:
-            raise ServeError(f"{folder}: adapter was trained on another base model; " + "; ".join(diff))
+            raise ServeError(f"{folder}: adapter was trained on another base model; "
+                             + "; ".join(diff))
 
     def attach(self, folder: str | Path, *, source: str | None = None) -> LoadedAdapter:
         folder = Path(folder)

@@ -42,9 +42,11 @@ def support(adapter_config: dict[str, Any], task: str) -> dict[str, str]:
     if not issubclass(cls, Lora):
         out["export.vllm"] = f"no: vLLM loads LoRA adapters only, not {method['name']}"
     elif task == "classification":
-        out["export.vllm"] = "no: vLLM's LoRA support serves generation models, this is a classifier"
+        out["export.vllm"] = ("no: vLLM's LoRA support serves generation models, this is a "
+                              "classifier")
     elif rank > VLLM_RANKS[-1]:
-        out["export.vllm"] = f"no: rank {rank} is above vLLM's largest --max-lora-rank {VLLM_RANKS[-1]}"
+        out["export.vllm"] = (f"no: rank {rank} is above vLLM's largest --max-lora-rank "
+                              f"{VLLM_RANKS[-1]}")
     else:
         out["export.vllm"] = "yes"
         out["vllm.max_lora_rank"] = str(next(r for r in VLLM_RANKS if r >= rank))

@@ -66,7 +66,8 @@ def load(model_ref: str, *, tracking_uri: str | None = None) -> LoadedAdapter:
 def load_base(info: dict[str, Any]):
     """The base model and tokenizer an adapter's ``pipeline`` block names."""
     labels = info.get("label_names")
-    base = models.load_model(info["model"], info["task"], num_labels=len(labels) if labels else None,
+    base = models.load_model(info["model"], info["task"],
+                             num_labels=len(labels) if labels else None,
                              quantization=info.get("quantization"))
     return base, models.load_tokenizer(info.get("tokenizer") or info["model"])
 
@@ -108,7 +109,8 @@ def class_probs(adapter: LoadedAdapter, enc: dict[str, torch.Tensor]) -> torch.T
 def predict(adapter: LoadedAdapter, texts: list[str]) -> list[dict[str, Any]]:
     """Class label and probabilities for each text."""
     if adapter.task != "classification":
-        raise ServeError(f"predict needs a classification adapter; this one is {adapter.task!r} (use generate)")
+        raise ServeError(f"predict needs a classification adapter; this one is "
+                         f"{adapter.task!r} (use generate)")
     enc = adapter.tokenizer(texts, padding=True, truncation=True, max_length=adapter.max_length,
                             return_tensors="pt")
     probs = class_probs(adapter, enc)
@@ -135,7 +137,8 @@ def generate_batch(adapter: LoadedAdapter, prompts: list[str | list[dict[str, st
     instruction template trained it) or a list of chat messages. Returns ``text``,
     ``prompt_tokens``, ``completion_tokens`` and ``finish_reason`` (``stop``/``length``)."""
     if adapter.task == "classification":
-        raise ServeError("generate needs a causal-LM adapter; this one is a classifier (use predict)")
+        raise ServeError("generate needs a causal-LM adapter; this one is a classifier "
+                         "(use predict)")
     tok = adapter.tokenizer
     texts, special = [], []
     for p in prompts:

@@ -111,7 +111,8 @@ def test_folder_without_pipeline_block_is_refused(tmp_path) -> None:
         serve.load(str(tmp_path / "missing"))
 
 
-def test_both_task_kinds_from_folder_and_registry_and_as_mlflow_model(tmp_path, store, lm_base) -> None:
+def test_both_task_kinds_from_folder_and_registry_and_as_mlflow_model(tmp_path, store,
+                                                                       lm_base) -> None:
     """predict/generate from a folder and from models:/NAME@champion give the same answers,
     and so does ``mlflow.pyfunc.load_model`` on the registered version."""
     import mlflow.pyfunc
