@@ -260,8 +260,9 @@ def test_every_method_trains_under_zero3(ray_cluster, lm, tmp_path, name) -> Non
         empty = {k: v for k, v in empty.items() if not k.endswith(selective_index)}
     assert not empty, empty
     # an encoder-reparameterised method was saved as its folded table
-    saved = peft_core.read_adapter_config(res.adapter_dir)["method"]
-    assert saved.get("folded", True) is True, saved
+    saved = peft_core.read_adapter_config(res.adapter_dir)
+    if name == "p_tuning":  # always trained through its prompt encoder
+        assert saved.get("method_state", {}).get("folded") is True, saved
     assert reloaded_eval_loss(res.adapter_dir, model, data) == pytest.approx(
         h[-1]["eval_loss"], abs=1e-4)
 
