@@ -5,7 +5,7 @@ forward passes are interleaved (base, parallel, coda, base, ...) so machine nois
 variant alike, and the table shows medians and the ratio CoDA / parallel adapter. The FFN
 token count is measured with forward hooks, not assumed.
 
-    python benchmarks/coda_inference.py [--hidden 512 --intermediate 2048 --layers 4 --seq 256]
+    python -m benchmarks.coda_inference [--hidden 512 --intermediate 2048 --layers 4 --seq 256]
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import table, write_json  # noqa: E402
+from benchmarks._common import table, write_json
 
 
 def _model(args: argparse.Namespace):

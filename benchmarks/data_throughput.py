@@ -23,7 +23,7 @@ actors) are reported too: ``cpu_ratio_vs_plain`` is plain CPU / ray CPU, which i
 1-CPU wall ratio converges to on an otherwise idle core. A reference row shows the plain loop with the tokenizer's own Rust threads on 2 CPUs
 (not a target, for context).
 
-    python benchmarks/data_throughput.py [--rows 200000 --repeats 2 --tokenizer builtin:minilm]
+    python -m benchmarks.data_throughput [--rows 200000 --repeats 2 --tokenizer builtin:minilm]
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import table, write_json  # noqa: E402
+from benchmarks._common import table, write_json
 
 
 def _pin(cpus: int) -> None:
@@ -132,7 +131,7 @@ def _run(args: argparse.Namespace, impl: str, cpus: int, threads: bool = False,
          warm: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "true" if threads else "false"}
-    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--cpus", str(cpus),
+    cmd = [sys.executable, "-m", "benchmarks.data_throughput", "--worker", "--impl", impl, "--cpus", str(cpus),
            "--corpus", args.corpus, "--work", args.work, "--tokenizer", args.tokenizer,
            "--max-length", str(args.max_length), "--batch", str(args.batch)]
     cmd += ["--warm"] if warm else []

@@ -6,7 +6,7 @@ usual convention; with a frozen base the backward skips the base weight gradient
 ``mfu_lora`` also shows the 4·N count actually executed. Peak dense bf16 FLOP/s comes from
 the device name (H100/H200, A100, L4, ...) or ``--peak-tflops``.
 
-    python benchmarks/gpu_step.py [--steps 30 --micro 16 --seq 512]
+    python -m benchmarks.gpu_step [--steps 30 --micro 16 --seq 512]
 
 Exits with status 2 and a message where CUDA is absent.
 """
@@ -20,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import table, write_json  # noqa: E402
+from benchmarks._common import table, write_json
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                     "A10": 125.0, "4090": 165.0}

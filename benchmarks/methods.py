@@ -16,7 +16,7 @@ and worker peak RSS, and wall time (``train()`` call, including worker start-up)
 zero-training reference for SmolLM2 is in-context few-shot prompting of the base model
 (k demonstrations from the train split as earlier chat turns; a different draw per seed).
 
-    python benchmarks/methods.py [--quick] [--model minilm|smollm2|both]
+    python -m benchmarks.methods [--quick] [--model minilm|smollm2|both]
                                  [--methods lora,full] [--seeds 0,1,2] [--merge]
 
 ``--merge`` adds these runs to the existing JSON (replacing runs of the same model, method
@@ -33,13 +33,11 @@ import re
 import shutil
 import statistics
 import string
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     RESULTS,
     WORK,
     bench_env,

@@ -4,7 +4,7 @@ Each variant runs in its own subprocess (so peak memory is not shared), several 
 interleaved (ours, peft, ours, peft, ...) so that machine noise hits both alike; the table
 shows medians and the ratio ours / peft. Target: ratio <= 1.05.
 
-    python benchmarks/peft_core_vs_peft.py [--hidden 256 --layers 4 --seq 128 --batch 4]
+    python -m benchmarks.peft_core_vs_peft [--hidden 256 --layers 4 --seq 128 --batch 4]
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import LLAMA_LINEAR, table, write_json  # noqa: E402
+from benchmarks._common import LLAMA_LINEAR, table, write_json
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -83,7 +81,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"ours": [], "peft": []}
     for _ in range(args.repeats):
         for impl in ("ours", "peft"):
-            cmd = [sys.executable, __file__, "--impl", impl] + [
+            cmd = [sys.executable, "-m", "benchmarks.peft_core_vs_peft", "--impl", impl] + [
                 f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "repeats")
             ]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

@@ -1,8 +1,8 @@
 """``peftpipe plan`` against measured memory: the planner's per-rank predictions beside the
 scale benchmark's measurements, and the measurement of the planner's fixed process overhead.
 
-    python benchmarks/plan_check.py                     # compare with results/scale.json
-    python benchmarks/plan_check.py --measure-overhead  # (re)measure the fixed overhead
+    python -m benchmarks.plan_check                     # compare with results/scale.json
+    python -m benchmarks.plan_check --measure-overhead  # (re)measure the fixed overhead
 
 Comparison: for every run in ``benchmarks/results/scale.json`` (random Llama models saved to
 disk, LoRA, ZeRO 0/2/3 x 1/2 workers, fp32, on CPU) the planner is called on the same model
@@ -27,8 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import RESULTS, table, write_json  # noqa: E402
+from benchmarks._common import RESULTS, table, write_json
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

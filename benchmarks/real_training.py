@@ -9,7 +9,7 @@
 These ran as tests until the suite outgrew CI's 30 minutes on 2 cores (about 3.5 minutes
 together); the target is checked here and recorded in JSON.
 
-    python benchmarks/real_training.py [--only smollm2|minilm]
+    python -m benchmarks.real_training [--only smollm2|minilm]
 
 Writes ``benchmarks/results/real_training.json``; exits 1 when a target is missed.
 """
@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import table, write_json  # noqa: E402
+from benchmarks._common import table, write_json
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

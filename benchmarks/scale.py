@@ -48,8 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import RESULTS, WORK, bench_env, table, write_json  # noqa: E402
+from benchmarks._common import RESULTS, WORK, bench_env, table, write_json
 
 ROOT = RESULTS.parent.parent
 OUT = RESULTS / "scale.json"

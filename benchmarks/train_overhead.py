@@ -14,7 +14,7 @@
    resident after DeepSpeed's setup (the ZeRO-3 partition, ``ds_tensor``), current and peak
    RSS. Target: ZeRO-3 parameter memory about half of ZeRO-0's.
 
-    python benchmarks/train_overhead.py [--model builtin:smollm2 --steps 20 --warmup 5 --rounds 2]
+    python -m benchmarks.train_overhead [--model builtin:smollm2 --steps 20 --warmup 5 --rounds 2]
 
 Writes ``benchmarks/results/train_overhead.json``.
 """
@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import table, write_json  # noqa: E402
+from benchmarks._common import table, write_json
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -19,7 +19,7 @@ tuning, P-tuning (MLP encoder) and prefix tuning (with its MLP); MiniLM (encoder
 an encoder differ by design: ours go after [CLS], peft's before it; and peft 0.21 cannot run
 prefix tuning on transformers 5 classifiers; so those pairs are not the same computation.)
 
-    python benchmarks/vs_peft.py [--quick] [--pairs smollm2:lora,minilm:lora_plus ...]
+    python -m benchmarks.vs_peft [--quick] [--pairs smollm2:lora,minilm:lora_plus ...]
 
 Writes ``benchmarks/results/vs_peft.json`` (``vs_peft_quick.json`` with ``--quick``).
 """
@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     LLAMA_LINEAR,
     RESULTS,
     bench_env,
