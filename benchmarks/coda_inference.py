@@ -39,7 +39,8 @@ def _ffn_token_counter(model) -> list[int]:
     seen = [0]
     for m in model.modules():
         if isinstance(m, LlamaMLP):
-            m.register_forward_hook(lambda mod, a, out: seen.__setitem__(0, seen[0] + a[0].shape[:-1].numel()))
+            m.register_forward_hook(
+                lambda mod, a, out: seen.__setitem__(0, seen[0] + a[0].shape[:-1].numel()))
     return seen
 
 

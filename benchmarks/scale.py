@@ -76,7 +76,8 @@ def llama_config(size: str, tokenizer_dir: str):
     tok = _json.loads((Path(tokenizer_dir) / "config.json").read_text())
     return LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=True, head_dim=64,
                        max_position_embeddings=2048, rms_norm_eps=1e-5,
-                       bos_token_id=tok.get("bos_token_id", 1), eos_token_id=tok.get("eos_token_id", 2),
+                       bos_token_id=tok.get("bos_token_id", 1),
+                       eos_token_id=tok.get("eos_token_id", 2),
                        pad_token_id=tok.get("pad_token_id", 2), **SIZES[size])
 
 
@@ -161,7 +162,8 @@ def _steady(times: list[float]) -> list[float]:
     return times[1:] if len(times) > 1 else times
 
 
-def run_ours(args: argparse.Namespace, size: str, stage: int, workers: int, manifest) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, size: str, stage: int, workers: int,
+             manifest) -> dict[str, Any]:
     from pipelines.train import TrainConfig, train
 
     zero: dict[str, Any] = {"stage": stage}
@@ -212,7 +214,8 @@ def zero3_settings(args: argparse.Namespace) -> dict[str, int]:
     return out
 
 
-def run_peer(args: argparse.Namespace, size: str, stage: int, workers: int, manifest) -> dict[str, Any]:
+def run_peer(args: argparse.Namespace, size: str, stage: int, workers: int,
+             manifest) -> dict[str, Any]:
     """The peer under ``torchrun``; each rank writes its JSON, aggregated here as ours is
     (max over ranks of memory and of each step's time, tokens summed)."""
     import socket
@@ -246,8 +249,10 @@ def run_peer(args: argparse.Namespace, size: str, stage: int, workers: int, mani
                                           "accelerate_num_processes")}
     if (what["deepspeed_engine"] != "DeepSpeedEngine" or what["zero_stage"] != stage
             or what["ds_world_size"] != workers or what["accelerate_num_processes"] != workers):
-        raise RuntimeError(f"the peer did not run DeepSpeed ZeRO-{stage} on {workers} ranks: {what}")
-    per_step = [max(r["step_times_s"][i] for r in ranks) for i in range(len(ranks[0]["step_times_s"]))]
+        raise RuntimeError(
+            f"the peer did not run DeepSpeed ZeRO-{stage} on {workers} ranks: {what}")
+    per_step = [max(r["step_times_s"][i] for r in ranks)
+                for i in range(len(ranks[0]["step_times_s"]))]
     tokens = [sum(r["step_tokens"][i] for r in ranks) for i in range(len(per_step))]
     steady = _steady(list(range(len(per_step))))
     return {
@@ -258,7 +263,8 @@ def run_peer(args: argparse.Namespace, size: str, stage: int, workers: int, mani
         "tokens_per_s": statistics.median(tokens[i] / per_step[i] for i in steady),
         "first_step_s": max(r["first_step_s"] for r in ranks),
         "load_s": max(r["load_s"] for r in ranks),
-        "train_loss": ranks[0].get("train_loss"), "trainable_params": ranks[0].get("trainable_params"),
+        "train_loss": ranks[0].get("train_loss"),
+        "trainable_params": ranks[0].get("trainable_params"),
         "versions": ranks[0].get("versions"), "ran": what, "wall_s": wall,
     }
 
@@ -279,7 +285,8 @@ def code_state() -> dict[str, Any]:
                     + git("ls-files", "--others", "--exclude-standard", "--", *paths).split()):
         if f.endswith(".py") and (ROOT / f).is_file():
             h.update(f.encode() + b"\0" + (ROOT / f).read_bytes())
-    return {"commit": git("rev-parse", "--short", "HEAD"), "subject": git("log", "-1", "--format=%s")[:80],
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "subject": git("log", "-1", "--format=%s")[:80],
             "training_code_modified": bool(dirty), "code_sha256": h.hexdigest()[:16]}
 
 
@@ -292,7 +299,8 @@ def one_point(args: argparse.Namespace, spec: str) -> None:
     rec: dict[str, Any] = {"stack": stack, "label": args.label, "size": size, "stage": stage_i,
                            "workers": workers_i, "precision": args.precision, "steps": args.steps,
                            "seq": args.seq, "batch": args.batch, "micro": args.micro,
-                           "zero3_settings": zero3_settings(args), "free_gb_before": _free_gb(), **model_facts(size), "code": code_state(),
+                           "zero3_settings": zero3_settings(args), "free_gb_before": _free_gb(),
+                           **model_facts(size), "code": code_state(),
                            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         ensure_model(size)
@@ -311,7 +319,8 @@ def one_point(args: argparse.Namespace, spec: str) -> None:
         if ray.is_initialized():
             ray.shutdown()
     save([rec], merge=True)
-    print(json.dumps({k: v for k, v in rec.items() if k not in ("config", "train_loss")}, default=str))
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("config", "train_loss")},
+                     default=str))
 
 
 def _free_gb() -> float | None:
@@ -460,7 +469,8 @@ def _save(new: list[dict[str, Any]], *, merge: bool) -> Path:
     return write_json("scale", {
         "settings": {"lora": {"rank": 8, "alpha": 16, "target_modules": TARGETS},
                      "sizes": {s: SIZES[s] for s in SIZES}, "vocab": VOCAB,
-                     "statistic": "median step time over the steps after the first; memory max over ranks"},
+                     "statistic": "median step time over the steps after the first; "
+                                  "memory max over ranks"},
         "commands": cmds,
         "fixed_overhead": fixed_overhead(judged),
         "targets_label": lab,
@@ -512,7 +522,8 @@ def main() -> None:
     if bad:
         ap.error(f"--sizes: unknown {bad}; known {list(SIZES)}")
     points = [] if args.peer_only else [
-        f"ours:{s}:{z}:{w}" for s in sizes for z in args.stages.split(",") for w in args.workers.split(",")]
+        f"ours:{s}:{z}:{w}" for s in sizes for z in args.stages.split(",")
+        for w in args.workers.split(",")]
     if not args.skip_peer:
         points += [f"peer:{s}:3:{w}" for s in sizes for w in args.peer_workers.split(",")]
     if args.points:

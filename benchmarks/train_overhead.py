@@ -158,7 +158,8 @@ def main() -> None:
             last = r.history[-1]
             memory.append({"zero_stage": stage, "param_mem_mb": last["param_mem_mb"],
                            "rss_mb": last["rss_mb"], "peak_mem_mb": last["peak_mem_mb"],
-                           "step_time_s": last["step_time_s"], "total_params": last["total_params"]})
+                           "step_time_s": last["step_time_s"],
+                           "total_params": last["total_params"]})
     ray.shutdown()
 
     half = memory[1]["param_mem_mb"] / memory[0]["param_mem_mb"]

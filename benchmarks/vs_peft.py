@@ -54,7 +54,8 @@ PAIRS: dict[tuple[str, str], tuple[dict[str, Any], str, dict[str, Any], float]] 
         {"name": "lora", "rank": 8, "alpha": 16, "target_modules": LLAMA_LINEAR},
         "LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_LINEAR}, 5e-4),
     ("smollm2", "lora_plus"): (
-        {"name": "lora_plus", "rank": 8, "alpha": 16, "lr_ratio": 16, "target_modules": LLAMA_LINEAR},
+        {"name": "lora_plus", "rank": 8, "alpha": 16, "lr_ratio": 16,
+         "target_modules": LLAMA_LINEAR},
         "LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_LINEAR}, 5e-4),
     ("smollm2", "prompt_tuning"): (
         {"name": "prompt_tuning", "num_virtual_tokens": N_VIRTUAL},
@@ -117,7 +118,8 @@ def build_pair(kind: str, method: str, info: Any, seed: int):
     ours = peft_core.apply(ours_base, ours_cfg)
     task_type = "SEQ_CLS" if info.task == "classification" else "CAUSAL_LM"
     extra = {"lora_dropout": 0.0} if peft_cls == "LoraConfig" else {}
-    ref = peft.get_peft_model(base(), getattr(peft, peft_cls)(task_type=task_type, **peft_kw, **extra))
+    ref = peft.get_peft_model(base(),
+                              getattr(peft, peft_cls)(task_type=task_type, **peft_kw, **extra))
 
     ours_params = dict(ours.trainable_parameters())
     ref_params = {_peft_key(n): p for n, p in ref.named_parameters() if p.requires_grad}
@@ -136,7 +138,8 @@ def build_pair(kind: str, method: str, info: Any, seed: int):
     ours_opt = torch.optim.AdamW(ours.param_groups(lr, 0.0), lr=lr, weight_decay=0.0)
     if method == "lora_plus":
         ref_opt = create_loraplus_optimizer(ref, torch.optim.AdamW, lr=lr,
-                                            loraplus_lr_ratio=ours_cfg["lr_ratio"], weight_decay=0.0)
+                                            loraplus_lr_ratio=ours_cfg["lr_ratio"],
+                                            weight_decay=0.0)
     else:
         ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=lr,
                                     weight_decay=0.0)
@@ -225,20 +228,26 @@ def run_pair(kind: str, method: str, manifest: Any, args: argparse.Namespace) ->
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps (finishes in a few minutes)")
     p.add_argument("--pairs", default=None,
-                   help="comma-separated model:method (default: all; --quick: the SmolLM2 five + MiniLM LoRA)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per side (default 20, quick 8)")
+                   help="comma-separated model:method "
+                   "(default: all; --quick: the SmolLM2 five + MiniLM LoRA)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per side (default 20, quick 8)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--block", type=int, default=None, help="steps per interleaved block (default 4, quick 2)")
+    p.add_argument("--block", type=int, default=None,
+                   help="steps per interleaved block (default 4, quick 2)")
     p.add_argument("--batch", type=int, default=None, help="default: the recipe's (quick: half)")
     p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--eval-batches", type=int, default=None, help="eval batches (default all; quick 4)")
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="eval batches (default all; quick 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", action="append", default=[], metavar="KIND=FOLDER",
                    help="use this prepared dataset for a model kind instead of the recipe's")
-    p.add_argument("--merge", action="store_true", help="add to the existing JSON (pairs run again replace theirs)")
+    p.add_argument("--merge", action="store_true",
+                   help="add to the existing JSON (pairs run again replace theirs)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     args.steps = args.steps or (8 if args.quick else 20)
@@ -257,7 +266,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     given = dict(x.split("=", 1) for x in args.dataset)
-    manifests = {kind: given.get(kind) or dataset(kind) for kind in dict.fromkeys(k for k, _ in pairs)}
+    manifests = {kind: given.get(kind) or dataset(kind)
+                 for kind in dict.fromkeys(k for k, _ in pairs)}
     try:
         import ray
 
@@ -287,10 +297,12 @@ def main() -> None:
         results.append(r)
         save()
         print(f"{kind}/{method}: step ours/peft {r['ratio_step_time']:.3f}, peak mem "
-              f"{r['ratio_peak_mem']:.3f}, init logit diff {r['init_logit_max_diff']:.2e}", flush=True)
+              f"{r['ratio_peak_mem']:.3f}, init logit diff {r['init_logit_max_diff']:.2e}",
+              flush=True)
     _, rows, worst = save()
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
-    print(f"target step-time ratio <= 1.05: {'met' if worst <= 1.05 else 'MISSED'} (worst {worst:.3f})")
+    print(f"target step-time ratio <= 1.05: {'met' if worst <= 1.05 else 'MISSED'} "
+          f"(worst {worst:.3f})")
     print(f"wrote {out_path}")
 
 

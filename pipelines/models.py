@@ -79,7 +79,8 @@ def resolve(name_or_path: str) -> str:
         )
     if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"model: path {name_or_path!r} does not exist")
-    return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path
+    return (str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists()
+            else name_or_path)
 
 
 def load_tokenizer(name_or_path: str):

@@ -91,7 +91,8 @@ CPU_ZERO3_LOAD_CONST_BYTES = 330 * 2**20
 #: 1.5 GiB is a deliberately generous sum of those published orders of magnitude.
 GPU_PROCESS_OVERHEAD_BYTES = 1536 * 2**20
 
-#: DeepSpeed's defaults where our DeepSpeed config does not set them (deepspeed/runtime/zero/config.py)
+#: DeepSpeed's defaults where our DeepSpeed config does not set them
+#: (deepspeed/runtime/zero/config.py)
 _DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
                 "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9,
                 "stage3_max_reuse_distance": 1e9}
@@ -741,7 +742,8 @@ def format_plan(p: Plan) -> str:
              f"{p.world_size} CPU rank(s) (train.num_workers), {_gib(p.device_mem)} GiB RAM each")
     lines = [
         f"model {p.model} ({p.architecture}): {p.base_params / 1e9:.3f}B parameters; "
-        f"{p.method} trains {p.trainable_params:,} ({100 * p.trainable_params / max(1, p.total_params):.3f}%, "
+        f"{p.method} trains {p.trainable_params:,} "
+        f"({100 * p.trainable_params / max(1, p.total_params):.3f}%, "
         f"{p.trainable_source})",
         f"{where}; {p.precision}; micro-batch {p.micro_batch_size} x {p.max_length} tokens; "
         f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",

@@ -37,10 +37,12 @@ def resolve_precision(config: TrainConfig, device_type: str) -> str:
         return "fp32"
     import torch
 
-    cuda_bf16 = device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cuda_bf16 = (device_type == "cuda" and torch.cuda.is_available()
+                 and torch.cuda.is_bf16_supported())
     if config.precision == "bf16":
         if device_type == "cuda" and not cuda_bf16:
-            raise ValueError("precision: bf16 needs a CUDA device with bf16 support; this GPU has none")
+            raise ValueError(
+                "precision: bf16 needs a CUDA device with bf16 support; this GPU has none")
         return "bf16"
     return "bf16" if cuda_bf16 else "fp32"
 

@@ -1,4 +1,5 @@
-"""Under ZeRO-3, the base model is built and loaded already partitioned: no rank ever holds it whole.
+"""Under ZeRO-3, the base model is built and loaded already partitioned: no rank ever holds it
+whole.
 
 The model is built by transformers' own DeepSpeed integration: a live ``HfDeepSpeedConfig``
 makes ``from_config`` construct every module inside ``deepspeed.zero.Init``, so each weight

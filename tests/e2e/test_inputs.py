@@ -67,7 +67,8 @@ DATA_CASES = [
     ("header-only", "header.csv", b"text,label\n", [], ["no rows in", "header.csv"]),
     ("all-rows-bad", "bad.jsonl", _jsonl([{"body": "no text field", "label": 1}] * 5), [],
      ["all 5 rows were rejected (5 missing_field)", "bad.jsonl:1", "missing field 'text'"]),
-    ("oversized-rows", "long.jsonl", _jsonl([{"text": "x" * 300, "label": i % 2} for i in range(6)]),
+    ("oversized-rows", "long.jsonl",
+     _jsonl([{"text": "x" * 300, "label": i % 2} for i in range(6)]),
      ["data.max_chars=100"], ["all 6 rows were rejected (6 oversized)", "data.max_chars (100)"]),
     ("mixed-label-types", "mixed.jsonl",
      _jsonl(_rows(30, label=lambda i: 0) + [{"text": "a stray header row", "label": "label"}]),
@@ -136,11 +137,13 @@ def test_nothing_bad_is_kept_silently(ray_address, tmp_path) -> None:
     assert m["duplicates"] == 3 and m["duplicates_dropped"] == 0
     assert m["label_names"] == ["negative", "positive"] and m["label_values"] == ["0", "1"]
     assert set(m["label_counts"]["train"]) <= {"negative", "positive"}
-    rejects = [json.loads(x) for x in (manifest_path.parent / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(x)
+               for x in (manifest_path.parent / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["kind"]) for r in rejects] == [
         (6, "bad_row"), (66, "label_type"), (67, "oversized")]
     summary = out.stdout
-    assert "63 rows kept" in summary and "1 rows fill max_length 256" in summary and "3 rejected (1 bad_row, 1 label_type, 1 oversized" in summary
+    assert ("63 rows kept" in summary and "1 rows fill max_length 256" in summary
+            and "3 rejected (1 bad_row, 1 label_type, 1 oversized" in summary)
     assert "3 duplicates found and kept" in summary and "classes: negative, positive" in summary
     # every copy of the duplicated text is in one split (the split is a hash of the text)
     import pyarrow.parquet as pq
@@ -208,9 +211,12 @@ def _truncate_config(d: Path) -> None:
 
 
 ADAPTER_CASES = [
-    ("truncated-safetensors", _truncate_weights, ["adapter.safetensors: not a readable safetensors file"]),
-    ("huge-header-safetensors", _huge_header, ["adapter.safetensors: not a readable safetensors file"]),
-    ("path-traversal-link", _link_outside, ["adapter.safetensors: points outside the adapter folder"]),
+    ("truncated-safetensors", _truncate_weights,
+     ["adapter.safetensors: not a readable safetensors file"]),
+    ("huge-header-safetensors", _huge_header,
+     ["adapter.safetensors: not a readable safetensors file"]),
+    ("path-traversal-link", _link_outside,
+     ["adapter.safetensors: points outside the adapter folder"]),
     ("config-without-method", _drop_key("method"), ["adapter_config.json: missing 'method'"]),
     ("config-without-base", _drop_key("base_model"), ["adapter_config.json: missing 'base_model'"]),
     ("truncated-config", _truncate_config, ["adapter_config.json: not valid JSON"]),

@@ -53,7 +53,8 @@ def test_qlora_trains_under_zero2_and_its_adapter_reloads(ray_cluster, tmp_path)
     manifest = train_helpers.prepared(tmp_path, "causal_lm", rows=80)
     model = _save_llama(tmp_path / "model")
     config = TrainConfig.model_validate(dict(
-        model={"name": str(model), "quantization": Q4}, method={"name": "lora", "rank": 4, "alpha": 8},
+        model={"name": str(model), "quantization": Q4},
+        method={"name": "lora", "rank": 4, "alpha": 8},
         num_workers=2, batch_size=8, micro_batch_size=2, max_steps=8, lr=2e-2,
         schedule="constant", eval_every=4, eval_before_training=True, seed=0, zero={"stage": 2},
     ))
@@ -79,4 +80,5 @@ def test_quantized_base_refuses_zero3_and_full() -> None:
     with pytest.raises(ValueError, match="method 'full' trains the base weights"):
         TrainConfig.model_validate({**base, "method": {"name": "full"}})
     with pytest.raises(ValueError, match="apply to 4-bit quantization only"):
-        TrainConfig.model_validate({"model": {"name": "x", "quantization": {"bits": 8, "type": "fp4"}}})
+        TrainConfig.model_validate(
+            {"model": {"name": "x", "quantization": {"bits": 8, "type": "fp4"}}})

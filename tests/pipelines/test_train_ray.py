@@ -156,7 +156,8 @@ def test_killed_worker_is_replaced_and_resumes(ray_cluster, tmp_path) -> None:
     """A classifier under ZeRO-2 with optimizer offload and activation checkpointing:
     SIGKILL rank 1 once a checkpoint is committed; the run restarts its workers from that
     checkpoint, finishes the same step sequence, and its loss falls."""
-    model = train_helpers.save_tiny("bert", tmp_path / "bert", vocab_size=train_helpers.MINILM_VOCAB)
+    model = train_helpers.save_tiny("bert", tmp_path / "bert",
+                                    vocab_size=train_helpers.MINILM_VOCAB)
     data = train_helpers.prepared(tmp_path, "classification", rows=80)
     cfg = TrainConfig.model_validate(dict(
         model={"name": str(model)}, method=LORA, num_workers=2, batch_size=8,

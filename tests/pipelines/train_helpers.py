@@ -35,7 +35,8 @@ def save_tiny(arch: str, folder: Path, *, vocab_size: int | None = None) -> Path
 
 
 MINILM_VOCAB = 30522
-_NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+_NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+            "eleven", "twelve"]
 _POSITIVE = ["great", "good", "wonderful", "excellent", "fun", "lovely", "superb", "brilliant"]
 _NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "poor", "weak", "horrible"]
 
@@ -58,7 +59,8 @@ def prepared(root: Path, task: str = "causal_lm", *, rows: int = 80, seed: int =
         lines = []
         for _ in range(rows):
             start, n = rng.randrange(len(_NUMBERS)), rng.randint(5, 10)
-            lines.append({"text": " ".join(_NUMBERS[(start + k) % len(_NUMBERS)] for k in range(n))})
+            lines.append(
+                {"text": " ".join(_NUMBERS[(start + k) % len(_NUMBERS)] for k in range(n))})
     src = root / f"{task}.jsonl"
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -88,7 +90,8 @@ def _cls_row(rng: random.Random) -> dict:
 
 
 def write_dataset(root: Path, task: str = "causal_lm", *, rows: int = 96, eval_rows: int = 24,
-                  seed: int = 0, dataset_id: str | None = None, padding_side: str = "right") -> Path:
+                  seed: int = 0, dataset_id: str | None = None,
+                  padding_side: str = "right") -> Path:
     """Write ``{root}/{dataset_id}/`` with train/eval/test splits and its manifest."""
     rng = random.Random(seed)
     make = _cls_row if task == "classification" else _lm_row
@@ -103,7 +106,8 @@ def write_dataset(root: Path, task: str = "causal_lm", *, rows: int = 96, eval_r
         table = pa.table(
             {
                 "input_ids": pa.array([r["input_ids"] for r in data], pa.list_(pa.int32())),
-                "attention_mask": pa.array([r["attention_mask"] for r in data], pa.list_(pa.int8())),
+                "attention_mask": pa.array([r["attention_mask"] for r in data],
+                                           pa.list_(pa.int8())),
                 "labels": pa.array([r["labels"] for r in data], label_type),
                 "length": pa.array([len(r["input_ids"]) for r in data], pa.int32()),
             }
