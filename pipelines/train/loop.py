@@ -1,8 +1,8 @@
 """What each Ray Train worker runs: base model -> peft_core method -> DeepSpeed -> loop.
 
 The loop knows no method by name: it calls the method's hooks (``prepare`` before training,
-``on_step`` and ``regularizer`` every step, ``finalize`` after) through :class:`peft_core.PeftModel`, and
-optimises the method's own parameter groups.
+``on_step`` and ``regularizer`` every step, ``finalize`` after) through
+:class:`peft_core.PeftModel`, and optimises the method's own parameter groups.
 """
 
 from __future__ import annotations
