@@ -344,10 +344,12 @@ def serve_block(data: dict[str, Any] | None) -> str:
             continue
         follow = ", ".join(f"{x['kind']} v{x['version']} {x['followed_s']:+.2f} s"
                            for x in m["moves"])
+        early = any(x["followed_s"] < 0 for x in m["moves"])
         lines.append(f"- {label}: the server switched (its switch log's time minus the time "
-                     f"the registry call returned; negative: before it returned, as a "
-                     f"rollback sets the alias before writing its tags) {follow}; "
-                     f"answers by version {m['by_version']}; "
+                     "the registry call returned"
+                     + ("; negative: before it returned, the alias being set before the "
+                        "call's last tags" if early else "")
+                     + f") {follow}; answers by version {m['by_version']}; "
                      f"off-alias answers {m['off_alias']}"
                      + ("" if m.get("versions_distinguishable", True) else
                         " (the versions' greedy texts are identical: the text check cannot "
