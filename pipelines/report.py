@@ -114,17 +114,18 @@ def reference_row(ref: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]
     return row
 
 
+# The console keeps its columns (calibration is in report.md): the CLI's table is what the
+# README's transcripts show line for line.
 CONSOLE_COLUMNS = ("rank", "method", "trainable_params", "trainable_pct", "{metric}",
-                   "eval_loss", "eval_nll", "eval_ece", "time_s", "status")
+                   "eval_loss", "time_s", "status")
 
 
 def console_table(trials: Sequence[dict[str, Any]], objective: Objective,
                   ref: dict[str, Any] | None = None) -> list[str]:
     """The leaderboard as aligned text lines (the CLI's), the reference row last and a
     ``beats_ref`` column when a reference is known."""
+    cols = list(dict.fromkeys(c.format(metric=objective.metric) for c in CONSOLE_COLUMNS))
     rows = leaderboard(trials, objective, ref)
-    cols = [c for c in dict.fromkeys(c.format(metric=objective.metric) for c in CONSOLE_COLUMNS)
-            if c not in ("eval_nll", "eval_ece") or (rows and c in rows[0])]
     if ref is not None:
         cols.append("beats_reference")
         rows.append(reference_row(ref, cols))
