@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import random
+import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,13 +76,60 @@ def ray_session(recipe: Recipe, address: str | None = None, *, stage: str | None
         _link_ray_logs(recipe, ctx)
         if not verbose:
             quiet_ray(recipe)  # ray.init re-attaches its console handler
+    quiet = contextlib.nullcontext() if verbose else _raylet_lines_to_log()
     try:
         res = ray.cluster_resources()
         recipe.check_resources(res.get("CPU", 0), res.get("GPU", 0), stage)
-        yield
+        with quiet:
+            yield
     finally:
         if started:
             ray.shutdown()
+
+
+class _RayletLineFilter(io.TextIOBase):
+    """``sys.stdout`` while a quiet job runs: lines Ray's driver prints on behalf of the
+    raylet (``(raylet) WARNING: ... worker processes have been started``) go to the log
+    file; every other line passes through unchanged."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if "(raylet)" in line[:20]:
+                _RAY_LOG.warning(re.sub(r"\x1b\[[0-9;]*m", "", line))
+            else:
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending and "(raylet)" not in self.pending[:20]:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+_RAY_LOG = logging.getLogger("peftpipe.ray")
+
+
+@contextlib.contextmanager
+def _raylet_lines_to_log() -> Iterator[None]:
+    """Ray's driver prints the raylet's error messages straight to ``sys.stdout`` (its
+    error-listener thread; no logger, and ``log_to_driver`` covers worker output only), so
+    the only public seam to keep them off a quiet console is the stream itself."""
+    original = sys.stdout
+    sys.stdout = _RayletLineFilter(original)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = original
 
 
 def _local_gpus() -> int:
