@@ -79,6 +79,23 @@ MINILM: dict[str, tuple[dict[str, Any], float]] = {
                       "fixed_mask_lr_ratio": 50.0}, 1e-4),
     "pafi": ({"name": "pafi", "budget": 0.005}, 5e-3),
     "sam": ({"name": "sam", "budget": 0.005}, 5e-3),
+    # issue 20's methods, one setting each, before any run: DoRA, LoRA-PiSSA and QLoRA at
+    # LoRA's own row (rank 8, alpha 16, 1e-3) so each differs from it in one thing only (the
+    # DoRA and PiSSA papers compare with LoRA at LoRA's rate); IA3 at 3e-3 (the IA3 paper's
+    # rate); VeRA at peft's defaults (rank 256, d_initial 0.1) and 4e-3, inside the VeRA
+    # paper's GLUE range for its vectors.
+    "dora": ({"name": "dora", "rank": 8, "alpha": 16}, 1e-3),
+    "ia3": ({"name": "ia3"}, 3e-3),
+    "vera": ({"name": "vera", "rank": 256, "d_initial": 0.1}, 4e-3),
+    "lora_pissa": ({"name": "lora", "rank": 8, "alpha": 16, "init": "pissa"}, 1e-3),
+    # QLoRA: LoRA's row on the base loaded 4-bit (NF4, double quantization: the QLoRA paper's
+    # setting; bf16 compute is for GPUs, fp32 here); the task head stays full precision
+    "qlora": ({"name": "lora", "rank": 8, "alpha": 16}, 1e-3),
+}
+# extra recipe overrides of a row (after the common ones)
+ROW_OVERRIDES: dict[str, list[str]] = {
+    "qlora": ['model={"name": "builtin:minilm", "quantization": {"bits": 4, "type": "nf4", '
+              '"double_quant": true, "compute_dtype": "float32"}}'],
 }
 SMOLLM2: dict[str, tuple[dict[str, Any], float]] = {
     "full": ({"name": "full"}, 3e-5),
@@ -150,8 +167,9 @@ def train_run(kind: str, method: str, seed: int, args: argparse.Namespace, manif
 
     cfg, lr = SETTINGS[kind][method]
     curve = CURVES[kind] if method in CURVE_METHODS and not args.quick else []
-    over = [*base_overrides(kind, args), *curve, f"train.method={json.dumps(cfg)}",
-            f"train.lr={lr}", f"train.seed={seed}"]
+    rows = ROW_OVERRIDES if kind == "minilm" else {}
+    over = [*base_overrides(kind, args), *curve, *rows.get(method, []),
+            f"train.method={json.dumps(cfg)}", f"train.lr={lr}", f"train.seed={seed}"]
     r = recipe(kind, over)
     run_dir = WORK / ("methods_quick" if args.quick else "methods") / kind / f"{method}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume
