@@ -9,7 +9,6 @@ every ZeRO stage sees the same data for the same seed.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,42 +20,8 @@ import torch
 # benchmarks) import them from here
 from ..data.manifest import DatasetError, Manifest, read_manifest
 
-__all__ = ["Collator", "DatasetError", "DatasetInfo", "TrainBatches", "eval_batches",
+__all__ = ["Collator", "DatasetError", "TrainBatches", "eval_batches",
            "find_dataset", "read_manifest", "read_split"]
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """The fields of the :class:`~pipelines.data.manifest.Manifest` a training worker
-    needs, in the plain form the driver sends it (:meth:`to_dict`); built only from a
-    Manifest (:meth:`from_manifest`), never parsed from the file."""
-
-    path: Path
-    dataset_id: str
-    task: str
-    pad_token_id: int
-    padding_side: str
-    rows: dict[str, int]
-    num_labels: int | None
-    label_names: list[str] | None
-    max_length: int | None
-    tokenizer: str | None
-
-    @classmethod
-    def from_manifest(cls, m: Manifest) -> DatasetInfo:
-        return cls(path=m.folder, dataset_id=m.dataset_id, task=m.task,
-                   pad_token_id=int(m.pad_token_id or 0), padding_side=m.padding_side,
-                   rows=dict(m.rows), num_labels=m.num_labels or None, label_names=m.label_names,
-                   max_length=m.max_length, tokenizer=m.tokenizer_name)
-
-    @property
-    def is_lm(self) -> bool:
-        return self.task != "classification"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["path"] = str(self.path)
-        return d
 
 
 def find_dataset(data_root: str | Path, dataset_id: str) -> Path:
@@ -72,7 +37,7 @@ def find_dataset(data_root: str | Path, dataset_id: str) -> Path:
     return folder
 
 
-def read_split(info: Manifest | DatasetInfo, split: str) -> list[dict[str, Any]]:
+def read_split(info: Manifest, split: str) -> list[dict[str, Any]]:
     """All rows of one split as Python lists (``input_ids``, ``attention_mask``, ``labels``)."""
     import pyarrow.dataset as pads
 
@@ -93,7 +58,7 @@ def read_split(info: Manifest | DatasetInfo, split: str) -> list[dict[str, Any]]
 class Collator:
     """Pads a list of rows to the longest one, on the manifest's side with its pad id."""
 
-    def __init__(self, info: Manifest | DatasetInfo):
+    def __init__(self, info: Manifest):
         self.pad_id = int(info.pad_token_id or 0)
         self.left = info.padding_side == "left"
         self.is_lm = info.is_lm

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from ..data.manifest import Manifest
 from . import checkpoint as ckpt
 from . import metrics as M
 from .config import TrainConfig, import_plugins
-from .data import Collator, DatasetInfo, TrainBatches, eval_batches, read_split
+from .data import Collator, TrainBatches, eval_batches, read_split
 from .deepspeed_config import build as build_ds_config
 from .deepspeed_config import resolve_precision, setup_deepspeed
 
@@ -57,7 +58,7 @@ def _label_tokens(batch: dict[str, torch.Tensor], is_lm: bool) -> int:
 
 @torch.no_grad()
 def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
-             fallback: dict[str, torch.Tensor], info: DatasetInfo, device: torch.device,
+             fallback: dict[str, torch.Tensor], info: Manifest, device: torch.device,
              *, calibrate: bool = False) -> dict[str, float]:
     """Token-weighted eval loss (and accuracy) over every rank's shard of the eval split;
     ``calibrate`` (classification) adds ``eval_ece`` and ``eval_nll`` of the softmax."""
@@ -104,7 +105,7 @@ def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
 
 
 def final_eval(engine: Any, peft_model: Any, batches: list[dict[str, torch.Tensor] | None],
-               fallback: dict[str, torch.Tensor], info: DatasetInfo, device: torch.device,
+               fallback: dict[str, torch.Tensor], info: Manifest, device: torch.device,
                stage: int) -> dict[str, float]:
     """The last evaluation of a run: :func:`evaluate` with calibration for classifiers, and
     for a fitted ``laplace_lora`` its posterior predictive in place of the MAP scores (kept
@@ -156,7 +157,7 @@ def _release_freed_tensors_to_the_os() -> None:
     libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
-def _load_base(config: TrainConfig, info: DatasetInfo, ds_config: dict[str, Any],
+def _load_base(config: TrainConfig, info: Manifest, ds_config: dict[str, Any],
                dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
     """The base model: built partitioned under ZeRO-3 (no rank holds it whole), else loaded
     whole; in the run's compute dtype either way."""
@@ -226,7 +227,8 @@ def _register_external_params(model: torch.nn.Module) -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train's per-worker function. ``loop_config``: ``train_config`` (TrainConfig as a
-    dict), ``dataset`` (:class:`DatasetInfo` as a dict), optional ``resume_from`` (a
+    dict), ``dataset`` (the :class:`~pipelines.data.manifest.Manifest`
+    as a dict), optional ``resume_from`` (a
     checkpoint folder used when Ray has none) and ``pid_dir`` (each rank writes its pid)."""
     import ray.train
     import ray.train.torch
@@ -234,9 +236,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     started = time.perf_counter()
     import_plugins(loop_config["train_config"].get("plugins") or [])
     config = TrainConfig.model_validate(loop_config["train_config"])
-    d = dict(loop_config["dataset"])
-    d["path"] = Path(d["path"])
-    info = DatasetInfo(**d)
+    info = Manifest.model_validate(loop_config["dataset"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if loop_config.get("pid_dir"):
@@ -335,7 +335,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         "quantization": (config.model.quantization.model_dump()
                          if config.model.quantization else None),
         "task": info.task,
-        "tokenizer": info.tokenizer,
+        "tokenizer": info.tokenizer_name,
         "label_names": info.label_names,
         "max_length": info.max_length,
         "dataset_id": info.dataset_id,

@@ -18,7 +18,6 @@ from typing import Any
 
 from ..data.manifest import DatasetError, Manifest, read_manifest
 from .config import TrainConfig
-from .data import DatasetInfo
 
 
 @dataclasses.dataclass
@@ -158,7 +157,7 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
         train_loop_per_worker,
         train_loop_config={
             "train_config": config.model_dump(mode="json"),
-            "dataset": DatasetInfo.from_manifest(info).to_dict(),
+            "dataset": info.model_dump(mode="json"),
             "resume_from": str(resume_from) if resume_from else None,
             "pid_dir": str(pid_dir) if pid_dir else None,
         },
