@@ -46,7 +46,7 @@ demo: setup
 	$(PY) -m pipelines.cli run demo
 
 bench: setup
-	$(PY) benchmarks/vs_peft.py --quick
+	$(PY) -m benchmarks.vs_peft --quick
 
 clean:
 	rm -rf runs .pytest_cache
