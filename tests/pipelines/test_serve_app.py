@@ -4,11 +4,13 @@ against the version that says it answered."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -37,6 +39,37 @@ def wait_for(pred, timeout_s: float = 120, what: str = "") -> None:
         if time.time() > deadline:
             raise TimeoutError(what)
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def predict_traffic(url: str, clients: int) -> Iterator[tuple[list[dict], list]]:
+    """``clients`` threads posting ``TEXTS`` to ``/predict`` until the block ends: yields
+    the answers (in arrival order) and the failures (a non-200 or a dropped connection)."""
+    seen: list[dict] = []
+    failures: list = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        while not stop.is_set():
+            try:
+                status, body = call(url + "/predict", {"texts": TEXTS})
+            except Exception as e:  # a dropped connection counts as a failure
+                failures.append(repr(e))
+                continue
+            if status != 200:
+                failures.append((status, body))
+            else:
+                seen.append(body)
+
+    workers = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for w in workers:
+        w.start()
+    try:
+        yield seen, failures
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -69,51 +102,29 @@ def test_classifier_follows_the_alias_through_promotion_and_rollback(tmp_path, p
         assert status == 200 and health["version"] == "1" and health["task"] == "classification"
         assert health["base_model"] == "builtin:minilm" and len(health["base_fingerprint"]) == 16
 
-        seen: list[tuple[str, dict]] = []
-        failures: list = []
-        stop = threading.Event()
-
-        def client_loop() -> None:
-            while not stop.is_set():
-                try:
-                    status, body = call(url + "/predict", {"texts": TEXTS})
-                except Exception as e:  # a dropped connection counts as a failure
-                    failures.append(repr(e))
-                    continue
-                if status != 200:
-                    failures.append((status, body))
-                else:
-                    seen.append((body["version"], body))
-
-        workers = [threading.Thread(target=client_loop) for _ in range(4)]
-        for w in workers:
-            w.start()
-        try:
+        with predict_traffic(url, clients=4) as (seen, failures):
             wait_for(lambda: len(seen) >= 8, what="first responses")
             # Promotion mid-traffic: v2 beats v1, the alias moves, the server follows.
             assert register(client, "clf", exp, folders[1], score=0.5) == "2"
             assert registry.alias_version(client, "clf", registry.CHAMPION) == "2"
-            wait_for(lambda: any(v == "2" for v, _ in seen[-4:]), what="switch to v2")
+            wait_for(lambda: any(b["version"] == "2" for b in seen[-4:]), what="switch to v2")
             n = len(seen)
             wait_for(lambda: len(seen) >= n + 8, what="traffic on v2")
             registry.rollback(client, "clf")
-            wait_for(lambda: seen[-1][0] == "1" and call(url + "/health")[1]["version"] == "1",
-                     what="rollback to v1")
+            wait_for(lambda: seen[-1]["version"] == "1"
+                     and call(url + "/health")[1]["version"] == "1", what="rollback to v1")
             n = len(seen)
             wait_for(lambda: len(seen) >= n + 8, what="traffic after the rollback")
-        finally:
-            stop.set()
-            for w in workers:
-                w.join(timeout=60)
         assert not failures, failures[:5]
-        versions = [v for v, _ in seen]
+        versions = [b["version"] for b in seen]
         assert "1" in versions and "2" in versions
-        for v, body in seen:  # the version that says it answered is the one that did
+        for body in seen:  # the version that says it answered is the one that did
+            v = body["version"]
             assert body["model"] == f"clf/{v}" and body["predictive"] == "softmax"
             for got, want in zip(body["predictions"], expected[v]):
                 assert got["label"] == want["label"]
                 assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
-        assert any(b["batch_size"] > len(TEXTS) for _, b in seen)  # requests were batched
+        assert any(b["batch_size"] > len(TEXTS) for b in seen)  # requests were batched
         assert [s["to"] for s in call(url + "/health")[1]["switches"]] == ["2", "1"]
 
         # Another version over the same base, by field and by header; bad input is a 400.

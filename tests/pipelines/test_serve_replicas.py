@@ -4,7 +4,6 @@ since Serve routes a model id only to replicas that have it loaded)."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -13,7 +12,7 @@ from cluster.mlflow_server import free_port
 from pipelines import registry, serve, tracking
 from pipelines.serve import app as serve_app
 from tests.pipelines.test_serve import TEXTS, make_adapter, register
-from tests.pipelines.test_serve_app import call, wait_for
+from tests.pipelines.test_serve_app import call, predict_traffic, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -41,29 +40,10 @@ def test_two_replicas_answer_and_both_follow_the_alias(tmp_path, port) -> None:
                                        replica_cpus=0.5, poll_s=0.3)
     url = serve_app.start(settings, port=port)
     try:
-        seen: list[dict] = []
-        failures: list = []
-        stop = threading.Event()
-
-        def client_loop() -> None:
-            while not stop.is_set():
-                try:
-                    status, body = call(url + "/predict", {"texts": TEXTS})
-                except Exception as e:  # a dropped connection counts as a failure
-                    failures.append(repr(e))
-                    continue
-                if status != 200:
-                    failures.append((status, body))
-                else:
-                    seen.append(body)
-
         def replicas(version: str) -> set[str]:
             return {b["replica"] for b in list(seen) if b["version"] == version}
 
-        workers = [threading.Thread(target=client_loop) for _ in range(6)]
-        for w in workers:
-            w.start()
-        try:
+        with predict_traffic(url, clients=6) as (seen, failures):
             wait_for(lambda: len(replicas("1")) == 2, 180, "both replicas answering v1")
             assert register(client, "rep", exp, folders[1], score=0.5) == "2"
             assert registry.alias_version(client, "rep", registry.CHAMPION) == "2"
@@ -71,10 +51,6 @@ def test_two_replicas_answer_and_both_follow_the_alias(tmp_path, port) -> None:
             n = len(seen)
             wait_for(lambda: len(seen) >= n + 6, 60, "traffic on v2")
             time.sleep(0.5)
-        finally:
-            stop.set()
-            for w in workers:
-                w.join(timeout=60)
         assert not failures, failures[:5]
         # answers after the switch settled are all v2's, from both replicas
         tail = seen[-6:]
