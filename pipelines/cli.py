@@ -260,6 +260,14 @@ def serve_command(
     paths = "/predict" if health["task"] == "classification" else \
         "/v1/completions, /v1/chat/completions"
     typer.echo(f"serving {model} v{health['version']} at {url} ({paths}, /health); Ctrl-C stops")
+    # A service manager (or `kill`) stops with SIGTERM, and a background job's SIGINT may be
+    # ignored: both must still delete the app, as Ctrl-C does.
+    import signal
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
