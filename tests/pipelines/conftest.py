@@ -25,3 +25,17 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_cluster):
+    """Ray Serve's HTTP proxy on a free loopback port of the module's Ray, shut down after
+    the module."""
+    from ray import serve
+
+    from cluster.mlflow_server import free_port
+
+    p = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": p})
+    yield p
+    serve.shutdown()

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster.mlflow_server import free_port
 from pipelines import registry, serve, tracking
 from pipelines.serve import app as serve_app
 from tests.pipelines.test_serve import TEXTS, make_adapter, register, tiny_lm_folder
@@ -72,22 +71,13 @@ def predict_traffic(url: str, clients: int) -> Iterator[tuple[list[dict], list]]
             w.join(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def port(ray_cluster):
-    from ray import serve
-
-    p = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": p})
-    yield p
-    serve.shutdown()
-
 
 def _settings(client, model: str, **kw) -> serve_app.ServeSettings:
     return serve_app.ServeSettings(model=model, tracking_uri=client.tracking_uri, replicas=1,
                                    replica_cpus=0.5, poll_s=0.3, **kw)
 
 
-def test_classifier_follows_the_alias_through_promotion_and_rollback(tmp_path, port) -> None:
+def test_classifier_follows_the_alias_through_promotion_and_rollback(tmp_path, serve_port) -> None:
     cfg = tracking.TrackingConfig(experiment="serve-app")
     client = tracking.client(cfg, tmp_path)
     exp = tracking.experiment_id(client, cfg, tmp_path)
@@ -96,7 +86,7 @@ def test_classifier_follows_the_alias_through_promotion_and_rollback(tmp_path, p
     expected = {str(i + 1): serve.predict(serve.load(str(f)), TEXTS) for i, f in enumerate(folders)}
     assert expected["1"] != expected["2"]
     assert register(client, "clf", exp, folders[0], score=1.0) == "1"
-    url = serve_app.start(_settings(client, "models:/clf@champion"), port=port)
+    url = serve_app.start(_settings(client, "models:/clf@champion"), port=serve_port)
     try:
         status, health = call(url + "/health")
         assert status == 200 and health["version"] == "1" and health["task"] == "classification"
@@ -144,7 +134,7 @@ def test_classifier_follows_the_alias_through_promotion_and_rollback(tmp_path, p
         serve_app.stop()
 
 
-def test_causal_lm_openai_endpoints(tmp_path, port) -> None:
+def test_causal_lm_openai_endpoints(tmp_path, serve_port) -> None:
     cfg = tracking.TrackingConfig(experiment="serve-lm")
     client = tracking.client(cfg, tmp_path)
     exp = tracking.experiment_id(client, cfg, tmp_path)
@@ -157,7 +147,7 @@ def test_causal_lm_openai_endpoints(tmp_path, port) -> None:
             for f in folders]
     msgs = [{"role": "user", "content": prompt}]
     want_chat = serve.generate_batch(serve.load(str(folders[0])), [msgs], max_new_tokens=6)[0]
-    url = serve_app.start(_settings(client, "models:/lm@champion"), port=port)
+    url = serve_app.start(_settings(client, "models:/lm@champion"), port=serve_port)
     try:
         status, health = call(url + "/health")
         assert status == 200 and health["version"] == "1" and health["task"] == "causal_lm"

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from cluster.mlflow_server import free_port
 from pipelines import registry, serve, tracking
 from pipelines.serve import app as serve_app
 from tests.pipelines.test_serve import TEXTS, make_adapter, register
@@ -17,17 +16,8 @@ from tests.pipelines.test_serve_app import call, predict_traffic, wait_for
 pytestmark = pytest.mark.timeout(420)
 
 
-@pytest.fixture(scope="module")
-def port(ray_cluster):
-    from ray import serve as ray_serve
 
-    p = free_port()
-    ray_serve.start(http_options={"host": "127.0.0.1", "port": p})
-    yield p
-    ray_serve.shutdown()
-
-
-def test_two_replicas_answer_and_both_follow_the_alias(tmp_path, port) -> None:
+def test_two_replicas_answer_and_both_follow_the_alias(tmp_path, serve_port) -> None:
     cfg = tracking.TrackingConfig(experiment="serve-replicas")
     client = tracking.client(cfg, tmp_path)
     exp = tracking.experiment_id(client, cfg, tmp_path)
@@ -38,7 +28,7 @@ def test_two_replicas_answer_and_both_follow_the_alias(tmp_path, port) -> None:
     settings = serve_app.ServeSettings(model="models:/rep@champion",
                                        tracking_uri=client.tracking_uri, replicas=2,
                                        replica_cpus=0.5, poll_s=0.3)
-    url = serve_app.start(settings, port=port)
+    url = serve_app.start(settings, port=serve_port)
     try:
         def replicas(version: str) -> set[str]:
             return {b["replica"] for b in list(seen) if b["version"] == version}
