@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -77,14 +78,22 @@ def _settings(client, model: str, **kw) -> serve_app.ServeSettings:
                                    replica_cpus=0.5, poll_s=0.3, **kw)
 
 
-def test_classifier_follows_the_alias_through_promotion_and_rollback(tmp_path, serve_port) -> None:
-    cfg = tracking.TrackingConfig(experiment="serve-app")
+def two_classifiers(tmp_path, experiment: str, seed: int) -> tuple[Any, str, list, dict]:
+    """A tracking client, its experiment, two MiniLM classifier adapters (seeds ``seed``,
+    ``seed + 1``) and what each answers for ``TEXTS``, keyed by the version it will get."""
+    cfg = tracking.TrackingConfig(experiment=experiment)
     client = tracking.client(cfg, tmp_path)
     exp = tracking.experiment_id(client, cfg, tmp_path)
-    folders = [make_adapter(tmp_path / f"a{i}", "builtin:minilm", "classification", seed=i + 1)
-               for i in range(2)]
-    expected = {str(i + 1): serve.predict(serve.load(str(f)), TEXTS) for i, f in enumerate(folders)}
+    folders = [make_adapter(tmp_path / f"a{i}", "builtin:minilm", "classification",
+                            seed=seed + i) for i in range(2)]
+    expected = {str(i + 1): serve.predict(serve.load(str(f)), TEXTS)
+                for i, f in enumerate(folders)}
     assert expected["1"] != expected["2"]
+    return client, exp, folders, expected
+
+
+def test_classifier_follows_the_alias_through_promotion_and_rollback(tmp_path, serve_port) -> None:
+    client, exp, folders, expected = two_classifiers(tmp_path, "serve-app", seed=1)
     assert register(client, "clf", exp, folders[0], score=1.0) == "1"
     url = serve_app.start(_settings(client, "models:/clf@champion"), port=serve_port)
     try:

@@ -8,22 +8,17 @@ import time
 
 import pytest
 
-from pipelines import registry, serve, tracking
+from pipelines import registry
 from pipelines.serve import app as serve_app
-from tests.pipelines.test_serve import TEXTS, make_adapter, register
-from tests.pipelines.test_serve_app import call, predict_traffic, wait_for
+from tests.pipelines.test_serve import register
+from tests.pipelines.test_serve_app import call, predict_traffic, two_classifiers, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
 
 
 def test_two_replicas_answer_and_both_follow_the_alias(tmp_path, serve_port) -> None:
-    cfg = tracking.TrackingConfig(experiment="serve-replicas")
-    client = tracking.client(cfg, tmp_path)
-    exp = tracking.experiment_id(client, cfg, tmp_path)
-    folders = [make_adapter(tmp_path / f"a{i}", "builtin:minilm", "classification", seed=i + 5)
-               for i in range(2)]
-    expected = {str(i + 1): serve.predict(serve.load(str(f)), TEXTS) for i, f in enumerate(folders)}
+    client, exp, folders, expected = two_classifiers(tmp_path, "serve-replicas", seed=5)
     assert register(client, "rep", exp, folders[0], score=1.0) == "1"
     settings = serve_app.ServeSettings(model="models:/rep@champion",
                                        tracking_uri=client.tracking_uri, replicas=2,
