@@ -349,7 +349,7 @@ def _stage(recipe, address: str | None, body, stage: str | None = None,
     from pipelines.data import DataError
     from pipelines.recipe import RecipeError, format_errors
     from pipelines.train.data import DatasetError
-    from pipelines.tune.stage import ResourceError
+    from pipelines.tune.resources import ResourceError
 
     log_path = pipeline.log_to_file(recipe)
     log = logging.getLogger("pipelines.cli")

@@ -21,13 +21,8 @@ from ..train import TrainConfig, build_trainer, check_inputs
 from .callbacks import ADAPTER, CHECKPOINT_PATH_KEY, MlflowTrialCallback, StatusCallback
 from .config import TuneConfig
 from .objective import pareto_front
+from .resources import TRIAL_DRIVER_CPU, cpus_per_worker, driver_resources
 from .result import SearchResult
-
-TRIAL_DRIVER_CPU = 0.01  # a trial's driver only waits on its trainer; it must not hold a CPU
-
-
-class ResourceError(ValueError):
-    """The cluster cannot run the search as configured."""
 
 
 def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: str,
@@ -41,37 +36,6 @@ def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: str,
     # The trial's own folder: a restored trial finds its checkpoints there and resumes.
     trainer = build_trainer(cfg, dataset, Path(trials_dir) / trial_id, report_to_tune=True)
     trainer.fit()
-
-
-def _cpus_per_worker(config: TuneConfig, driver_cpu: float = TRIAL_DRIVER_CPU) -> float:
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    workers = config.max_concurrent_trials * config.workers_per_trial
-    if config.cpus_per_worker is not None:
-        need = workers * config.cpus_per_worker + config.max_concurrent_trials * driver_cpu
-        if need > total:
-            raise ResourceError(
-                f"tune: {config.max_concurrent_trials} concurrent trials x "
-                f"{config.workers_per_trial} workers x {config.cpus_per_worker} CPU need "
-                f"{need:g} CPUs; the cluster has {total:g}"
-            )
-        return config.cpus_per_worker
-    share = math.floor((total - config.max_concurrent_trials * driver_cpu) / workers * 100) / 100
-    if share < 0.1:
-        raise ResourceError(
-            f"tune: {workers} concurrent workers on {total:g} CPUs leaves {share:g} CPU each; "
-            "lower max_concurrent_trials or workers_per_trial"
-        )
-    return share
-
-
-def _driver_resources(cpu: float):
-    """The trial driver's bundle. Tune refuses an all-zero bundle, so a driver without a
-    CPU reserves 1 MiB of Ray's ``memory`` resource instead (the workers ask for none)."""
-    from ray import tune
-
-    return tune.PlacementGroupFactory([{"CPU": cpu} if cpu > 0 else {"memory": 1 << 20}])
 
 
 def _trial_configs(config: TuneConfig) -> list[dict[str, Any]] | None:
@@ -108,7 +72,7 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Manifest | str |
     reports = _expected_reports(train)
     train = train.model_copy(update={
         "num_workers": config.workers_per_trial,
-        "cpus_per_worker": _cpus_per_worker(config, trial_driver_cpu),
+        "cpus_per_worker": cpus_per_worker(config, trial_driver_cpu),
         "storage_path": str(run_dir / "trials"),
     })
     TrainConfig.model_validate(train.model_dump())  # batch divisibility with the new worker count
@@ -135,7 +99,7 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Manifest | str |
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=train.model_dump(mode="json"),
                              dataset=str(info.path), trials_dir=str(run_dir / "trials")),
-        _driver_resources(trial_driver_cpu),
+        driver_resources(trial_driver_cpu),
     )
     obj = config.objective
     if config.scheduler == "asha":
