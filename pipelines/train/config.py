@@ -91,6 +91,10 @@ class TrainConfig(BaseModel):
     # How a run's workers are placed on the cluster's nodes (Ray placement group strategy):
     # PACK fills few nodes, SPREAD prefers different nodes, STRICT_* insist (and wait).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # How long a run's workers may wait for their resources (Ray placement group) before the
+    # run fails with Ray's pending demand (pipelines.train.scheduling); None waits for ever,
+    # as Ray does by default. Long enough for a node Ray is restarting or an autoscaler.
+    pending_timeout_s: float | None = Field(120.0, gt=0)
 
     # -- optimisation -----------------------------------------------------------------------
     batch_size: int = Field(8, ge=1)

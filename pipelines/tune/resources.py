@@ -1,40 +1,64 @@
-"""What a search asks of the cluster: CPUs per training worker and each trial driver's bundle,
-checked against what the cluster has before any trial starts."""
+"""What a search asks of the cluster, checked against its nodes before any trial starts.
+
+Each trial is two Ray placement groups: its driver's one bundle (``TRIAL_DRIVER_CPU``, see
+:func:`driver_resources`) and its Ray Train worker group, ``workers_per_trial`` bundles of
+``{CPU: cpus_per_worker (, GPU: 1)}`` placed with ``train.placement_strategy``. A bundle
+must fit on one node, so the cluster's *total* CPUs say little: three 1-CPU nodes hold no
+1.49-CPU worker. :func:`plan` counts, node by node (``ray.nodes()``: CPU, GPU, memory and
+any other resource a bundle names), how many trials' groups fit at once under the
+strategy, and picks the default ``cpus_per_worker``: the largest share (in hundredths)
+that lets the concurrent trials all run. Nothing fits: :class:`ResourceError` naming the
+fields and a setting that does.
+
+Where Ray puts the drivers is Ray's choice: every node is assumed to hold all concurrent
+drivers (worst case), so a placement found here cannot be undone by where they land.
+Equal bundles make the count independent of Ray's choices otherwise: a node with room for
+``s`` bundles takes ``s`` whatever the order (PACK, SPREAD), ``s // n`` whole groups
+(STRICT_PACK), or one bundle of each of up to ``s`` groups (STRICT_SPREAD: ``k`` groups of
+``n`` fit iff ``sum(min(s_i, k)) >= k * n``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING, Any
 
 from .config import TuneConfig
 
+if TYPE_CHECKING:
+    from ..train import TrainConfig
+
 TRIAL_DRIVER_CPU = 0.01  # a trial's driver only waits on its trainer; it must not hold a CPU
+DRIVER_MEMORY = 1 << 20  # the bundle of a driver without CPU (Tune refuses an empty one)
+MIN_SHARE = 0.1  # a default share below this would train at a crawl: ask for fewer trials
+EPS = 1e-6
 
 
 class ResourceError(ValueError):
     """The cluster cannot run the search as configured."""
 
 
-def cpus_per_worker(config: TuneConfig, driver_cpu: float = TRIAL_DRIVER_CPU) -> float:
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """What the cluster can run: the CPUs of each worker, how many trials at once (of the
+    ``wanted``), and the nodes it was computed from."""
+
+    cpus_per_worker: float
+    concurrent_trials: int
+    wanted: int
+    nodes: int
+
+
+def node_resources() -> list[dict[str, float]]:
+    """Every alive node's total resources (``ray.nodes()``; needs a running Ray)."""
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0)
-    workers = config.max_concurrent_trials * config.workers_per_trial
-    if config.cpus_per_worker is not None:
-        need = workers * config.cpus_per_worker + config.max_concurrent_trials * driver_cpu
-        if need > total:
-            raise ResourceError(
-                f"tune: {config.max_concurrent_trials} concurrent trials x "
-                f"{config.workers_per_trial} workers x {config.cpus_per_worker} CPU need "
-                f"{need:g} CPUs; the cluster has {total:g}"
-            )
-        return config.cpus_per_worker
-    share = math.floor((total - config.max_concurrent_trials * driver_cpu) / workers * 100) / 100
-    if share < 0.1:
-        raise ResourceError(
-            f"tune: {workers} concurrent workers on {total:g} CPUs leaves {share:g} CPU each; "
-            "lower max_concurrent_trials or workers_per_trial"
-        )
-    return share
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def driver_bundle(cpu: float) -> dict[str, float]:
+    return {"CPU": cpu} if cpu > 0 else {"memory": float(DRIVER_MEMORY)}
 
 
 def driver_resources(cpu: float):
@@ -42,4 +66,173 @@ def driver_resources(cpu: float):
     CPU reserves 1 MiB of Ray's ``memory`` resource instead (the workers ask for none)."""
     from ray import tune
 
-    return tune.PlacementGroupFactory([{"CPU": cpu} if cpu > 0 else {"memory": 1 << 20}])
+    return tune.PlacementGroupFactory([driver_bundle(cpu)])
+
+
+# -- counting -----------------------------------------------------------------------------------
+
+def _slots(node: dict[str, float], bundle: dict[str, float]) -> int:
+    need = {k: v for k, v in bundle.items() if v > 0}
+    if not need:
+        return 1 << 30
+    return min(math.floor(node.get(k, 0.0) / v + EPS) for k, v in need.items())
+
+
+def fits(nodes: list[dict[str, float]], worker: dict[str, float], workers: int,
+         strategy: str, trials: int, driver: dict[str, float]) -> bool:
+    """Whether ``trials`` trials (a ``driver`` bundle and ``workers`` ``worker`` bundles
+    each, placed with ``strategy``) can all be placed on ``nodes`` at once."""
+    if sum(_slots(n, driver) for n in nodes) < trials:
+        return False
+    # every node keeps room for all the drivers: wherever Ray puts them, the workers fit
+    left = [{k: v - trials * driver.get(k, 0.0) for k, v in n.items()} for n in nodes]
+    slots = [max(_slots(n, worker), 0) for n in left]
+    if strategy == "STRICT_PACK":
+        return sum(s // workers for s in slots) >= trials
+    if strategy == "STRICT_SPREAD":
+        return sum(min(s, trials) for s in slots) >= trials * workers
+    return sum(slots) >= trials * workers  # PACK, SPREAD: any node may take any bundle
+
+
+def max_trials(nodes, worker, workers, strategy, driver, wanted: int) -> int:
+    """How many trials (up to ``wanted``) fit at once."""
+    return max((k for k in range(1, wanted + 1)
+                if fits(nodes, worker, workers, strategy, k, driver)), default=0)
+
+
+def best_share(nodes, worker, workers, strategy, driver, trials: int) -> float:
+    """The largest CPUs per worker, in hundredths, at which ``trials`` trials fit (0: none)."""
+    def ok(c: int) -> bool:
+        return fits(nodes, {**worker, "CPU": c / 100}, workers, strategy, trials, driver)
+
+    lo, hi = 0, int(max((n.get("CPU", 0.0) for n in nodes), default=0) * 100)
+    while lo < hi:  # fitting is monotone: a smaller share never fits fewer bundles
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo / 100
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+def _describe(nodes: list[dict[str, float]]) -> str:
+    def one(n: dict[str, float]) -> str:
+        gpu = f"/{n['GPU']:g} GPU" if n.get("GPU") else ""
+        return f"{n.get('CPU', 0):g}{gpu}"
+
+    kinds = [one(n) for n in nodes]
+    if kinds and len(set(kinds)) == 1:
+        return f"{len(nodes)} alive node{'s' * (len(nodes) != 1)} of {kinds[0]} CPU each"
+    return f"{len(nodes)} alive nodes with {', '.join(kinds)} CPU"
+
+
+def _num_trials(config: TuneConfig) -> int:
+    if config.searcher == "grid":
+        try:
+            return len(config.space.grid())
+        except Exception:  # the search stage reports a bad space itself
+            return config.num_samples
+    return config.num_samples
+
+
+def plan(config: TuneConfig, driver_cpu: float = TRIAL_DRIVER_CPU, *,
+         train: TrainConfig | None = None, nodes: list[dict[str, float]] | None = None,
+         single: bool | None = None) -> Placement:
+    """The search's placement on ``nodes`` (default: the running Ray's alive nodes).
+    ``train`` gives the placement strategy and GPU use (default PACK, GPUs when a node has
+    one); ``single`` (default: ``driver_cpu == 0``) names the errors' fields as a single
+    run's (``train.num_workers``, ``train.cpus_per_worker``)."""
+    nodes = node_resources() if nodes is None else [dict(n) for n in nodes]
+    single = driver_cpu == 0 if single is None else single
+    strategy = train.placement_strategy if train is not None else "PACK"
+    use_gpu = train.use_gpu if train is not None else None
+    if use_gpu is None:
+        use_gpu = sum(n.get("GPU", 0.0) for n in nodes) >= 1
+    n = config.workers_per_trial
+    wanted = max(1, min(config.max_concurrent_trials, _num_trials(config)))
+    driver = driver_bundle(driver_cpu)
+    worker: dict[str, float] = {"GPU": 1.0} if use_gpu else {}
+    f_workers = "train.num_workers" if single else "tune.workers_per_trial"
+    f_cpus = "train.cpus_per_worker" if single else "tune.cpus_per_worker"
+    where = _describe(nodes)
+
+    if not nodes:
+        raise ResourceError("the Ray cluster has no alive node")
+    if strategy == "STRICT_SPREAD" and n > len(nodes):
+        raise ResourceError(
+            f"train.placement_strategy: STRICT_SPREAD puts each of the {f_workers}={n} "
+            f"workers on its own node; the cluster has {where}: set {f_workers} <= "
+            f"{len(nodes)} or train.placement_strategy=SPREAD")
+    if use_gpu and not fits(nodes, worker, n, strategy, 1, driver):
+        gpus = sum(n.get("GPU", 0.0) for n in nodes)
+        raise ResourceError(
+            f"train.use_gpu: {n} workers need a GPU each ({strategy}); the cluster has {where} "
+            f"({gpus:g} GPUs): set {f_workers} <= {int(gpus)} or train.use_gpu=false")
+
+    per_trial = f"{n} worker{'s' * (n != 1)}"
+    if config.cpus_per_worker is None:
+        share = best_share(nodes, worker, n, strategy, driver, wanted)
+        if share >= MIN_SHARE:
+            return Placement(share, wanted, wanted, len(nodes))
+        fewer = max((k for k in range(1, wanted) if
+                     best_share(nodes, worker, n, strategy, driver, k) >= MIN_SHARE), default=0)
+        if single or not fewer:
+            one = best_share(nodes, worker, 1, strategy, driver, 1)
+            raise ResourceError(
+                f"{f_workers}: {per_trial} ({strategy}) leave {share:g} CPU each on {where} "
+                f"(below {MIN_SHARE:g}); set {f_workers} lower (1 worker gets {one:g} CPU)")
+        raise ResourceError(
+            f"tune.max_concurrent_trials: {wanted} trials at once of {per_trial} ({strategy}) "
+            f"leave {share:g} CPU per worker on {where} (below {MIN_SHARE:g}); set "
+            f"tune.max_concurrent_trials <= {fewer} or tune.cpus_per_worker explicitly")
+
+    cpus = config.cpus_per_worker
+    worker["CPU"] = cpus
+    got = max_trials(nodes, worker, n, strategy, driver, wanted)
+    if got == wanted:
+        return Placement(cpus, got, wanted, len(nodes))
+    share = best_share(nodes, worker, n, strategy, driver, wanted)
+    fix = f"{f_cpus} <= {share:g}" if share > 0 else ""
+    if single:
+        raise ResourceError(
+            f"{f_cpus}: {per_trial} x {cpus:g} CPU ({strategy}) do not fit on {where} "
+            f"(a worker's CPUs must fit on one node): set {fix or f'{f_workers} lower'}")
+    alt = [fix] if fix else []
+    if got:
+        alt.append(f"tune.max_concurrent_trials <= {got}")
+    raise ResourceError(
+        f"{f_cpus}: {wanted} trials at once of {per_trial} x {cpus:g} CPU ({strategy}) do "
+        f"not fit on {where} ({got} do{'es' * (got == 1)}; a worker's CPUs must fit on one "
+        f"node, and every trial driver holds {driver_cpu:g} CPU): set "
+        f"{' or '.join(alt) or f'{f_workers} lower'}")
+
+
+def cpus_per_worker(config: TuneConfig, driver_cpu: float = TRIAL_DRIVER_CPU, *,
+                    train: TrainConfig | None = None,
+                    nodes: list[dict[str, float]] | None = None) -> float:
+    """The CPUs of each training worker (see :func:`plan`); raises :class:`ResourceError`
+    when the trials cannot all run at once on the cluster's nodes."""
+    return plan(config, driver_cpu, train=train, nodes=nodes).cpus_per_worker
+
+
+def check_job(train: TrainConfig, tune: TuneConfig | None,
+              nodes: list[dict[str, float]]) -> Placement:
+    """What ``peftpipe run`` would ask of ``nodes`` for a recipe's ``train`` and ``tune``
+    sections (one run when there is no search): a :class:`ResourceError` before submitting
+    instead of one in the job."""
+    if tune is not None:
+        return plan(tune, TRIAL_DRIVER_CPU, train=train, nodes=nodes)
+    one = TuneConfig.model_validate({
+        "space": {"methods": {train.method["name"]: {}}}, "searcher": "grid",
+        "max_concurrent_trials": 1, "workers_per_trial": train.num_workers,
+        "cpus_per_worker": train.cpus_per_worker})
+    return plan(one, 0.0, train=train, nodes=nodes, single=True)
+
+
+def nodes_from_state_api(address: str) -> list[dict[str, Any]]:
+    """Alive nodes' total resources from a cluster's dashboard (Ray's State API), for a
+    client that has not joined the cluster (``peftpipe submit``)."""
+    from ray.util.state import list_nodes
+
+    return [dict(n.resources_total or {}) for n in
+            list_nodes(address=address, detail=True, timeout=10, raise_on_missing_output=False)
+            if n.state == "ALIVE"]
