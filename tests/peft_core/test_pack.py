@@ -1,0 +1,222 @@
+"""Several LoRA adapters over one frozen base (peft_core.pack): each member of a pack trains
+as it would alone, on tiny random Llama, GPT-2 and BERT models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peft_core
+from peft_core.files import CONFIG_FILE, WEIGHTS_FILE
+from peft_core.pack import PackedLoraLayer, PackedModel
+from tests import tiny
+
+pytestmark = pytest.mark.timeout(120)
+
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+# per arch: a target list narrower than the default (one member adapts only these)
+NARROW = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+
+
+def _members(arch: str) -> list[dict]:
+    """Three members differing in method, rank, alpha, init, targets, lr, seed, batch size."""
+    return [
+        {"name": "a", "config": {"name": "lora", "rank": 2, "alpha": 4.0}, "lr": 1e-2,
+         "seed": 0, "size": 2},
+        {"name": "b", "config": {"name": "lora_plus", "rank": 4, "alpha": 8.0,
+                                 "init": "gaussian", "lr_ratio": 4.0}, "lr": 3e-3,
+         "seed": 1, "size": 3},
+        {"name": "c", "config": {"name": "moslora", "rank": 3, "alpha": 3.0,
+                                 "target_modules": NARROW[arch]}, "lr": 2e-2,
+         "seed": 2, "size": 4},
+    ]
+
+
+def _batch(arch: str, member: dict, step: int) -> dict[str, torch.Tensor]:
+    # each member reads its own data stream, the same one its solo run reads
+    return tiny.batch(arch, seed=1000 * member["seed"] + step, size=member["size"])
+
+
+def _solo(arch: str, member: dict, steps: int):
+    """The member trained alone: seed, apply, AdamW over param_groups, ``out.loss``."""
+    base = tiny.model(arch)  # seeds the RNG itself, so it comes before the member's seed
+    torch.manual_seed(member["seed"])
+    pm = peft_core.apply(base, member["config"])
+    pm.train()
+    opt = torch.optim.AdamW(pm.param_groups(member["lr"]))
+    losses = []
+    for step in range(steps):
+        loss = pm(**_batch(arch, member, step)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return pm, losses
+
+
+def _pack(arch: str, members: list[dict]) -> PackedModel:
+    pack = PackedModel(tiny.model(arch))
+    for m in members:
+        pack.add(m["name"], m["config"], lr=m["lr"], seed=m["seed"])
+    pack.train()
+    return pack
+
+
+def _train(pack: PackedModel, arch: str, members: list[dict], steps: range) -> None:
+    for step in steps:
+        pack.step({m["name"]: _batch(arch, m, step) for m in members
+                   if m["name"] in pack.members})
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **TOL, msg=k)
+
+
+def test_packed_members_match_their_solo_runs(arch: str, tmp_path) -> None:
+    steps = 5
+    members = _members(arch)
+    pack = _pack(arch, members)
+    _train(pack, arch, members, range(steps))
+    eval_batch = tiny.batch(arch, seed=77)
+    for m in members:
+        solo, solo_losses = _solo(arch, m, steps)
+        member = pack.member(m["name"])
+        got = [h["loss"] for h in member.history]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(solo_losses), **TOL)
+        _assert_same_state(member.peft.adapter_state_dict(), solo.adapter_state_dict())
+        # the exported folder is the solo run's: same config, same tensors, same outputs
+        pack.save(m["name"], tmp_path / "packed" / m["name"])
+        solo.save(tmp_path / "solo" / m["name"])
+        cfg_p, cfg_s = (json.loads((tmp_path / w / m["name"] / CONFIG_FILE).read_text())
+                        for w in ("packed", "solo"))
+        assert cfg_p == cfg_s
+        _assert_same_state(load_file(tmp_path / "packed" / m["name"] / WEIGHTS_FILE),
+                           load_file(tmp_path / "solo" / m["name"] / WEIGHTS_FILE))
+        loaded = peft_core.load_adapter(tiny.model(arch), tmp_path / "packed" / m["name"])
+        torch.testing.assert_close(tiny.logits(loaded, eval_batch),
+                                   tiny.logits(solo.eval(), eval_batch), **TOL)
+    # a sanity check that the comparison could fail: the members did move apart
+    a, c = (pack.member(n).history[-1]["loss"] for n in ("a", "c"))
+    assert a != c
+
+
+def test_summed_loss_gives_each_member_its_own_gradient() -> None:
+    members = _members("llama")
+    pack = _pack("llama", members)
+    _train(pack, "llama", members, range(2))  # B != 0 now, so every factor has a gradient
+    batches = {m["name"]: _batch("llama", m, 9) for m in members}
+    sum(pack.losses(batches).values()).backward()
+    together = {m["name"]: {n: p.grad.clone() for n, p in pack.member(m["name"]).peft
+                            .trainable_parameters()} for m in members}
+    pack.zero_grad(set_to_none=True)
+    for m in members:
+        pack.losses({m["name"]: batches[m["name"]]})[m["name"]].backward()
+        alone = dict(pack.member(m["name"]).peft.trainable_parameters())
+        for n, g in together[m["name"]].items():
+            assert g.abs().sum() > 0, n
+            torch.testing.assert_close(g, alone[n].grad, **TOL, msg=n)
+        pack.zero_grad(set_to_none=True)
+
+
+def test_removing_a_member_leaves_the_others_on_their_solo_runs(arch: str) -> None:
+    members = _members(arch)
+    pack = _pack(arch, members)
+    _train(pack, arch, members, range(3))
+    removed = pack.remove("b")
+    assert removed.steps == 3 and pack.members == ["a", "c"]
+    assert not any("members.b." in n for n, _ in pack.named_parameters())
+    with pytest.raises(peft_core.PeftError, match="'b'"):
+        pack.step({m["name"]: _batch(arch, m, 3) for m in members})
+    _train(pack, arch, members, range(3, 6))
+    for m in (members[0], members[2]):
+        solo, solo_losses = _solo(arch, m, 6)
+        member = pack.member(m["name"])
+        got = [h["loss"] for h in member.history]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(solo_losses), **TOL)
+        _assert_same_state(member.peft.adapter_state_dict(), solo.adapter_state_dict())
+
+
+def _storage_bytes(module: torch.nn.Module) -> int:
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for p in module.parameters()}.values())
+
+
+def test_base_is_frozen_and_held_once() -> None:
+    members = _members("llama")
+    base_bytes = _storage_bytes(tiny.model("llama"))
+    pack = _pack("llama", members)
+    adapter_bytes = {m["name"]: _storage_bytes(_solo("llama", m, 0)[0]) - base_bytes
+                     for m in members}
+    sizes = pack.storage_bytes()
+    assert sizes == {"base": base_bytes, **adapter_bytes}
+    # every tensor of the pack is the base's (once) or one member's: K adapters, one base
+    assert _storage_bytes(pack) == base_bytes + sum(adapter_bytes.values())
+    trainable = {id(p) for p in pack.parameters() if p.requires_grad}
+    owned = {id(p) for m in members for p in pack.member(m["name"]).peft.parameters()}
+    assert trainable == owned
+    # the base runs once per stacked row: one call of each base linear, all rows at once
+    layer = pack.base_model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(layer, PackedLoraLayer) and sorted(layer.members) == ["a", "b", "c"]
+    seen: list[int] = []
+    handle = layer.base.register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
+    pack.step({m["name"]: _batch("llama", m, 0) for m in members})
+    handle.remove()
+    assert seen == [sum(m["size"] for m in members)]
+    assert all(not p.requires_grad for n, p in pack.named_parameters() if ".members." not in n)
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    ({"name": "full"}, "method.name: 'full' trains or rewrites the base weights"),
+    ({"name": "ia3"}, "method.name: 'ia3' computes its layers differently"),
+    ({"name": "dora"}, "method.name: 'dora'"),
+    ({"name": "lora", "init": "pissa"}, "lora.init: expected kaiming or gaussian"),
+    ({"name": "lora", "rank": 0}, "lora.rank: expected an integer > 0"),
+    ({"name": "lora", "target_modules": ["nope_proj"]}, "target_modules \\['nope_proj'\\]"),
+])
+def test_bad_member_config_names_the_field(config: dict, field: str) -> None:
+    pack = PackedModel(tiny.model("llama"))
+    with pytest.raises(peft_core.PeftError, match=field):
+        pack.add("m", config, lr=1e-3, seed=0)
+    assert pack.members == []
+
+
+def test_bad_base_batches_and_adapters_are_named(tmp_path) -> None:
+    with pytest.raises(peft_core.PeftError, match="model: already has adapters"):
+        PackedModel(peft_core.apply(tiny.model("llama"), {"name": "lora"}))
+    pack = PackedModel(tiny.model("llama"))
+    pack.add("a", {"name": "lora", "rank": 2}, lr=1e-3, seed=0)
+    pack.add("b", {"name": "lora", "rank": 4}, lr=1e-3, seed=1)
+    with pytest.raises(peft_core.ConfigError, match="member name: 'a' is already"):
+        pack.add("a", {"name": "lora"}, lr=1e-3)
+    with pytest.raises(peft_core.ConfigError, match="member name"):
+        pack.add("x.y", {"name": "lora"}, lr=1e-3)
+    short = tiny.batch("llama")
+    short = {k: v[:, :5] for k, v in short.items()}
+    with pytest.raises(peft_core.PeftError, match="member 'b'.*'attention_mask' has shape"):
+        pack.step({"a": tiny.batch("llama"), "b": short})
+    with pytest.raises(peft_core.PeftError, match="not members of the pack"):
+        pack.step({"a": tiny.batch("llama"), "b": tiny.batch("llama"), "z": short})
+    with pytest.raises(peft_core.PeftError, match="outside PackedModel.forward"):
+        pack.base_model(input_ids=short["input_ids"])
+    # a member's checkpoint: another base, another config, then the right one
+    other = peft_core.apply(tiny.model("llama", seed=5), {"name": "lora", "rank": 2})
+    other.save(tmp_path / "other_base")
+    with pytest.raises(peft_core.FingerprintMismatchError, match="weights_sha256"):
+        pack.load("a", tmp_path / "other_base")
+    pack.save("b", tmp_path / "b")
+    with pytest.raises(peft_core.ConfigError, match="differs from member 'a'"):
+        pack.load("a", tmp_path / "b")
+    before = pack.member("a").peft.adapter_state_dict()
+    pack.step({"a": tiny.batch("llama"), "b": tiny.batch("llama")})
+    pack.save("a", tmp_path / "a")
+    pack.step({"a": tiny.batch("llama"), "b": tiny.batch("llama")})
+    pack.load("a", tmp_path / "a")
+    _assert_same_state(pack.member("a").peft.adapter_state_dict(),
+                       load_file(tmp_path / "a" / WEIGHTS_FILE))
+    assert any(not torch.equal(before[k], v)
+               for k, v in pack.member("a").peft.adapter_state_dict().items())
