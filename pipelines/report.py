@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .tracking import PHASE_PREFIX, PHASE_SUFFIX
 from .tune.objective import Objective, pareto_front
 
 
@@ -159,6 +160,38 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+UNMEASURED = "unmeasured"
+
+
+def phase_split(trials: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A search's time by phase: each trial's last reported ``phase_<name>_s`` summed over
+    trials, in the order the workers report them, and its share of the trials' wall time
+    (Tune's ``time_s``). The ``unmeasured`` row is wall time no phase holds (the last
+    report's way to Tune; trials without phases); empty when no trial has phases."""
+    totals: dict[str, float] = {}
+    wall = measured_wall = 0.0
+    for t in trials:
+        m = t.get("metrics") or {}
+        keys = [k for k in m if k.startswith(PHASE_PREFIX) and k.endswith(PHASE_SUFFIX)
+                and isinstance(m[k], (int, float))]
+        for k in keys:
+            name = k[len(PHASE_PREFIX):-len(PHASE_SUFFIX)]
+            totals[name] = totals.get(name, 0.0) + float(m[k])
+        if t.get("time_s") is not None:
+            wall += float(t["time_s"])
+            measured_wall += sum(float(m[k]) for k in keys)
+    if not totals:
+        return []
+    rows = [{"phase": name, "seconds": s} for name, s in totals.items()]
+    gap = wall - measured_wall
+    if wall and gap > 0:
+        rows.append({"phase": UNMEASURED, "seconds": gap})
+    whole = wall if wall and gap >= 0 else sum(totals.values())
+    for r in rows:
+        r["share"] = f"{100 * r['seconds'] / whole:.1f}%" if whole else None
+    return rows
+
+
 def plot_pareto(trials: Sequence[dict[str, Any]], objective: Objective, out: Path) -> Path:
     """Quality against trainable-parameter fraction (log x), the Pareto front drawn through."""
     import matplotlib
@@ -249,6 +282,12 @@ def write_report(trials: Sequence[dict[str, Any]], objective: Objective, out_dir
         parts.append(f"Reference: the {ref['name']} scores {ref['metric']} {ref['value']:.4g}; "
                      f"a trial with `beats_reference` = no learned nothing beyond it.\n")
     parts += ["## Leaderboard\n", markdown_table(rows)]
+    split = phase_split(trials)
+    if split:
+        total = sum(r["seconds"] for r in split)
+        parts += ["## Where the time went\n",
+                  f"Seconds of {len(trials)} trial(s), {total:.1f} s in all, by phase "
+                  "(share of the trials' wall time):\n", markdown_table(split)]
     if champion:
         parts += ["## Champion\n", "".join(f"- {k}: {_fmt(v)}\n" for k, v in champion.items())]
     parts += ["## Plots\n", f"![quality against trainable parameters]({pareto.name})\n",

@@ -26,6 +26,15 @@ METRICS = (
     "trainable_fraction", "tokens_per_s", "step_time_s", "peak_mem_mb",
 )
 
+#: where a trial's time went (pipelines.train.metrics.PHASES): ``phase_<name>_s``, cumulative
+PHASE_PREFIX, PHASE_SUFFIX = "phase_", "_s"
+
+
+def is_logged(name: str) -> bool:
+    """Whether a reported metric goes to MLflow: the fixed names and the phase timings."""
+    return name in METRICS or (name.startswith(PHASE_PREFIX) and name.endswith(PHASE_SUFFIX))
+
+
 TAG_SEARCH = "peftpipe.search_id"
 TAG_TRIAL = "peftpipe.trial_id"
 TAG_KIND = "peftpipe.kind"
@@ -173,7 +182,7 @@ class SearchTracker:
         batch = [
             Metric(k, float(v), now, step)
             for k, v in metrics.items()
-            if k in METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+            if is_logged(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
         if batch:
             self.client.log_batch(run_id, metrics=batch)

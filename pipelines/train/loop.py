@@ -230,10 +230,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     dict), ``dataset`` (the :class:`~pipelines.data.manifest.Manifest`
     as a dict), optional ``resume_from`` (a
     checkpoint folder used when Ray has none) and ``pid_dir`` (each rank writes its pid)."""
+    entered = time.time()  # wall clock: compared with the trial driver's ``started_at``
+    started = time.perf_counter()
+    phases = M.Phases("imports")
     import ray.train
     import ray.train.torch
 
-    started = time.perf_counter()
+    _charge_start(phases, loop_config.get("started_at"), entered)
     import_plugins(loop_config["train_config"].get("plugins") or [])
     config = TrainConfig.model_validate(loop_config["train_config"])
     info = Manifest.model_validate(loop_config["dataset"])
@@ -249,9 +252,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         torch.cuda.set_device(device)
     setup_deepspeed(shm_comm=config.shm_comm)
     import deepspeed
+    import transformers  # noqa: F401  (imported here, so ``load`` is the loading alone)
 
     import peft_core
 
+    phases.switch("data")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     precision = resolve_precision(config, device.type)
@@ -271,6 +276,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     # Base weights in the compute dtype; DeepSpeed keeps fp32 master copies of the
     # trainable ones in bf16 mode.
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    phases.switch("load")
     if config.zero.stage == 3:
         _release_freed_tensors_to_the_os()
         # zero.Init (inside the model's construction) needs DeepSpeed's view of the process
@@ -282,6 +288,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     # know that ZeRO-3 is on.
     base, _zero3_live = _load_base(config, info, ds_config, dtype)
     load_s = time.perf_counter() - started
+    phases.switch("method")
     torch.manual_seed(config.seed)
     peft_model = peft_core.apply(base, config.method)
     peft_model.to(device)
@@ -294,6 +301,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         peft_model.enable_gradient_checkpointing()
     summary = peft_model.summary()
 
+    phases.switch("engine")
     engine, _, _, scheduler = deepspeed.initialize(
         model=peft_model,
         model_parameters=peft_model.param_groups(config.lr, config.weight_decay),
@@ -310,6 +318,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     restored = ray.train.get_checkpoint()
     resume_dir = loop_config.get("resume_from")
     if restored is not None or resume_dir:
+        phases.switch("checkpoint")
         with (restored.as_directory() if restored is not None
               else contextlib.nullcontext(resume_dir)) as folder:
             saved = ckpt.load_resume_state(engine, Path(folder), rank=rank, world=world,
@@ -341,11 +350,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         "dataset_id": info.dataset_id,
     }
     window = M.Window()
+    phases.switch("steps")
     if step == 0 and config.eval_before_training:
-        report = {M.STEP: 0, **static, **evaluate(engine, evals, fallback, info, device)}
-        report.update(_memory(device))
+        with phases("eval"):
+            report = {M.STEP: 0, **static, **evaluate(engine, evals, fallback, info, device)}
+            report.update(_memory(device))
+        report.update(phases.snapshot())
         history.append(report)
-        ray.train.report(report)
+        with phases("report"):
+            ray.train.report(report)
     engine.train()
     static["first_step_s"] = M.all_reduce([time.perf_counter() - started], "max")[0]
     while step < config.max_steps:
@@ -371,24 +384,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         window.reset()
         save = last or step % config.ckpt_every == 0
         if not save:
-            report.update(evaluate(engine, evals, fallback, info, device))
-            report.update(_memory(device))
+            with phases("eval"):
+                report.update(evaluate(engine, evals, fallback, info, device))
+                report.update(_memory(device))
+            report.update(phases.snapshot())
             history.append(report)
-            ray.train.report(report)
+            with phases("report"):
+                ray.train.report(report)
             continue
         with tempfile.TemporaryDirectory(prefix="peftpipe-ckpt-") as tmp:
             folder = Path(tmp)
+            phases.switch("checkpoint")
             ckpt.save_resume_state(engine, folder, rank=rank)
             if last and _has_hook(peft_model, "finalize"):
-                _finalize(engine, peft_model, common, config.zero.stage)
-            report.update(final_eval(engine, peft_model, evals, fallback, info, device,
-                                     config.zero.stage) if last
-                          else evaluate(engine, evals, fallback, info, device))
-            report.update(_memory(device))
+                with phases("method"):
+                    _finalize(engine, peft_model, common, config.zero.stage)
+            with phases("eval"):
+                report.update(final_eval(engine, peft_model, evals, fallback, info, device,
+                                         config.zero.stage) if last
+                              else evaluate(engine, evals, fallback, info, device))
+                report.update(_memory(device))
             ckpt.save_adapter(peft_model, folder, stage=config.zero.stage, rank=rank,
                               pipeline=pipeline_info,
                               training={"step": step, "finalized": last,
                                         "eval_loss": report[M.EVAL_LOSS]})
+            # the snapshot precedes metrics.json and the report: the checkpoint's copy to
+            # storage (inside ray.train.report) is charged to the next report's phases
+            report.update(phases.snapshot())
             history.append(report)
             if rank == 0:
                 ckpt.write_state(folder, {
@@ -397,8 +419,52 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
                     "finalized": last, "history": history})
                 (folder / "metrics.json").write_text(_json(report))
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        phases.switch("steps")
     # Rank 0's return value reaches the driver as Result.return_value.
     return history
+
+
+def _resource_wait_s() -> float:
+    """How long this worker's placement group waited to be placed (GCS's record of it); 0
+    outside a placement group or when the record is not there."""
+    from ray.util.placement_group import get_current_placement_group, placement_group_table
+
+    pg = get_current_placement_group()
+    if pg is None:
+        return 0.0
+    try:
+        stats = placement_group_table(pg).get("stats") or {}
+    except Exception:  # an older GCS without stats: the wait stays in worker_start
+        return 0.0
+    return float(stats.get("end_to_end_creation_latency_ms") or 0.0) / 1000.0
+
+
+def _process_started_at() -> float | None:
+    """When this worker's process was created (``time.time()`` scale), None if unknown."""
+    try:
+        import psutil  # a dependency of ray[default]
+    except ImportError:
+        return None
+    return psutil.Process().create_time()
+
+
+def _charge_start(phases: M.Phases, started_at: float | None, entered: float) -> None:
+    """Charge the time from the trial's start (``started_at``, the trial driver's clock on
+    the same node, or the trainer's construction) to this function's first line: the
+    placement group's wait; until this worker's process was created, the rest to
+    ``controller``; from then on to ``worker_start`` (all of it when the process is older
+    than the trial: Ray handed out a process it had started before). A worker group started
+    again after a failure counts from the same start, so its failed attempt lands here."""
+    if started_at is None:
+        return
+    before = max(0.0, entered - started_at)
+    wait = min(_resource_wait_s(), before)
+    created = _process_started_at()
+    until_process = (min(max(0.0, created - started_at), before)
+                     if created is not None else 0.0)
+    phases.add("wait", wait)
+    phases.add("controller", max(0.0, until_process - wait))
+    phases.add("worker_start", before - max(until_process, wait))
 
 
 def _json(d: dict[str, Any]) -> str:

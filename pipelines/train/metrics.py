@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
+
+from ..tracking import PHASE_PREFIX, PHASE_SUFFIX
 
 # The names every stage (tune, tracking, registry) relies on.
 TRAIN_LOSS = "train_loss"
@@ -198,3 +202,64 @@ def posterior_eval(peft_model: torch.nn.Module, batches: list[dict[str, torch.Te
         peft_model.train(was_training)
     out = calib.summarise()
     return {EVAL_LOSS: out[EVAL_NLL], **out}
+
+
+# -- where a trial's time goes: every second from the trial's start, charged to one phase ----
+#: in the order a trial passes them; ``phase_<name>_s`` (cumulative seconds) in each report
+PHASES = (
+    "wait",          # the worker group's placement group waiting for resources
+    "controller",    # the rest until the worker's process exists: the trial driver's
+                     # checks, Ray Train's controller actor, the worker actors' creation
+    "worker_start",  # the worker's process until the train function runs: Ray's worker
+                     # start-up, Ray Train's setup, the process group, unpickling the
+                     # function (which imports torch and pipelines.train)
+    "imports",       # what the function imports itself (DeepSpeed, transformers, plugins)
+    "data",          # reading the splits and batching them
+    "load",          # the base model
+    "method",        # peft_core's injection, ``prepare`` and ``finalize``
+    "engine",        # deepspeed.initialize
+    "steps",         # optimizer steps (and the loop's bookkeeping between them)
+    "eval",          # evaluations (with the memory probe that follows each)
+    "checkpoint",    # resume state and adapter saved, persisted by a checkpoint's report
+    "report",        # ray.train.report without a checkpoint (it waits for the controller
+                     # to take the previous report)
+)
+
+
+def phase_key(name: str) -> str:
+    return f"{PHASE_PREFIX}{name}{PHASE_SUFFIX}"
+
+
+class Phases:
+    """A stopwatch that charges every second to exactly one phase, the current one, so the
+    phases of a timeline add up to its wall time by construction. ``with phases("eval"):``
+    charges a block to ``eval`` and returns to the phase it interrupted."""
+
+    def __init__(self, first: str) -> None:
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.current = first
+        self._since = time.perf_counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        """Charge time measured elsewhere (before this process ran) to ``name``."""
+        self.totals[name] += max(0.0, seconds)
+
+    def switch(self, name: str) -> str:
+        """Close the current phase, open ``name``; returns the phase closed."""
+        now = time.perf_counter()
+        self.totals[self.current] += now - self._since
+        self._since, previous, self.current = now, self.current, name
+        return previous
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        previous = self.switch(name)
+        try:
+            yield
+        finally:
+            self.switch(previous)
+
+    def snapshot(self) -> dict[str, float]:
+        """``phase_<name>_s`` for every phase, up to now."""
+        self.switch(self.current)
+        return {phase_key(p): self.totals[p] for p in PHASES}

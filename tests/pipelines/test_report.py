@@ -101,3 +101,24 @@ def test_classification_reports_show_ece_and_nll_per_method(tmp_path) -> None:
     assert "| 0.39 | 0.031 | laplace |" in text
     # an LM run (no calibration scores anywhere) keeps its columns as before
     assert "eval_ece" not in leaderboard(TRIALS, Objective())[0]
+
+
+def test_time_split_by_phase(tmp_path) -> None:
+    from pipelines.report import phase_split
+
+    phased = [
+        dict(TRIALS[0], metrics={**TRIALS[0]["metrics"], "phase_worker_start_s": 6.0,
+                                 "phase_steps_s": 20.0, "phase_eval_s": 2.0}),  # 30 s wall
+        dict(TRIALS[1], metrics={**TRIALS[1]["metrics"], "phase_worker_start_s": 8.0,
+                                 "phase_steps_s": 50.0, "phase_eval_s": 1.0}),  # 60 s wall
+        TRIALS[2],  # no phases (an older run): its 8 s are unmeasured
+    ]
+    rows = phase_split(phased)
+    assert [r["phase"] for r in rows] == ["worker_start", "steps", "eval", "unmeasured"]
+    assert [r["seconds"] for r in rows] == [14.0, 70.0, 3.0, 11.0]
+    assert [r["share"] for r in rows] == ["14.3%", "71.4%", "3.1%", "11.2%"]
+    assert phase_split(TRIALS) == []
+    text = write_report(phased, Objective(), tmp_path).read_text()
+    assert "## Where the time went" in text and "| phase | seconds | share |" in text
+    assert "| steps | 70 | 71.4% |" in text and "| unmeasured | 11 | 11.2% |" in text
+    assert "## Where the time went" not in write_report(TRIALS, Objective(), tmp_path).read_text()
