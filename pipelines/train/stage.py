@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.manifest import DatasetError, Manifest, read_manifest
+from . import scheduling
 from .config import TrainConfig
 
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
@@ -131,7 +132,7 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
     """
     if started_at is None:
         started_at = time.time()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import train_loop_per_worker
@@ -184,7 +185,7 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            failure_config=scheduling.failure_config(config),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             callbacks=callbacks or None,
         ),
@@ -208,4 +209,4 @@ def train(config: TrainConfig | dict[str, Any], *, manifest: Manifest | str | Pa
         ray.init(address=ray_address, **({} if ray_address else {"include_dashboard": True}))
     trainer = build_trainer(config, manifest, run_dir, name=name, resume_from=resume_from,
                             pid_dir=pid_dir, report_to_tune=False)
-    return TrainResult.from_ray(trainer.fit())
+    return TrainResult.from_ray(scheduling.fit(trainer, config))
