@@ -29,16 +29,24 @@ def up(
     head_cpus: float = typer.Option(None, help="CPUs of the head node (default: --cpus)."),
     gpus: int = typer.Option(0, help="GPUs each worker node advertises."),
     object_store_mb: int = typer.Option(256, help="Object store size per node (MiB)."),
-    dashboard_port: int = typer.Option(8265, help="Ray dashboard / job server port "
-                                       "(0: any free port)."),
+    dashboard_port: int = typer.Option(None, help="Ray dashboard / job server port "
+                                       "(default 8265, or a free one when 8265 is taken; "
+                                       "0: any free port)."),
     port: int = typer.Option(0, help="GCS port of the head (0: any free port)."),
-    client_port: int = typer.Option(10001, help="Ray Client server port (0: any free port)."),
+    client_port: int = typer.Option(None, help="Ray Client server port (default 10001, or a "
+                                    "free one when taken; 0: any free port)."),
     mlflow: bool = typer.Option(True, help="Also start an MLflow server (SQLite, local "
                                 "artifacts)."),
-    mlflow_port: int = typer.Option(5000, help="MLflow server port (0: any free port)."),
+    mlflow_port: int = typer.Option(None, help="MLflow server port (default 5000, or a free "
+                                    "one when taken; 0: any free port)."),
     root: str = typer.Option(local.DEFAULT_ROOT, help=ROOT_HELP),
 ) -> None:
     """Start a head and N worker nodes (separate `ray start` processes) and an MLflow server."""
+    # A default port that is taken (a second cluster, another Ray) falls back to a free one;
+    # a port given explicitly must be free.
+    dashboard_port = local.preferred_port(8265) if dashboard_port is None else dashboard_port
+    client_port = local.preferred_port(10001) if client_port is None else client_port
+    mlflow_port = local.preferred_port(5000) if mlflow_port is None else mlflow_port
     try:
         state = local.up(root, workers=workers, cpus=cpus, head_cpus=head_cpus, gpus=gpus,
                          object_store_mb=object_store_mb, dashboard_port=dashboard_port or None,
@@ -46,17 +54,30 @@ def up(
                          mlflow_port=mlflow_port or None)
     except local.ClusterError as e:
         _fail(str(e), 1)
-    typer.echo(f"cluster up: {len(state.nodes)} nodes ({', '.join(n.name for n in state.nodes)})")
+    cpus_line = ", ".join(f"{n.name} {n.num_cpus:g}" for n in state.nodes)
+    typer.echo(f"cluster up: {len(state.nodes)} nodes (CPUs: {cpus_line})")
     typer.echo(f"  ray address   {state.gcs_address}")
-    typer.echo(f"  dashboard     {state.dashboard_url}   (peftpipe submit --address ...)")
+    typer.echo(f"  dashboard     {state.dashboard_url}   (Ray's web UI and job server)")
     typer.echo(f"  ray client    {state.client_address}")
     if state.mlflow_uri:
-        typer.echo(f"  mlflow        {state.mlflow_uri}")
+        typer.echo(f"  mlflow        {state.mlflow_uri}   (open it: runs, models; no `mlflow "
+                   "ui` needed)")
     typer.echo(f"  storage       {state.storage}")
     typer.echo(f"  state file    {state.state_file}")
-    typer.echo("use it from a shell:")
+    _echo_logs(state.logs())
+    typer.echo("use it from a shell (peftpipe, ray status, ray job ..., mlflow):")
     for k, v in state.env().items():
         typer.echo(f"  export {k}={v}")
+    if state.auth_mode == "token":
+        token = f"$(cat {state.auth_token_path})" if state.auth_token_path else "$RAY_AUTH_TOKEN"
+        typer.echo("the dashboard's HTTP API needs the token too: curl -H "
+                   f"\"Authorization: Bearer {token}\" {state.dashboard_url}/api/jobs/")
+
+
+def _echo_logs(logs: dict[str, str]) -> None:
+    typer.echo("logs:")
+    for k, v in logs.items():
+        typer.echo(f"  {k:<12}  {v}")
 
 
 @cluster_app.command("down")
@@ -92,6 +113,7 @@ def status(
                        f"ray {n['ray']:<6} cpus {n['cpus']:g} gpus {n['gpus']}")
         if st.get("mlflow_uri"):
             typer.echo(f"  mlflow     {st['mlflow_uri']} {st.get('mlflow')}")
+        _echo_logs(st["logs"])
     if not healthy:
         raise typer.Exit(1)
 
@@ -148,6 +170,8 @@ def submit(
                                   storage=storage, tracking_uri=tracking_uri, pip=list(pip or []),
                                   image=image, env=env_vars, check=check,
                                   cluster_root=cluster_root)
+        if check:
+            submission.check_resources(spec)
     except submission.SubmitError as e:
         _fail(str(e))
     try:

@@ -104,6 +104,10 @@ class ClusterState:
     mlflow_uri: str | None = None
     mlflow: Proc | None = None
     created_at: float = dataclasses.field(default_factory=time.time)
+    # Ray token authentication as the nodes run it: "token" (RAY_AUTH_MODE), the token file
+    # clients read (None: $RAY_AUTH_TOKEN, or no token mode)
+    auth_mode: str | None = None
+    auth_token_path: str | None = None
 
     @property
     def state_file(self) -> Path:
@@ -132,15 +136,34 @@ class ClusterState:
             n["raylet"] = Proc(**n["raylet"]) if n.get("raylet") else None
             nodes.append(Node(**n))
         mlf = d.pop("mlflow", None)
-        return cls(nodes=nodes, mlflow=Proc(**mlf) if mlf else None, **d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(nodes=nodes, mlflow=Proc(**mlf) if mlf else None,
+                   **{k: v for k, v in d.items() if k in known})
 
     def env(self) -> dict[str, str]:
-        """Environment variables that point clients at this cluster."""
+        """Environment variables that point clients at this cluster: Ray's own tools too
+        (``ray status``, ``ray job ...``, the dashboard), with the token the nodes check."""
         env = {"RAY_ADDRESS": self.gcs_address, "RAY_API_SERVER_ADDRESS": self.dashboard_url,
                "PEFTPIPE_STORAGE": self.storage}
+        if self.auth_mode:
+            env["RAY_AUTH_MODE"] = self.auth_mode
+            if self.auth_token_path:
+                env["RAY_AUTH_TOKEN_PATH"] = self.auth_token_path
         if self.mlflow_uri:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
         return env
+
+    def logs(self) -> dict[str, str]:
+        """Where every log of the cluster is (``up`` and ``status`` print these)."""
+        root = Path(self.root)
+        out = {"nodes": f"{root / 'logs'}/{{head,worker-N}}.log (each node's `ray start`)",
+               "ray": f"{self.temp_dir}/<h|wN>/session_latest/logs (Ray's daemons and "
+                      f"workers; moved to {root / 'logs' / 'ray'} by `down`)",
+               "jobs": "`ray job logs <id>`; each run's own log: "
+                       f"{self.storage}/<recipe>/logs/peftpipe.log"}
+        if self.mlflow is not None:
+            out["mlflow"] = str(root / "mlflow" / "server.log")
+        return out
 
 
 # -- the state file ------------------------------------------------------------------------------
@@ -245,6 +268,20 @@ def client_auth() -> dict[str, str]:
     return dict(get_auth_headers_if_auth_enabled({}))
 
 
+def auth_settings() -> tuple[str | None, str | None]:
+    """``(RAY_AUTH_MODE, token file)`` this process runs Ray with after :func:`client_auth`:
+    what a shell needs exported for ``ray status`` or ``ray job`` to reach the cluster. The
+    file is ``$RAY_AUTH_TOKEN_PATH`` or Ray's default ``~/.ray/auth_token``; None when the
+    token comes from ``$RAY_AUTH_TOKEN`` (never printed) or there is none."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if not mode or mode.lower() != "token":
+        return (mode or None), None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "token", None
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return "token", path
+
+
 def _get_json(url: str, timeout: float = 3) -> Any:
     req = urllib.request.Request(url, headers=client_auth())
     try:
@@ -335,6 +372,14 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
     port = port or free()
     dashboard_port = dashboard_port or free()
     client_port = client_port or free()
+    if mlflow and mlflow_port is not None and not port_free(mlflow_port):
+        raise ClusterError(f"mlflow port {mlflow_port}: already in use (give another, "
+                           "or 0 for any free one)")
+    for what, p in (("dashboard", dashboard_port), ("ray client", client_port),
+                    ("gcs", port)):
+        if not port_free(p):
+            raise ClusterError(f"{what} port {p}: already in use (give another, or 0 for "
+                               "any free one)")
     client_auth()  # nodes inherit RAY_AUTH_MODE=token when the user has a token
     env = _node_env(fast_failure_detection)
     object_store = str(int(object_store_mb * 1024 * 1024))
@@ -349,6 +394,7 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
     try:
         head_cpus = cpus if head_cpus is None else head_cpus
         head_tmp = f"{temp_dir}/h"
+        state.auth_mode, state.auth_token_path = auth_settings()
         head = _start_node([
             "--head", "--port", str(port), "--num-cpus", _num(head_cpus), "--num-gpus", "0",
             "--resources", json.dumps({"peftpipe_head": 1}), "--node-name", "head",
@@ -366,6 +412,7 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
         _wait("ray head", lambda: _get_json(state.dashboard_url + "/api/version"), timeout_s,
               [(head, str(logs / "head.log"))])
         client_auth()  # the head may just have created the user's first token
+        state.auth_mode, state.auth_token_path = auth_settings()
         env = _node_env(fast_failure_detection)
         for i in range(1, workers + 1):
             name, log, tmp = f"worker-{i}", logs / f"worker-{i}.log", f"{temp_dir}/w{i}"
@@ -399,6 +446,24 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
         with contextlib.suppress(Exception):
             down(root)
         raise
+
+
+def port_free(port: int, host: str = HOST) -> bool:
+    """Whether nobody listens on ``host:port`` now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def preferred_port(port: int, host: str = HOST) -> int:
+    """``port`` when it is free, else any free one (a second cluster, a busy 8265)."""
+    return port if port_free(port, host) else mlflow_server.free_port(host)
 
 
 def _num(x: float) -> str:
@@ -552,6 +617,7 @@ def status(root: str | Path = DEFAULT_ROOT) -> dict[str, Any]:
         "root": state.root, "gcs_address": state.gcs_address, "dashboard_url": state.dashboard_url,
         "client_address": state.client_address, "storage": state.storage,
         "ray_reachable": reachable, "nodes": nodes, "mlflow_uri": state.mlflow_uri,
+        "logs": state.logs(),
     }
     if state.mlflow is not None:
         out["mlflow"] = "healthy" if state.mlflow_uri and mlflow_server.healthy(

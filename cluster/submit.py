@@ -12,9 +12,12 @@ What is submitted:
 - the entrypoint ``python -m pipelines.cli run recipe.yaml``.
 
 The recipe is validated on the submitting machine first (a broken recipe exits 2 without
-submitting; ``check=False`` skips this). Then the job's logs are streamed and its exit
-status returned: 0 when the job SUCCEEDED, the driver's own exit code when it FAILED (2 for a
-recipe the cluster rejects, 1 for a failed run), 1 when it was STOPPED.
+submitting; ``check=False`` skips this), and so is what its search asks of the target
+cluster's nodes (:func:`check_resources`, the check the job itself would make: a trial's
+workers that no node can hold exit 2 here instead of waiting on the cluster).
+Then the job's logs are streamed and its exit status returned: 0 when the job SUCCEEDED,
+the driver's own exit code when it FAILED (2 for a recipe the cluster rejects, 1 for a
+failed run), 1 when it was STOPPED.
 """
 
 from __future__ import annotations
@@ -153,6 +156,26 @@ def prepare(recipe: str | Path, *, address: str | None = None, overrides: list[s
                              "peftpipe.run_dir": str(raw["run_dir"])})
 
 
+def check_resources(spec: JobSpec) -> None:
+    """The job's trials fit on the target cluster's alive nodes (per node, under the
+    recipe's placement strategy, as ``pipelines.tune.resources`` decides in the job);
+    raises :class:`SubmitError` naming the fields and a setting that fits. A cluster that
+    does not answer is left to :func:`run_job` to report."""
+    from pipelines.recipe import RecipeError, load_recipe
+    from pipelines.tune.resources import ResourceError, check_job, nodes_from_state_api
+
+    local.client_auth()
+    try:
+        nodes = nodes_from_state_api(spec.address)
+    except Exception:  # unreachable or refused: the submission reports it (exit 1)
+        return
+    try:
+        recipe = load_recipe(data=spec.recipe, check_paths=False)
+        check_job(recipe.train, recipe.tune, nodes)
+    except (ResourceError, RecipeError) as e:
+        raise SubmitError(f"{e} (the cluster at {spec.address})") from None
+
+
 def _absolute_sources(raw: dict[str, Any]) -> dict[str, Any]:
     """Relative local data sources resolve against the submitting folder (which must then
     be reachable from the cluster: a shared folder); URIs and builtins stay as they are."""
@@ -282,6 +305,8 @@ def submit(recipe: str | Path, *, wait: bool = True, echo: Callable[[str], None]
     """Prepare and submit ``recipe``; returns the job's exit code (see the module doc).
     Keyword arguments are those of :func:`prepare`."""
     spec = prepare(recipe, **kw)
+    if kw.get("check", True):
+        check_resources(spec)
     return run_job(spec, wait=wait, echo=echo, timeout_s=timeout_s)
 
 

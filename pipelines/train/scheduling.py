@@ -52,7 +52,9 @@ def fit(trainer: Any, config: TrainConfig) -> Any:
     from ray.train import ControllerError
 
     bundle = worker_bundle(config, trainer)
-    watch = _PendingWatch(bundle, config.num_workers, config.placement_strategy)
+    # look often enough to see the group at least a few times before the timeout removes it
+    poll = min(POLL_S, max(0.5, (config.pending_timeout_s or 4 * POLL_S) / 4))
+    watch = _PendingWatch(bundle, config.num_workers, config.placement_strategy, poll)
     watch.start()
     try:
         return trainer.fit()
@@ -116,7 +118,7 @@ def nodes_summary() -> str:
         res = n.get("Resources") or {}
         gpu = f", GPU {res['GPU']:g}" if res.get("GPU") else ""
         parts.append(f"CPU {res.get('CPU', 0):g}{gpu}")
-    return f"{len(parts)} alive nodes ({'; '.join(parts)})"
+    return f"{len(parts)} alive node{'s' * (len(parts) != 1)} ({'; '.join(parts)})"
 
 
 def pending_demand(address: str | None = None) -> str:
@@ -132,8 +134,14 @@ def pending_demand(address: str | None = None) -> str:
 
 
 def describe(pgs: list[dict[str, Any]]) -> str:
-    groups = [f"{[_fmt(b) for b in pg['bundles']]} ({pg.get('scheduling_state') or 'PENDING'})"
-              for pg in pgs]
+    """``Ray's pending demand: 1 placement group(s) [{CPU: 0.3} x 3] (INFEASIBLE)``."""
+    groups = []
+    for pg in pgs:
+        kinds: dict[str, int] = {}
+        for b in pg["bundles"]:
+            kinds[_fmt(b)] = kinds.get(_fmt(b), 0) + 1
+        parts = ", ".join(f"{k} x {n}" for k, n in kinds.items())
+        groups.append(f"[{parts}] ({pg.get('scheduling_state') or 'PENDING'})")
     return f"Ray's pending demand: {len(pgs)} placement group(s) " + ", ".join(groups)
 
 
@@ -141,8 +149,10 @@ class _PendingWatch:
     """While a fit runs, look at Ray's pending placement groups every few seconds: the
     run's own group (same bundles) is logged while it waits and kept for the error."""
 
-    def __init__(self, bundle: dict[str, float], num_workers: int, strategy: str) -> None:
+    def __init__(self, bundle: dict[str, float], num_workers: int, strategy: str,
+                 poll_s: float = POLL_S) -> None:
         self.bundle, self.num_workers, self.strategy = bundle, num_workers, strategy
+        self.poll_s = poll_s
         self.seen: list[dict[str, Any]] = []
         self.since: float | None = None
         self._stop = threading.Event()
@@ -160,7 +170,7 @@ class _PendingWatch:
             {k: float(v) for k, v in b.items() if k in want} == want for b in pg["bundles"])
 
     def _run(self) -> None:
-        while not self._stop.wait(POLL_S):
+        while not self._stop.wait(self.poll_s):
             try:
                 mine = [pg for pg in pending_placement_groups() if self._ours(pg)]
             except Exception:  # no dashboard (State API): the error message says so later
@@ -169,7 +179,7 @@ class _PendingWatch:
                 self.since = None
                 continue
             self.seen = mine
-            self.since = self.since or time.time() - POLL_S
+            self.since = self.since or time.time() - self.poll_s
             log.warning("train: %d workers x %s (%s) waiting %.0fs for resources; %s",
                         self.num_workers, _fmt(self.bundle), self.strategy,
                         time.time() - self.since, describe(mine))
