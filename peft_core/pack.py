@@ -11,6 +11,8 @@ own slice::
     pack.add("a", {"name": "lora", "rank": 8}, lr=1e-3, seed=0)
     pack.add("b", {"name": "lora", "rank": 16, "alpha": 32}, lr=3e-4, seed=1)
     losses = pack.step({"a": batch_a, "b": batch_b})   # one forward, K losses, K optimizers
+    # or, accumulating: pack.backward(micro, scale=1/n) per micro-batch, then
+    # pack.optimizer_step()
     pack.remove("b")                                    # early stopping; "a" trains on
     pack.save("a", "out/a")                             # the folder a solo run writes
 
@@ -62,6 +64,8 @@ PACKABLE = {"lora": Lora, "lora_plus": LoraPlus, "moslora": MosLora}
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``optimizer_factory(param_groups) -> optimizer``
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+#: ``scheduler_factory(optimizer) -> scheduler`` (e.g. ``LambdaLR``)
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -156,8 +160,11 @@ class Member:
     lr: float
     peft: PeftModel
     optimizer: torch.optim.Optimizer
-    #: ``{"step": n, "loss": value}`` per :meth:`PackedModel.step`
+    scheduler: Any = None
+    grad_clip: float | None = None
+    #: ``{"step": n, "loss": mean over the step's micro-batches, "lr": rate used}`` per step
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    _pending: list[float] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def steps(self) -> int:
@@ -209,14 +216,21 @@ class PackedModel(nn.Module):
         seed: int | None = None,
         weight_decay: float = 0.0,
         optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        grad_clip: float | None = None,
     ) -> Member:
         """Add a member: its adapter initialised as ``torch.manual_seed(seed)`` followed by
         ``peft_core.apply(base, config)`` would (the global RNG when ``seed`` is None), and
-        its own optimizer (AdamW over :meth:`PeftModel.param_groups` unless ``optimizer``)."""
+        its own optimizer (AdamW over :meth:`PeftModel.param_groups` unless ``optimizer``),
+        learning-rate ``scheduler`` (stepped after each optimizer step) and ``grad_clip``
+        (the largest norm of *its own* gradient: clipping the pack's joint norm would make
+        the members depend on each other)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(f"member name: expected letters, digits, '_' or '-', got {name!r}")
         if name in self._members:
             raise ConfigError(f"member name: {name!r} is already in the pack")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ConfigError(f"grad_clip: expected a number > 0 or None, got {grad_clip!r}")
         cfg, method = _packable(config)
         lora_names = self._targets(cfg)
         heads = self._heads() if cfg.train_head else []
@@ -236,7 +250,9 @@ class PackedModel(nn.Module):
         peft = PeftModel(self._view(name), method, self.base_fingerprint)
         groups = peft.param_groups(lr, weight_decay)
         opt = optimizer(groups) if optimizer is not None else torch.optim.AdamW(groups)
-        member = Member(name=name, config=cfg, lr=lr, peft=peft, optimizer=opt)
+        member = Member(name=name, config=cfg, lr=lr, peft=peft, optimizer=opt,
+                        scheduler=scheduler(opt) if scheduler is not None else None,
+                        grad_clip=grad_clip)
         self._members[name] = member
         return member
 
@@ -270,24 +286,45 @@ class PackedModel(nn.Module):
         return {m: self.loss_fn(self.base_model, lg, batches[m]["labels"])
                 for m, lg in logits.items()}
 
+    def backward(self, batches: Mapping[str, Mapping[str, torch.Tensor]], *,
+                 scale: float = 1.0) -> dict[str, float]:
+        """Accumulate gradients of one stacked micro-batch: ``scale`` × the sum of the
+        members' losses, backpropagated once (the parameters are disjoint, so each member
+        gets the gradient of its own loss). Returns the unscaled losses by name."""
+        losses = self.losses(batches)
+        (torch.stack(list(losses.values())).sum() * scale).backward()
+        values = {m: float(v.detach()) for m, v in losses.items()}
+        for m, v in values.items():
+            self._members[m]._pending.append(v)
+        return values
+
+    def optimizer_step(self) -> None:
+        """Per member with accumulated gradients: clip its own gradient norm, step its
+        optimizer and scheduler, clear its gradients, record the step in its history."""
+        for member in self._members.values():
+            if not member._pending:
+                continue
+            params = [p for _, p in member.peft.trainable_parameters()]
+            if member.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, member.grad_clip)
+            lr = float(member.optimizer.param_groups[0]["lr"])
+            member.optimizer.step()
+            if member.scheduler is not None:
+                member.scheduler.step()
+            member.optimizer.zero_grad(set_to_none=True)
+            member.history.append({"step": member.steps + 1, "lr": lr,
+                                   "loss": sum(member._pending) / len(member._pending)})
+            member._pending.clear()
+
     def step(self, batches: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, float]:
-        """One training step of every member: the batches (one per member, every member)
-        stacked into one forward, the sum of the members' losses backpropagated (the
-        parameters are disjoint, so each member gets its own loss's gradient), then each
-        member's optimizer steps and clears its gradients. Returns the losses by name."""
+        """One training step of every member (no accumulation): :meth:`backward` on the
+        stacked batches, then :meth:`optimizer_step`. Returns the losses by name."""
         absent = [m for m in self._members if m not in batches]
         if absent:
             raise PeftError(f"batches: no batch for member(s) {absent}; every member "
                             "trains at every step")
-        losses = self.losses(batches)
-        torch.stack(list(losses.values())).sum().backward()
-        values = {}
-        for name, loss in losses.items():
-            member = self._members[name]
-            member.optimizer.step()
-            member.optimizer.zero_grad(set_to_none=True)
-            values[name] = float(loss.detach())
-            member.history.append({"step": member.steps + 1, "loss": values[name]})
+        values = self.backward(batches)
+        self.optimizer_step()
         return values
 
     # -- files ------------------------------------------------------------------------------

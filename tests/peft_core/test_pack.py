@@ -141,6 +141,55 @@ def test_removing_a_member_leaves_the_others_on_their_solo_runs(arch: str) -> No
         _assert_same_state(member.peft.adapter_state_dict(), solo.adapter_state_dict())
 
 
+def _warmup(step: int) -> float:
+    return min(1.0, (step + 1) / 3)
+
+
+def test_accumulation_clipping_and_schedules_match_solo_runs() -> None:
+    """Two micro-batches a step, each member's own gradient-norm clip and LambdaLR: what the
+    training stage does (DeepSpeed clips a trial's own norm)."""
+    arch, steps, clip, micro = "llama", 4, 0.01, 2
+    members = _members(arch)
+    pack = PackedModel(tiny.model(arch))
+    for m in members:
+        pack.add(m["name"], m["config"], lr=m["lr"], seed=m["seed"], grad_clip=clip,
+                 scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _warmup))
+    pack.train()
+    for step in range(steps):
+        for j in range(micro):
+            pack.backward({m["name"]: _batch(arch, m, 10 * step + j) for m in members},
+                          scale=1 / micro)
+        pack.optimizer_step()
+    for m in members:
+        base = tiny.model(arch)
+        torch.manual_seed(m["seed"])
+        solo = peft_core.apply(base, m["config"])
+        solo.train()
+        opt = torch.optim.AdamW(solo.param_groups(m["lr"]))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup)
+        params = [p for _, p in solo.trainable_parameters()]
+        losses, norms = [], []
+        for step in range(steps):
+            micro_losses = []
+            for j in range(micro):
+                loss = solo(**_batch(arch, m, 10 * step + j)).loss
+                (loss / micro).backward()
+                micro_losses.append(float(loss.detach()))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(sum(micro_losses) / micro)
+        assert max(norms) > clip  # clipping did act, so a joint or missing clip would show
+        history = pack.member(m["name"]).history
+        torch.testing.assert_close(torch.tensor([h["loss"] for h in history]),
+                                   torch.tensor(losses), **TOL)
+        assert [h["lr"] for h in history] == pytest.approx([m["lr"] * _warmup(s)
+                                                            for s in range(steps)])
+        _assert_same_state(pack.member(m["name"]).peft.adapter_state_dict(),
+                           solo.adapter_state_dict())
+
+
 def _storage_bytes(module: torch.nn.Module) -> int:
     return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
                 for p in module.parameters()}.values())
@@ -195,6 +244,8 @@ def test_bad_base_batches_and_adapters_are_named(tmp_path) -> None:
         pack.add("a", {"name": "lora"}, lr=1e-3)
     with pytest.raises(peft_core.ConfigError, match="member name"):
         pack.add("x.y", {"name": "lora"}, lr=1e-3)
+    with pytest.raises(peft_core.ConfigError, match="grad_clip: expected a number > 0"):
+        pack.add("c", {"name": "lora"}, lr=1e-3, grad_clip=0)
     short = tiny.batch("llama")
     short = {k: v[:, :5] for k, v in short.items()}
     with pytest.raises(peft_core.PeftError, match="member 'b'.*'attention_mask' has shape"):
