@@ -174,6 +174,8 @@ def submit(
             submission.check_resources(spec)
     except submission.SubmitError as e:
         _fail(str(e))
+    for note in spec.notes:
+        typer.echo(f"note: {note}", err=True)
     try:
         code = submission.run_job(spec, wait=wait, timeout_s=timeout)
     except (ConnectionError, RuntimeError) as e:  # unreachable, or the submission refused

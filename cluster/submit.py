@@ -59,6 +59,7 @@ class JobSpec:
     metadata: dict[str, str]
     recipe: dict[str, Any]
     staging_dir: str
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the overrides changed
 
 
 def is_uri(path: str) -> bool:
@@ -106,9 +107,20 @@ def prepare(recipe: str | Path, *, address: str | None = None, overrides: list[s
     address = resolve_address(address, cluster_root)
     cluster = local.find_state(address, cluster_root)
     try:
-        raw = apply_overrides(read_recipe_file(recipe), overrides or [])
+        original = read_recipe_file(recipe)
+        raw = apply_overrides(original, overrides or [])
     except RecipeError as e:
         raise SubmitError(str(e)) from None
+    notes: list[str] = []
+    try:
+        # what `peftpipe run` makes of the same overrides (a shortened max_steps scales the
+        # recipe's warmup): the job runs the recipe as the user would locally
+        fitted = load_recipe(data=original, overrides=overrides or [], check_paths=False)
+    except RecipeError:
+        fitted = None  # reported by the check below (or by the job, unchecked)
+    if fitted is not None and fitted.notes:
+        notes = list(fitted.notes)
+        raw["train"] = {**(raw.get("train") or {}), "warmup_steps": fitted.train.warmup_steps}
     name = str(raw.get("name") or "peftpipe")
 
     storage = storage or (cluster.storage if cluster else None)
@@ -151,7 +163,7 @@ def prepare(recipe: str | Path, *, address: str | None = None, overrides: list[s
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sid = submission_id or f"peftpipe-{name}-{stamp}-{secrets.token_hex(3)}"
     return JobSpec(address=address, entrypoint=ENTRYPOINT, runtime_env=runtime_env,
-                   submission_id=sid, staging_dir=str(staging), recipe=raw,
+                   submission_id=sid, staging_dir=str(staging), recipe=raw, notes=notes,
                    metadata={"peftpipe.recipe": name, "peftpipe.user": getpass.getuser(),
                              "peftpipe.run_dir": str(raw["run_dir"])})
 

@@ -126,3 +126,11 @@ def test_exit_code_of_a_finished_job() -> None:
     assert sub.job_exit_code(details(JobStatus.FAILED, 2)) == 2
     assert sub.job_exit_code(details(JobStatus.FAILED, None)) == 1
     assert sub.job_exit_code(details(JobStatus.STOPPED)) == 1
+
+
+def test_a_shortened_max_steps_scales_the_warmup_as_run_does(tmp_path) -> None:
+    """`peftpipe submit demo --set train.max_steps=4` runs what `peftpipe run` would: the
+    demo's 10 warmup steps scaled to the shorter run, not a recipe the job rejects."""
+    spec = prep(tmp_path, storage="/shared", overrides=["train.max_steps=4"])
+    assert spec.recipe["train"]["warmup_steps"] == 0 and spec.recipe["train"]["max_steps"] == 4
+    assert spec.notes and "train.warmup_steps: 10 -> 0" in spec.notes[0]
