@@ -9,10 +9,13 @@ K members differing in rank, learning rate and seed, each on its own random data
 - solo: K separate processes, one member each, the same member config, seed and data.
 
 Reported: median step time of the packed step against the sum of the K solo medians (the
-same K member-steps of work); peak RSS of the packed process against the sum of the K solo
-processes' (K trials held side by side); parameter bytes (base once vs K times); and each
-member's largest per-step loss difference from its solo run (the parity the tests check on
-tiny models, here at this size). Each variant runs ``--repeats`` times, interleaved.
+same K member-steps of work); setup (imports, the base built at random in place of a
+load, adapters, optimizers) and wall time of the whole run (setup + every step) of the
+packed process against the K solo processes' summed (K trials one after another); peak
+RSS of the packed process against the sum of the K solo processes' (K trials side by
+side); parameter bytes (base once vs K times); and each member's largest per-step loss
+difference from its solo run (the parity the tests check on tiny models, here at this
+size). Each variant runs ``--repeats`` times, interleaved.
 
     python -m benchmarks.pack [--k 4 --layers 6 --seq 64 --micro 2 --steps 5 --warmup 2]
 
@@ -42,8 +45,10 @@ def _member(k: int) -> dict:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import resource
     import time
+
+    started = time.perf_counter()  # setup_s: imports, base model, adapters, optimizers
+    import resource
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -95,6 +100,7 @@ def _worker(args: argparse.Namespace) -> None:
             return {m["name"]: float(loss.detach())}
 
     load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    setup_s = time.perf_counter() - started
     times, losses = [], {m["name"]: [] for m in members}
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -105,6 +111,8 @@ def _worker(args: argparse.Namespace) -> None:
             losses[name].append(v)
     print(json.dumps({
         "step_s": statistics.median(times), "times": times, "losses": losses,
+        # setup and every step (warm-up included): the K trials' whole run in this process
+        "setup_s": setup_s, "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_rss_mb": load_rss, "param_bytes": sizes, "base_param_bytes": base_bytes,
     }))
@@ -159,16 +167,25 @@ def main() -> None:
         {"variant": f"solo x{args.k} (sum of {args.k} processes)", "step_s": sum(solo_steps),
          "peak_rss_mb": sum(solo_rss), "param_mb": solo_params / 2**20},
     ]
+    packed_setup = statistics.median(r["setup_s"] for r in packed)
+    solo_setups = [statistics.median(r["setup_s"] for r in runs) for runs in solo]
+    packed_wall = statistics.median(r["wall_s"] for r in packed)
+    solo_walls = [statistics.median(r["wall_s"] for r in runs) for runs in solo]
+    rows[0].update(setup_s=packed_setup, wall_s=packed_wall)
+    rows[1].update(setup_s=sum(solo_setups), wall_s=sum(solo_walls))
     ratio = {"step_time": packed_step / sum(solo_steps),
+             "setup": packed_setup / sum(solo_setups),
+             "wall": packed_wall / sum(solo_walls),
              "peak_rss": packed_rss / sum(solo_rss),
              "param_bytes": packed_params / solo_params}
     rows.append({"variant": "ratio packed / solo", "step_s": ratio["step_time"],
+                 "setup_s": ratio["setup"], "wall_s": ratio["wall"],
                  "peak_rss_mb": ratio["peak_rss"], "param_mb": ratio["param_bytes"]})
     print(f"LoRA x{args.k} (ranks {[_member(k)['config']['rank'] for k in range(args.k)]}) "
           f"on a random Llama, hidden 576, {args.layers} layers, vocab {args.vocab}, "
           f"seq {args.seq}, micro-batch {args.micro} per member; median of "
           f"{args.repeats}x{args.steps} steps after {args.warmup} warm-up")
-    print(table(rows, ["variant", "step_s", "peak_rss_mb", "param_mb"]))
+    print(table(rows, ["variant", "setup_s", "step_s", "wall_s", "peak_rss_mb", "param_mb"]))
     print(f"base parameters {base_bytes / 2**20:.1f} MiB, held once packed, "
           f"{args.k}x solo; largest per-step loss difference packed vs solo: "
           f"{max(parity.values()):.2e}")
@@ -176,6 +193,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("role", "member")},
         "members": [_member(k) for k in range(args.k)],
         "rows": rows, "ratio": ratio, "solo_step_s": solo_steps, "solo_peak_rss_mb": solo_rss,
+        "solo_setup_s": solo_setups, "solo_wall_s": solo_walls,
         "base_param_mb": base_bytes / 2**20, "loss_max_abs_diff": parity,
         "runs": {"packed": packed, "solo": solo},
         "command": " ".join(["python -m benchmarks.pack", *sys.argv[1:]]),
