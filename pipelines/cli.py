@@ -3,11 +3,13 @@ runs them alone (the Ray Job entrypoint does); :mod:`peftpipe` adds the cluster 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
@@ -83,9 +85,14 @@ def methods(
         typer.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """``error:`` lines on stderr, no traceback: 2 for bad input, 1 for a job that ran and
-    failed (the traceback goes to the run's log file)."""
+#: exit codes of every command (README "Exit codes")
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """``error:`` lines on stderr, no traceback: 2 for bad input (or a request the cluster
+    cannot hold), 1 for a job that ran and failed (the traceback goes to the run's log
+    file), 130 for a job stopped by SIGINT or SIGTERM."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -354,8 +361,16 @@ def _stage(recipe, address: str | None, body, stage: str | None = None,
     log_path = pipeline.log_to_file(recipe)
     log = logging.getLogger("pipelines.cli")
     try:
-        with pipeline.ray_session(recipe, address, stage=stage, verbose=verbose):
+        with _sigterm_interrupts(), pipeline.ray_session(recipe, address, stage=stage,
+                                                         verbose=verbose):
             return body()
+    except KeyboardInterrupt as e:  # Ctrl-C, `kill`, `ray job stop` (a search's runs are ended)
+        log.warning("interrupted", exc_info=True)
+        _fail(str(e) or "interrupted", code=EXIT_INTERRUPTED)
+    except pipeline.TrialsFailedError as e:
+        log.error("trials failed", exc_info=True)
+        _fail(f"{e}\n  (trial errors in {log_path.parent}/ray and the trials' error.txt)",
+              code=EXIT_FAILED)
     except ValidationError as e:
         log.error("input error", exc_info=True)
         _fail(format_errors(e))
@@ -367,6 +382,28 @@ def _stage(recipe, address: str | None, body, stage: str | None = None,
     except Exception as e:  # the job started and failed: one line, the rest in the log
         log.error("the job failed", exc_info=True)
         _fail(f"{type(e).__name__}: {e}\n  (traceback in {log_path})", code=1)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a service manager, ``ray job stop``) interrupts the job as Ctrl-C
+    does, so it ends the same way: runs closed, exit 130 (a search handles both itself
+    while its trials run, see :mod:`pipelines.tune.stage`)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @app.command()

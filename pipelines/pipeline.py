@@ -36,6 +36,11 @@ class NoWinnerError(RuntimeError):
     """The search left no trial with the objective's metric: nothing to promote."""
 
 
+class TrialsFailedError(RuntimeError):
+    """Trials still failed after their retries and the recipe does not tolerate it
+    (``tune.tolerate_failed_trials``); the search's outcome is saved all the same."""
+
+
 @dataclasses.dataclass
 class RunResult:
     run_dir: Path
@@ -265,7 +270,7 @@ def tune_stage(recipe: Recipe, manifest: Manifest, *, verbose: bool = True) -> S
         raise RecipeError("tune: the recipe has no tune section (use `peftpipe train` for one run)")
     result = search(recipe.train, recipe.tune, manifest=manifest, run_dir=recipe.run_dir,
                     tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose)
-    return _save_trials(recipe, result, manifest)
+    return _check_failed(_save_trials(recipe, result, manifest), recipe.tune.tolerate_failed_trials)
 
 
 def train_stage(recipe: Recipe, manifest: Manifest, *, verbose: bool = True) -> SearchResult:
@@ -294,7 +299,19 @@ def train_stage(recipe: Recipe, manifest: Manifest, *, verbose: bool = True) -> 
     result = search(train, one, manifest=manifest, run_dir=recipe.run_dir,
                     tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose,
                     trial_driver_cpu=0.0)
-    return _save_trials(recipe, result, manifest)
+    return _check_failed(_save_trials(recipe, result, manifest), tolerated=False)
+
+
+def _check_failed(search: SearchResult, tolerated: bool) -> SearchResult:
+    failed = [t for t in search.trials if t["status"] == "error"]
+    if failed and not tolerated:
+        first = (failed[0].get("error") or "").strip().splitlines()
+        raise TrialsFailedError(
+            f"{len(failed)} of {len(search.trials)} trial(s) failed after their retries "
+            f"({', '.join(t['trial_id'] for t in failed)}): "
+            f"{first[-1] if first else 'no error recorded'} (outcomes in "
+            f"{TRIALS_FILE}; tune.tolerate_failed_trials: true goes on with the others)")
+    return search
 
 
 def promote_stage(recipe: Recipe, manifest: Manifest, search: SearchResult | None = None):
@@ -385,6 +402,26 @@ def load_trials(recipe: Recipe) -> SearchResult:
     if not path.is_file():
         raise RecipeError(f"run_dir: {path} does not exist; run `peftpipe tune` (or `run`) first")
     try:
-        return SearchResult.load(path)
+        search = SearchResult.load(path)
     except (ValueError, KeyError, TypeError) as e:
         raise RecipeError(f"run_dir: {path} is not a search's outcome: {e}") from e
+    reconcile_runs(recipe, search)
+    return search
+
+
+def reconcile_runs(recipe: Recipe, search: SearchResult) -> list[str]:
+    """End as KILLED the MLflow runs of the experiment ``search`` is in that a dead driver
+    left RUNNING (this search, or a later one killed with SIGKILL); best effort: a tracking
+    server that cannot be reached only costs a warning here."""
+    from .tracking import TrackingConfig, client, experiment_id
+    from .tune.runs import reconcile_experiment
+
+    try:
+        cfg = TrackingConfig(tracking_uri=search.tracking_uri,
+                             experiment=recipe.tracking.experiment)
+        mlc = client(cfg, recipe.run_dir)
+        return reconcile_experiment(mlc, experiment_id(mlc, cfg, recipe.run_dir))
+    except Exception:  # reporting must not fail on the tracking store
+        log.warning("could not reconcile the runs of search %s", search.search_id,
+                    exc_info=True)
+        return []

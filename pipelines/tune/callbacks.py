@@ -21,6 +21,16 @@ ADAPTER = "adapter"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray's TuneReportCallback
 
 
+def stopped_early(last: dict[str, Any], expected_reports: int,
+                   max_steps: int | None = None) -> bool:
+    """Whether a trial ended before its last step (ASHA stopped it). By the training step
+    where the report has one: a trial Tune ran again after a failure resumes at its
+    checkpoint's step but counts its reports (``training_iteration``) from 1 again."""
+    if max_steps is not None and "step" in last:
+        return int(last["step"]) < max_steps
+    return int(last.get("training_iteration", 0)) < expected_reports
+
+
 class MlflowTrialCallback(Callback):
     """Logs each trial as a nested MLflow run from the driver (workers need no MLflow access).
 
@@ -60,11 +70,16 @@ class MlflowTrialCallback(Callback):
         last = trial.last_result or {}
         ckpt = last.get(CHECKPOINT_PATH_KEY)
         adapter = Path(ckpt) / ADAPTER if ckpt else None
-        stopped = int(last.get("training_iteration", 0)) < self.expected_reports
+        stopped = stopped_early(last, self.expected_reports, self.extra_params.get("max_steps"))
         self.tracker.finish(self._run(trial), "FINISHED",
                             artifacts={ADAPTER: adapter} if adapter else None,
                             tags={"peftpipe.stopped_early": stopped,
                                   "peftpipe.checkpoint": ckpt or ""})
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # the trial failed and Tune runs it again (tune.max_trial_failures): its run goes on
+        self.tracker.client.set_tag(self._run(trial), "peftpipe.trial_failures",
+                                    str(getattr(trial, "num_failures", "")))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.tracker.finish(self._run(trial), "FAILED",
@@ -104,6 +119,10 @@ class StatusCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._say(trial, "done")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        n = getattr(trial, "num_failures", "?")
+        self._say(trial, f"failed (failure {n}); running again from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._say(trial, "FAILED (see the trial's error.txt)")

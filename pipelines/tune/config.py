@@ -18,6 +18,10 @@ class TuneConfig(BaseModel):
     ``scheduler``: ``asha`` stops poor trials at their eval reports; ``fifo`` runs all to the end.
     ``workers_per_trial`` Ray Train workers per trial; ``max_concurrent_trials`` trials at
     once; ``cpus_per_worker`` None shares the cluster's CPUs among the concurrent workers.
+    ``max_trial_failures``: how often Ray Tune restarts a trial whose driver or training
+    failed (a lost node, say; ``train.max_failures`` already restarts lost workers inside
+    a trial); a restarted trial resumes from its last checkpoint. A trial that still failed
+    makes the job exit 1 (after its results are saved) unless ``tolerate_failed_trials``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -33,4 +37,6 @@ class TuneConfig(BaseModel):
     grace_period: int = Field(1, ge=1)  # eval reports before ASHA may stop a trial
     reduction_factor: int = Field(2, ge=2)
     seed: int = 0
+    max_trial_failures: int = Field(2, ge=0)
+    tolerate_failed_trials: bool = False
     name: str | None = None  # the search id; default: a hash of the recipe and dataset

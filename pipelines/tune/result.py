@@ -73,3 +73,12 @@ class SearchResult:
     def load(cls, path: str | Path) -> SearchResult:
         path = Path(path)
         return cls.from_json(path.read_text(), where=str(path))
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the search (its Tune state is saved: the same command
+    resumes it). A KeyboardInterrupt, so no ``except Exception`` takes it for a failure."""
+
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.signal_name = signal_name

@@ -56,3 +56,11 @@ def test_bad_input_exits_2_with_one_clear_line(args, message, tmp_path) -> None:
     out = peftpipe(*args, "--run-dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "tune", "train"])
+def test_a_bad_failure_setting_exits_2_naming_the_field(command, tmp_path) -> None:
+    """run, tune and train refuse a bad recipe the same way, before Ray starts."""
+    out = peftpipe(command, "demo", "--set", "tune.max_trial_failures=-1", cwd=tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "tune.max_trial_failures" in out.stderr and "Traceback" not in out.stderr

@@ -213,3 +213,104 @@ def test_search_resumes_after_its_driver_is_killed(ray_with_dashboard, tmp_path)
     children = client.search_runs(
         [exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+
+
+# -- runs always end, failed trials are not silent (no Ray) ------------------------------------
+
+def _search_runs(tmp_path, driver: str) -> tuple:
+    """A search's parent and two trial runs left RUNNING in a real MLflow store, as a
+    driver ``driver`` (a ``host:pid:start`` identity) leaves them when it dies."""
+    from pipelines.tune.runs import TAG_DRIVER
+
+    cfg = tracking.TrackingConfig(experiment="reconcile")
+    client = tracking.client(cfg, tmp_path)
+    exp = tracking.experiment_id(client, cfg, tmp_path)
+    tracker = tracking.SearchTracker(client, exp, "s1", tags={})
+    client.set_tag(tracker.parent_id, TAG_DRIVER, driver)
+    trials = [tracker.trial_run(t, {"lr": 0.1}) for t in ("t0", "t1")]
+    tracker.finish(trials[1], "FINISHED")
+    return client, exp, tracker.parent_id, trials
+
+
+def _status(client, run_id: str) -> str:
+    return client.get_run(run_id).info.status
+
+
+def test_runs_of_a_dead_driver_are_reconciled_as_killed(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from pipelines.tune.runs import driver_identity, reconcile, reconcile_experiment
+
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    identity = driver_identity(gone.pid)  # while it runs: its pid and start time
+    gone.kill()
+    gone.wait()
+    client, exp, parent, (open_trial, done_trial) = _search_runs(tmp_path, identity)
+    assert reconcile_experiment(client, exp) == [open_trial, parent]  # the parent last
+    assert [_status(client, r) for r in (parent, open_trial, done_trial)] == [
+        "KILLED", "KILLED", "FINISHED"]
+    assert "is gone" in client.get_run(parent).data.tags["peftpipe.ended_by"]
+    assert reconcile(client, exp, "s1", opening=True) == []  # nothing left open
+
+
+def test_runs_of_a_live_or_remote_driver_are_left_open(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from pipelines.tune.runs import driver_identity, reconcile
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        client, exp, parent, (open_trial, _) = _search_runs(tmp_path, driver_identity(live.pid))
+        assert reconcile(client, exp, "s1", opening=True) == []
+        assert _status(client, parent) == _status(client, open_trial) == "RUNNING"
+    finally:
+        live.kill()
+        live.wait()
+    # a driver on another host: report/promote cannot tell, a resume takes the search over
+    client.set_tag(parent, "peftpipe.driver", "elsewhere:1:1.00")
+    assert reconcile(client, exp, "s1", opening=False) == []
+    assert reconcile(client, exp, "s1", opening=True) == [open_trial, parent]
+
+
+def test_a_torn_ray_snapshot_is_set_aside_for_the_newest_whole_checkpoint(tmp_path) -> None:
+    import json
+
+    from pipelines.tune.stage import _RAY_SNAPSHOT, _set_aside_torn_snapshot
+
+    def ckpt(name: str, step: int, ranks: int) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "train_state.json").write_text(json.dumps({"step": step, "world_size": 2}))
+        for r in range(ranks):
+            (folder / f"rng_rank{r}.pt").write_bytes(b"x")
+        return folder
+
+    ckpt("checkpoint_a", 20, 2)
+    whole = ckpt("checkpoint_b", 40, 2)
+    ckpt("checkpoint_c", 60, 1)  # rank 1's files never arrived: not a checkpoint to resume
+    assert _set_aside_torn_snapshot(tmp_path) is None  # no snapshot: Ray starts or resumes
+    (tmp_path / _RAY_SNAPSHOT).write_text('{"checkpoint_results": []}')
+    assert _set_aside_torn_snapshot(tmp_path) is None  # a whole one: Ray resumes by itself
+    (tmp_path / _RAY_SNAPSHOT).write_text("")  # the driver died while Ray rewrote it
+    assert _set_aside_torn_snapshot(tmp_path) == whole
+    assert not (tmp_path / _RAY_SNAPSHOT).exists()
+    assert (tmp_path / (_RAY_SNAPSHOT + ".torn")).is_file()
+
+
+def test_a_trial_that_finally_failed_fails_the_job_unless_tolerated() -> None:
+    from pipelines import pipeline
+    from pipelines.tune import SearchResult
+
+    cfg = TuneConfig.model_validate({"space": {"methods": {"lora": {}}}})
+    assert (cfg.max_trial_failures, cfg.tolerate_failed_trials) == (2, False)
+    trials = [{"trial_id": "a", "status": "completed"},
+              {"trial_id": "b", "status": "error",
+               "error": "Traceback ...\nRayActorError: The actor died because its node has died"}]
+    res = SearchResult(search_id="s", trials=trials, best=None, pareto=[], parent_run_id="p",
+                       tracking_uri="sqlite://")
+    with pytest.raises(pipeline.TrialsFailedError, match=r"1 of 2 trial\(s\) failed .*\(b\): "
+                       "RayActorError: The actor died because its node has died"):
+        pipeline._check_failed(res, tolerated=False)
+    assert pipeline._check_failed(res, tolerated=True) is res
