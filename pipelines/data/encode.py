@@ -166,10 +166,10 @@ def pack_batch(batch: pa.Table, *, seq_len: int) -> pa.Table:
 class TokenizeAndWrite:
     """The actor of the stage: template + tokenize (+ pack) a batch, write it, return counts.
 
-    Ray Data fuses the read into this actor's operator (same resources, whole blocks as
-    batches), so one worker process reads, tokenizes and writes: nothing else needs starting.
-    Part files are named after the batch's first input position (source, line), so their
-    names sort in input order and do not depend on which actor wrote them.
+    Whole blocks arrive as batches (the read's tasks hand them over), so each block becomes
+    one Parquet part per split. Part files are named after the batch's first input position
+    (source, line), so their names sort in input order and do not depend on which actor
+    wrote them.
     """
 
     def __init__(self, *, folder: str, source_uris: list[str], **encode_kwargs: Any):

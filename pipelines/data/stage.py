@@ -9,12 +9,12 @@ Flow (Ray Data, streaming, order preserved so the output is deterministic)::
     ─► actor pool (tokenizer loaded once per actor): template, tokenize, [pack], write the
        block's Parquet parts per split ─► rejects.jsonl, manifest.json ─► rename into place
 
-When no global pass is needed the read fuses into the actors' operator, so each actor
-process reads, tokenizes and writes: on a 2-CPU machine every extra Ray worker process costs
-seconds to start, which is most of the gap to a plain single-process loop.
+The read runs as its own tasks beside the actors: Ray Data fuses two operators only when
+their remote arguments are equal, and the actors carry ``max_restarts=0``, an option a read
+task does not accept (see the actors' map below for why they must not restart).
 
-Resources: ``num_actors`` actors of ``actor_cpus`` each plus ``task_cpus`` for the tasks
-that cannot fuse must fit in the cluster, or those tasks would wait on the actors forever;
+Resources: ``num_actors`` actors of ``actor_cpus`` each plus ``task_cpus`` for the read,
+write and filter tasks must fit in the cluster, or those tasks would wait on the actors forever;
 the defaults (1 actor on a 2-CPU cluster, half-CPU actor and task on a 1-CPU one) always
 fit. The stage returns only after everything is written, so training that follows reads
 finished Parquet and never competes with it for CPUs. ``no_progress_timeout_s`` turns a
@@ -183,14 +183,14 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
     infer = config.task == "classification" and label_names is None
     if config.labels is not None and config.label_names is not None:
         _display_names(config, config.labels)
-    # Without a global pass first, the read fuses into the actors' operator (that needs the
-    # same resources): each actor reads, tokenizes and writes, and no task worker starts.
-    fused = not (infer or config.dedup or config.max_rows)
     datasource = CorpusDatasource(srcs, spec, config.task, config.seed, config.split,
                                   config.batch_size)
     ds = ray.data.read_datasource(
         datasource,
-        num_cpus=actor_cpus if fused else task_cpus,
+        # never fused into the actors (their max_restarts differs), so the read takes the
+        # task share plan_resources keeps free next to them: with an actor's share it would
+        # wait behind the actors for ever on a cluster sized for them
+        num_cpus=task_cpus,
         # one block stream per file or range, not re-split into many small blocks
         override_num_blocks=datasource.num_tasks(),
     )
@@ -246,8 +246,7 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
                                    "tokenizer": tok_spec, "task": config.task,
                                    "max_length": config.max_length, "label_names": label_names,
                                    "use_chat": use_chat, "packing": config.packing},
-            # whole blocks (BLOCK_BYTES) as batches: what lets the read fuse in, and one
-            # Parquet part per block and split
+            # whole blocks (BLOCK_BYTES) as batches: one Parquet part per block and split
             batch_size=None, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
             # Ray Data restarts pool actors by default, but it hands them their constructor
@@ -345,7 +344,7 @@ def plan_resources(config: DataConfig) -> tuple[int, float, float]:
     if total <= 0:
         raise RuntimeError("data: the Ray cluster has no CPU")
     actors = config.num_actors or max(1, min(8, int(total) - 1))
-    # Room for the actors plus one task (a read that cannot fuse into the actors, a filter):
+    # Room for the actors plus one task (a read or a filter running next to them):
     # a task whose share does not fit next to the actors would wait for them forever.
     roomy = total >= actors + 1
     task_cpus = config.task_cpus or (1.0 if roomy else min(0.5, total / (actors + 1)))

@@ -4,10 +4,10 @@ Ray Train (v2) waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) for a wor
 placement group, then counts a controller failure and tries again; its default
 ``FailureConfig.controller_failure_limit`` (-1) retries for ever, so a placement no node can
 hold hangs without a word. :func:`failure_config` sets Ray's start timeout to the recipe's
-``train.pending_timeout_s`` and allows no such retry; :func:`fit` runs the trainer, logs
-what stays pending while it waits, and turns Ray's startup timeout into a
-:class:`PendingResourcesError` carrying Ray's pending demand (from the public State API's
-placement groups and the nodes' resources).
+``train.pending_timeout_s`` and allows as many such retries as ``train.max_failures``;
+:func:`fit` runs the trainer, logs what stays pending while it waits, and turns Ray's
+startup timeout into a :class:`PendingResourcesError` carrying Ray's pending demand (from
+the public State API's placement groups and the nodes' resources).
 """
 
 from __future__ import annotations
@@ -34,16 +34,23 @@ class PendingResourcesError(RuntimeError):
 
 
 def failure_config(config: TrainConfig) -> Any:
-    """Ray Train's ``FailureConfig`` for ``config``: worker failures retried
-    ``max_failures`` times; a worker group still unplaced after ``pending_timeout_s``
-    fails the run (None: Ray's own behaviour, retry for ever). Sets Ray's start timeout in
+    """Ray Train's ``FailureConfig`` for ``config``: worker failures and failed worker-group
+    starts retried ``max_failures`` times each; a worker group still unplaced after
+    ``pending_timeout_s`` on its last try fails the run (None: Ray's own behaviour, retry
+    for ever). Sets Ray's start timeout in
     this process's environment, where Ray Train reads it (call it where ``fit`` runs)."""
     from ray.train import FailureConfig
 
     if config.pending_timeout_s is None:
         return FailureConfig(max_failures=config.max_failures)
     os.environ[START_TIMEOUT_ENV] = f"{config.pending_timeout_s:g}"
-    return FailureConfig(max_failures=config.max_failures, controller_failure_limit=0)
+    # Ray counts a worker group that failed to start as a controller failure, and after a
+    # node is lost that is what a restart meets while the dead node is not yet declared
+    # dead (a worker placed on it dies in its constructor): allowing none would turn a
+    # survivable lost node into a failed run. So starts get the run's own retry budget;
+    # a group that stays unplaced fails after max_failures + 1 timeouts, each logged.
+    return FailureConfig(max_failures=config.max_failures,
+                         controller_failure_limit=config.max_failures)
 
 
 def fit(trainer: Any, config: TrainConfig) -> Any:
