@@ -431,10 +431,18 @@ def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDR
         f" (test {r.registry.metric} {decision.candidate_score:.4f})"
     typer.echo(f"\n{r.registry.model_name} v{decision.version}{score} {verb}: {decision.reason}")
     typer.echo(f"report:  {out.report}  (+ quality_vs_params.png, eval_loss_curves.png)")
-    typer.echo(f"MLflow:  mlflow ui --backend-store-uri {search.tracking_uri}")
+    typer.echo(f"MLflow:  {_mlflow_hint(search.tracking_uri)}")
     use = _serve_hint(manifest)
     typer.echo(f"serve:   peftpipe {use} --model models:/{r.registry.model_name}@champion "
                f"--run-dir {r.run_dir}")
+
+
+def _mlflow_hint(uri: str) -> str:
+    """How to look at the runs: a tracking server is already a UI to open; a local store
+    needs ``mlflow ui`` started on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def _say_dataset(m: Manifest) -> None:

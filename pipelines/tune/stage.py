@@ -32,7 +32,7 @@ from typing import Any
 
 from ..data.manifest import Manifest
 from ..tracking import SearchTracker, TrackingConfig, client, content_hash, experiment_id, git_sha
-from ..train import TrainConfig, build_trainer, check_inputs
+from ..train import TrainConfig, build_trainer, check_inputs, scheduling
 from ..train.checkpoint import STATE_FILE
 from .callbacks import (
     ADAPTER,
@@ -68,7 +68,8 @@ def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: str,
     _write_pid(folder / "workers" / "driver.pid")  # beside its workers' rank{R}.pid
     trainer = build_trainer(cfg, dataset, folder, report_to_tune=True, started_at=started_at,
                             resume_from=_set_aside_torn_snapshot(folder))
-    trainer.fit()
+    # a trial whose workers stay unplaced fails naming Ray's pending demand, as a run does
+    scheduling.fit(trainer, cfg)
 
 
 #: where Ray Train keeps a run's checkpoint list (its file; read here only to see it is whole)
@@ -146,7 +147,8 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Manifest | str |
     reports = _expected_reports(train)
     train = train.model_copy(update={
         "num_workers": config.workers_per_trial,
-        "cpus_per_worker": cpus_per_worker(config, trial_driver_cpu),
+        # per node under the recipe's placement strategy (STRICT_SPREAD needs a node each)
+        "cpus_per_worker": cpus_per_worker(config, trial_driver_cpu, train=train),
         "storage_path": str(run_dir / "trials"),
     })
     TrainConfig.model_validate(train.model_dump())  # batch divisibility with the new worker count

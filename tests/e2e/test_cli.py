@@ -64,3 +64,12 @@ def test_a_bad_failure_setting_exits_2_naming_the_field(command, tmp_path) -> No
     out = peftpipe(command, "demo", "--set", "tune.max_trial_failures=-1", cwd=tmp_path)
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "tune.max_trial_failures" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_mlflow_hint_opens_a_server_and_starts_a_ui_on_a_local_store() -> None:
+    from pipelines.cli import _mlflow_hint
+
+    assert _mlflow_hint("http://127.0.0.1:5000") == \
+        "open http://127.0.0.1:5000 (the tracking server's UI)"
+    assert _mlflow_hint("sqlite:////r/mlflow.db") == \
+        "mlflow ui --backend-store-uri sqlite:////r/mlflow.db"
