@@ -17,7 +17,8 @@ cluster's nodes (:func:`check_resources`, the check the job itself would make: a
 workers that no node can hold exit 2 here instead of waiting on the cluster).
 Then the job's logs are streamed and its exit status returned: 0 when the job SUCCEEDED,
 the driver's own exit code when it FAILED (2 for a recipe the cluster rejects, 1 for a
-failed run), 1 when it was STOPPED.
+failed run), 130 when it was STOPPED (``ray job stop``: an interruption, as Ctrl-C is for
+``peftpipe run``).
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ def build_runtime_env(working_dir: str | Path, *, pip: list[str] | None = None,
 
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+EXIT_STOPPED = 130  # the code `peftpipe run` exits with when interrupted
 
 
 def run_job(spec: JobSpec, *, wait: bool = True, echo: Callable[[str], None] | None = None,
@@ -269,6 +271,8 @@ def job_exit_code(info: Any) -> int:
     if status == "FAILED":
         code = getattr(info, "driver_exit_code", None)
         return code if isinstance(code, int) and code > 0 else 1
+    if status == "STOPPED":
+        return EXIT_STOPPED
     return 1
 
 

@@ -125,7 +125,7 @@ def test_exit_code_of_a_finished_job() -> None:
     assert sub.job_exit_code(details(JobStatus.SUCCEEDED, 0)) == 0
     assert sub.job_exit_code(details(JobStatus.FAILED, 2)) == 2
     assert sub.job_exit_code(details(JobStatus.FAILED, None)) == 1
-    assert sub.job_exit_code(details(JobStatus.STOPPED)) == 1
+    assert sub.job_exit_code(details(JobStatus.STOPPED)) == 130
 
 
 def test_a_shortened_max_steps_scales_the_warmup_as_run_does(tmp_path) -> None:
