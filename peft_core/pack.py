@@ -109,9 +109,9 @@ class _MemberLora(nn.Module):
         return self.lora_B(h) * self.scaling
 
 
-class PackedLoraLayer(nn.Module):
-    """A frozen linear-like ``base`` run once over the stacked batch, plus each member's
-    low-rank update on its own rows (a member without an update here gets the base's)."""
+class _PerMember(nn.Module):
+    """A frozen ``base`` module beside the members' own modules, routed by the rows of the
+    stacked batch each member owns (``layout``)."""
 
     def __init__(self, base: nn.Module, layout: _Layout, name: str):
         super().__init__()
@@ -119,6 +119,11 @@ class PackedLoraLayer(nn.Module):
         self.members = nn.ModuleDict()
         self._layout = layout
         self._name = name
+
+
+class PackedLoraLayer(_PerMember):
+    """A frozen linear-like ``base`` run once over the stacked batch, plus each member's
+    low-rank update on its own rows (a member without an update here gets the base's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -132,16 +137,9 @@ class PackedLoraLayer(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-class PackedHead(nn.Module):
+class PackedHead(_PerMember):
     """A new task head: each member with ``train_head`` has its own copy, started from the
     base's (as a solo run trains the base's head in place); the others use the frozen one."""
-
-    def __init__(self, base: nn.Module, layout: _Layout, name: str):
-        super().__init__()
-        self.base = base
-        self.members = nn.ModuleDict()
-        self._layout = layout
-        self._name = name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         rows = self._layout.slices(x.shape[0], self._name)
