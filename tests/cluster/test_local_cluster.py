@@ -169,6 +169,10 @@ def test_submit_of_a_broken_recipe_exits_with_its_code(cluster) -> None:
     assert "FAILED" in logs and "train.max_stepz" in logs
 
 
+# enough steps after the first checkpoint that a tiny run cannot end before the node dies
+STEPS = 120
+
+
 def test_lost_worker_node_is_survived_from_the_checkpoint(cluster, driver, tiny) -> None:
     from pipelines.train import TrainConfig, train
 
@@ -177,7 +181,7 @@ def test_lost_worker_node_is_survived_from_the_checkpoint(cluster, driver, tiny)
     cfg = TrainConfig.model_validate(dict(
         model={"name": str(model)}, method={"name": "lora", "rank": 4}, num_workers=2,
         cpus_per_worker=CPUS_PER_WORKER, placement_strategy="SPREAD", batch_size=8,
-        micro_batch_size=4, max_steps=24, eval_every=4, checkpoint_every=4, max_eval_batches=1,
+        micro_batch_size=4, max_steps=STEPS, eval_every=4, checkpoint_every=4, max_eval_batches=1,
         lr=1e-2, schedule="constant", max_failures=2))
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     names = _node_names(cluster)
@@ -189,17 +193,28 @@ def test_lost_worker_node_is_survived_from_the_checkpoint(cluster, driver, tiny)
         except (OSError, ValueError, KeyError):
             return 0
 
+    def victim() -> str | None:
+        """The worker node one of this run's ranks runs on, once both have started."""
+        pids = [run_dir / "workers" / f"rank{r}.pid" for r in (0, 1)]
+        if not all(p.is_file() for p in pids):
+            return None
+        ours = {int(p.read_text()) for p in pids}
+        on = {names.get(a["node_id"]) for pid, a in _actors_by_pid(cluster, "ALIVE").items()
+              if pid in ours}
+        return next(iter(sorted(n for n in on if n and n != "head")), None)
+
     def kill_a_worker_node_after_a_checkpoint() -> None:
+        # The node is chosen before the first checkpoint: the State API can take seconds
+        # under load, and a tiny run's remaining steps must not finish before the kill.
         deadline = time.time() + 200
+        node = None
         while time.time() < deadline and not killed:
-            if committed() >= 1:
-                on = {names.get(a["node_id"]) for a in _actors_by_pid(cluster, "ALIVE").values()}
-                victims = sorted(n for n in on if n and n != "head")
-                if victims:
-                    killed["node"] = victims[0]
-                    killed["raylet"] = local.kill_node(cluster.root, victims[0], "raylet")
-                    killed["at_step"] = committed()
-                    return
+            node = node or victim()
+            if node and committed() >= 1:
+                killed["node"] = node
+                killed["raylet"] = local.kill_node(cluster.root, node, "raylet")
+                killed["at_step"] = committed()
+                return
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_a_worker_node_after_a_checkpoint, daemon=True)
@@ -210,8 +225,8 @@ def test_lost_worker_node_is_survived_from_the_checkpoint(cluster, driver, tiny)
     killer.join(timeout=5)
     assert killed, "no worker node was killed"
     steps = [r["step"] for r in res.history]
-    assert steps == list(range(4, 25, 4)), steps
-    assert res.history[-1]["resumed_from"] >= 4, res.history[-1]
+    assert steps == list(range(4, STEPS + 1, 4)), steps
+    assert 4 <= res.history[-1]["resumed_from"] < STEPS, res.history[-1]
     # the node is gone for good: Ray declared it dead and its `ray start` process ended
     dead = {n["node_name"]: n["state"] for n in local.alive_nodes(cluster.dashboard_url)
             if n["node_name"] == killed["node"]}
