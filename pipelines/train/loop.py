@@ -324,11 +324,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             saved = ckpt.load_resume_state(engine, Path(folder), rank=rank, world=world,
                                            stage=config.zero.stage)
         step, history = int(saved["step"]), list(saved.get("history", []))
-        if restored is not None and saved.get("finalized") and history:
-            # The run had ended, but the driver that ran it died before Tune recorded the
-            # final report (a search resumed after its driver was killed): report it again,
-            # pointing at the restored checkpoint (Tune's key for a report's checkpoint)
-            # rather than copying a new one, and train no further.
+        if restored is not None and saved.get("finalized") and step >= config.max_steps \
+                and history:
+            # The run had ended (a longer max_steps extends it instead), but the driver that
+            # ran it died before Tune recorded the final report (a search resumed after its
+            # driver was killed): report it again, pointing at the restored checkpoint
+            # (Tune's key for a report's checkpoint) rather than copying a new one.
             ray.train.report({**history[-1], "checkpoint_path": restored.path})
             return history
 
