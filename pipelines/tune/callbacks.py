@@ -16,6 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from ..tracking import SearchTracker
+from ..train.scheduling import pending_demand
 
 ADAPTER = "adapter"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray's TuneReportCallback
@@ -87,23 +88,55 @@ class MlflowTrialCallback(Callback):
 
 
 class StatusCallback(Callback):
-    """One line per trial event (method, step, metric) instead of Ray's wall of logs."""
+    """One line per trial event (method, step, metric) instead of Ray's wall of logs; and,
+    after ``waiting_notice_s`` without a line while trials wait for resources (a Tune trial
+    pending, or Ray's placement groups pending: a trial's workers not yet placed), a line
+    saying so with Ray's pending demand, repeated at most that often."""
 
-    def __init__(self, metric: str, stream=None, total_steps: int | None = None):
+    def __init__(self, metric: str, stream=None, total_steps: int | None = None,
+                 waiting_notice_s: float = 60.0):
         self.metric = metric
         self.stream = stream  # None: this process's sys.stdout (also after unpickling)
         self.total = f"/{total_steps}" if total_steps else ""  # step 50/100: how far along
-        self.t0 = time.time()
+        self.waiting_notice_s = waiting_notice_s
+        self._restart_clock()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a restored search's clock starts with its new driver
-        self.__dict__.update(state, t0=time.time())
+        self.__dict__.update(state)
+        self._restart_clock()
+
+    def _restart_clock(self) -> None:
+        self.t0 = self.last_line = self.last_look = self.last_event = time.time()
+
+    def _print(self, text: str) -> None:
+        self.last_line = time.time()
+        print(f"[{self.last_line - self.t0:6.0f}s] {text}", file=self.stream or sys.stdout,
+              flush=True)
 
     def _say(self, trial, text: str) -> None:
         m = trial.config["trial"]["method"]
-        elapsed = time.time() - self.t0
-        print(f"[{elapsed:6.0f}s] {trial.trial_id} {m['name']:<16} {text}",
-              file=self.stream or sys.stdout, flush=True)
+        self.last_event = time.time()
+        self._print(f"{trial.trial_id} {m['name']:<16} {text}")
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.time()
+        if min(now - self.last_line, now - self.last_look) < self.waiting_notice_s:
+            return
+        self.last_look = now
+        pending = sum(t.status == "PENDING" for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        if not (pending or running):
+            return
+        # the State API (milliseconds; seconds at worst) once per notice, not per loop step
+        demand = pending_demand()
+        waits = demand.startswith("Ray's pending demand:") or (
+            pending and demand.startswith("Ray's pending demand unavailable"))
+        if not waits:
+            return  # quiet, but nothing waits for resources: a long step, a trial starting
+        self._print(f"waiting for resources, {now - self.last_event:.0f}s since a trial's "
+                    "last event: "
+                    f"{running} trial(s) running, {pending} pending; {demand}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._say(trial, "started")

@@ -22,6 +22,8 @@ class TuneConfig(BaseModel):
     failed (a lost node, say; ``train.max_failures`` already restarts lost workers inside
     a trial); a restarted trial resumes from its last checkpoint. A trial that still failed
     makes the job exit 1 (after its results are saved) unless ``tolerate_failed_trials``.
+    ``waiting_notice_s``: while trials wait for resources, a console line with Ray's
+    pending demand after this long without one (then at most this often).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -39,4 +41,5 @@ class TuneConfig(BaseModel):
     seed: int = 0
     max_trial_failures: int = Field(2, ge=0)
     tolerate_failed_trials: bool = False
+    waiting_notice_s: float = Field(60.0, gt=0)
     name: str | None = None  # the search id; default: a hash of the recipe and dataset

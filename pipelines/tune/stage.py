@@ -227,7 +227,8 @@ def _search(train: TrainConfig, config: TuneConfig, info, run_dir: Path,
         "dataset_id": info.dataset_id, "max_steps": train.max_steps, "batch_size": train.batch_size,
         "zero_stage": train.zero.stage})]
     if verbose:
-        callbacks.append(StatusCallback(obj.metric, total_steps=train.max_steps))
+        callbacks.append(StatusCallback(obj.metric, total_steps=train.max_steps,
+                                        waiting_notice_s=config.waiting_notice_s))
     # A trial whose driver or training failed (its node lost, say) runs again; it resumes
     # from the checkpoint in its own folder (see _run_trial).
     run_config = tune.RunConfig(

@@ -4,6 +4,7 @@ and the registered adapter predicting as at the end of its trial."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,57 @@ def test_search_resumes_after_its_driver_is_killed(ray_with_dashboard, tmp_path)
     children = client.search_runs(
         [exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+
+
+def test_progress_keeps_printing_while_a_trial_waits_for_resources(
+        ray_with_dashboard, tmp_path, capsys) -> None:
+    """Something else holds most of the CPUs: the trial starts but its worker cannot be
+    placed; the console gets a line naming Ray's pending demand every few seconds (not
+    silence), and the trial trains once the CPUs are free."""
+    import threading
+    import time
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipelines.train.scheduling import pending_placement_groups
+    from pipelines.tune.stage import search
+
+    notice_s = 2.0
+    data, train, cfg = small_search(
+        tmp_path, space={"methods": {"lora": {"rank": 4}}, "lr": [1e-2]},
+        scheduler="fifo", max_concurrent_trials=1, waiting_notice_s=notice_s)
+    train = train.model_copy(update={"max_steps": 2})
+    hold = placement_group([{"CPU": 1.5}])
+    assert hold.wait(30)
+    released: dict[str, float] = {}
+
+    def release_after_the_worker_waited() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not pending_placement_groups():
+            time.sleep(0.5)
+        time.sleep(3 * notice_s + 1)
+        remove_placement_group(hold)
+        released["at"] = time.time()
+
+    releaser = threading.Thread(target=release_after_the_worker_waited, daemon=True)
+    releaser.start()
+    try:
+        res = search(train, cfg, manifest=data, run_dir=tmp_path / "run", verbose=True)
+    finally:
+        releaser.join(timeout=130)
+        if "at" not in released:
+            remove_placement_group(hold)
+    out = capsys.readouterr().out
+    print(out)
+    assert released, "the trial's worker never waited"
+    waiting = [ln for ln in out.splitlines() if "waiting for resources" in ln]
+    assert len(waiting) >= 2, out
+    assert all("1 trial(s) running, 0 pending; Ray's pending demand: 1 placement group(s)"
+               in ln for ln in waiting), waiting
+    assert re.search(r"\[\{CPU: [0-9.]+\} x 1\] \(\w+\); the cluster has 1 alive node",
+                     waiting[0]), waiting[0]
+    assert [t["status"] for t in res.trials] == ["completed"]
+    assert re.search(r"lora +done", out), out
 
 
 # -- runs always end, failed trials are not silent (no Ray) ------------------------------------
