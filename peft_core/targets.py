@@ -243,8 +243,16 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def numel(p: torch.Tensor) -> int:
-    """Element count that stays right under DeepSpeed ZeRO-3, where ``numel()`` reads 0."""
-    return int(getattr(p, "ds_numel", p.numel()))
+    """The weight's logical element count: right under DeepSpeed ZeRO-3, where ``numel()``
+    reads 0, and for a 4-bit bitsandbytes weight, whose storage packs two values a byte
+    (its ``quant_state`` keeps the unpacked shape), so a quantized base counts as many
+    parameters as the same base in full precision."""
+    if hasattr(p, "ds_numel"):
+        return int(p.ds_numel)
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if type(p).__name__ == "Params4bit" and shape is not None:
+        return int(torch.Size(shape).numel())
+    return int(p.numel())
 
 
 _T = TypeVar("_T", bound=nn.Module)

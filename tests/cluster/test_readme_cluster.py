@@ -1,16 +1,24 @@
 """The README's "Run on a cluster" block, run exactly as written in a fresh folder: `cluster up`
-(a real 3-node local Ray cluster and an MLflow server, its default root under that folder),
-the shortened demo submitted with no other override, `cluster status`, `cluster down`; each
-must exit 0. On the same cluster, between `status` and `down`:
+(a real 3-node local Ray cluster, separate `ray start` processes of 1 CPU each, and an MLflow
+server, its default root under that folder), the shortened demo submitted with no other
+override, `cluster status`, `cluster down`; each must exit 0. On the same cluster, between
+`status` and `down`:
 
+- `up` left every node alive in Ray's State API, MLflow healthy, one JSON state file; the
+  demo's search was tracked in and promoted through the MLflow server;
 - Ray's own tools work with the `export` lines `up` printed (token authentication included);
 - an infeasible placement exits 2 before anything starts: on the submitting machine, and in
-  the job (submitted unchecked) before any trial starts;
+  the job (submitted unchecked) before any trial starts; a recipe broken in a way only the
+  cluster notices fails the job with exit 2;
 - a placement that becomes unschedulable at run time (a 3-worker STRICT_SPREAD run that loses
-  a node) fails with Ray's pending demand within `train.pending_timeout_s`.
+  a node) fails with Ray's pending demand within `train.pending_timeout_s`;
+- a worker node's raylet SIGKILLed mid-training: the run finishes from its checkpoint on the
+  nodes left;
+- `down` leaves no process of the cluster behind and keeps every node's logs.
 
 One cluster for the module; the tests run in this order and the last one is the README's
-`down` (the fixture brings the cluster down whatever happened).
+`down` (the fixture brings the cluster down whatever happened). A search's trials spread
+over nodes (STRICT_SPREAD) and surviving lost nodes are in `test_search_faults.py`.
 """
 
 from __future__ import annotations
@@ -25,9 +33,12 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cluster import local
+from cluster import submit as sub
+from tests.pipelines import train_helpers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -119,6 +130,41 @@ def test_up_then_the_shortened_demo_submit_succeed_as_written(walk) -> None:
     trials = json.loads((run_dir / "trials.json").read_text())
     assert len(trials["trials"]) == 4, trials
 
+    # tracked in and promoted through the server: runs, registry, aliases and artifacts
+    # live there, nothing in the run folder
+    from mlflow import MlflowClient
+
+    client = MlflowClient(st.mlflow_uri)
+    champion = client.get_model_version_by_alias("demo-sentiment", "champion")
+    assert champion.version == "1"
+    exp = client.get_experiment_by_name("peft-pipelines")
+    runs = client.search_runs([exp.experiment_id], "tags.`peftpipe.kind` = 'trial'")
+    assert champion.run_id in {r.info.run_id for r in runs} and len(runs) == 4
+    assert list((walk.root / "mlflow" / "artifacts").rglob("adapter.safetensors"))
+    assert not (run_dir / "mlartifacts").exists() and not (run_dir / "mlflow.db").exists()
+
+
+def test_up_started_three_nodes_and_mlflow(walk) -> None:
+    cluster = walk.state()
+    st = local.status(cluster.root)
+    assert [(n["name"], n["process"], n["ray"]) for n in st["nodes"]] == [
+        ("head", "running", "ALIVE"), ("worker-1", "running", "ALIVE"),
+        ("worker-2", "running", "ALIVE")]
+    assert st["mlflow"] == "healthy"
+    saved = json.loads((walk.root / local.STATE_FILE).read_text())
+    assert {n["name"]: n["proc"]["pid"] for n in saved["nodes"]} == {
+        n.name: n.proc.pid for n in cluster.nodes}
+    assert all(n.raylet and n.raylet.alive() for n in cluster.nodes)
+    # each node advertises its own resources; together they are the cluster's
+    nodes = {n["node_name"]: n for n in local.alive_nodes(cluster.dashboard_url)}
+    for n in cluster.nodes:
+        assert nodes[n.name]["resources_total"]["CPU"] == 1
+        assert nodes[n.name]["resources_total"][n.resource] == 1
+    # the cluster's Ray lives in its own temp folder: no `ray.init()` elsewhere joins it
+    assert cluster.temp_dir.startswith("/tmp/peftpipe-ray-")
+    assert (Path(cluster.node("head").temp_dir) / "ray_current_cluster").is_file()
+    assert len({n.temp_dir for n in cluster.nodes}) == 3  # one per node: no shared runtime envs
+
 
 def test_status_as_written_and_ray_tools_with_the_printed_exports(walk) -> None:
     out = sh(walk.cmds[2], walk.cwd, 60)
@@ -168,6 +214,17 @@ def test_an_infeasible_placement_exits_2_before_anything_starts(walk) -> None:
     assert not (run_dir / "trials").exists() and not (run_dir / "search").exists()
 
 
+def test_submit_of_a_broken_recipe_exits_with_its_code(walk) -> None:
+    """A recipe broken in a way only the cluster notices (not checked before submitting):
+    the job fails and the exit code says it was the recipe (2), not a crash."""
+    cluster, out = walk.state(), []
+    code = sub.submit("demo", address=cluster.dashboard_url, check=False, cluster_root=cluster.root,
+                      overrides=["train.max_stepz=3"], echo=out.append, timeout_s=120)
+    logs = "".join(out)
+    assert code == 2, logs[-3000:]
+    assert "FAILED" in logs and "train.max_stepz" in logs
+
+
 def test_a_placement_lost_at_run_time_fails_with_the_pending_demand(walk) -> None:
     """3 workers, one per node (STRICT_SPREAD): after a checkpoint a worker node's raylet is
     killed; Ray Train restarts the group (max_failures=1), which now needs 3 nodes of the 2
@@ -177,7 +234,6 @@ def test_a_placement_lost_at_run_time_fails_with_the_pending_demand(walk) -> Non
 
     from pipelines.train import TrainConfig, train
     from pipelines.train.scheduling import PendingResourcesError
-    from tests.pipelines import train_helpers
 
     st = walk.state()
     storage = Path(st.storage)
@@ -222,10 +278,127 @@ def test_a_placement_lost_at_run_time_fails_with_the_pending_demand(walk) -> Non
     assert failed_at - killed["at"] < 2 * timeout_s + 45
 
 
+def _node_names(cluster) -> dict[str, str]:
+    return {n.node_id: n.name for n in cluster.nodes}
+
+
+def _actors_by_pid(cluster, state: str | None = None) -> dict[int, dict]:
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "RayTrainWorker")]
+    if state:
+        filters.append(("state", "=", state))
+    actors = list_actors(address=cluster.dashboard_url, filters=filters, detail=True, limit=1000,
+                         raise_on_missing_output=False)
+    return {a.pid: {"node_id": a.node_id, "state": a.state} for a in actors}
+
+
+def _cluster_processes(state: local.ClusterState) -> list[int]:
+    return sorted(p.pid for p in local._live_processes(state))
+
+
+# enough steps after the first checkpoint that a tiny run cannot end before the node dies
+STEPS = 120
+CPUS_PER_WORKER = 0.45  # both workers fit on the one node (the head) left after the kill
+
+
+def test_lost_worker_node_is_survived_from_the_checkpoint(walk) -> None:
+    """2 workers SPREAD over the nodes the pending test left (head, worker-1); worker-1's
+    raylet SIGKILLed after the first checkpoint: Ray Train restarts the group on the head
+    (train.max_failures) and the run ends from its checkpoint."""
+    import ray
+
+    from pipelines.train import TrainConfig, train
+
+    local.client_auth()  # the State API lookups below, with the cluster's token
+    cluster = walk.state()
+    storage = Path(cluster.storage)
+    data = train_helpers.write_dataset(storage / "data-lost", "classification", rows=48,
+                                       eval_rows=16)
+    model = train_helpers.save_tiny("bert", storage / "bert-lost")
+    run_dir = Path(cluster.storage) / "lost-node"
+    cfg = TrainConfig.model_validate(dict(
+        model={"name": str(model)}, method={"name": "lora", "rank": 4}, num_workers=2,
+        cpus_per_worker=CPUS_PER_WORKER, placement_strategy="SPREAD", batch_size=8,
+        micro_batch_size=4, max_steps=STEPS, eval_every=4, checkpoint_every=4, max_eval_batches=1,
+        lr=1e-2, schedule="constant", max_failures=2))
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    names = _node_names(cluster)
+    killed: dict[str, object] = {}
+
+    def committed() -> int:
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def victim() -> str | None:
+        """The worker node one of this run's ranks runs on, once both have started."""
+        pids = [run_dir / "workers" / f"rank{r}.pid" for r in (0, 1)]
+        if not all(p.is_file() for p in pids):
+            return None
+        ours = {int(p.read_text()) for p in pids}
+        on = {names.get(a["node_id"]) for pid, a in _actors_by_pid(cluster, "ALIVE").items()
+              if pid in ours}
+        return next(iter(sorted(n for n in on if n and n != "head")), None)
+
+    def kill_a_worker_node_after_a_checkpoint() -> None:
+        # The node is chosen before the first checkpoint: the State API can take seconds
+        # under load, and a tiny run's remaining steps must not finish before the kill.
+        deadline = time.time() + 200
+        node = None
+        while time.time() < deadline and not killed:
+            node = node or victim()
+            if node and committed() >= 1:
+                killed["node"] = node
+                killed["raylet"] = local.kill_node(cluster.root, node, "raylet")
+                killed["at_step"] = committed()
+                return
+            time.sleep(0.05)
+
+    ray.init(address=cluster.gcs_address, logging_level="ERROR", log_to_driver=False)
+    try:
+        killer = threading.Thread(target=kill_a_worker_node_after_a_checkpoint, daemon=True)
+        killer.start()
+        t0 = time.time()
+        res = train(cfg, manifest=data, run_dir=run_dir)
+    finally:
+        ray.shutdown()
+    print(f"train with a lost node: {time.time() - t0:.1f}s, killed {killed}")
+    killer.join(timeout=5)
+    assert killed, "no worker node was killed"
+    steps = [r["step"] for r in res.history]
+    assert steps == list(range(4, STEPS + 1, 4)), steps
+    assert 4 <= res.history[-1]["resumed_from"] < STEPS, res.history[-1]
+    # the node is gone for good: Ray declared it dead and its `ray start` process ended
+    dead = {n["node_name"]: n["state"] for n in local.alive_nodes(cluster.dashboard_url)
+            if n["node_name"] == killed["node"]}
+    assert dead == {killed["node"]: "DEAD"}, dead
+    node = next(n for n in cluster.nodes if n.name == killed["node"])
+    deadline = time.time() + 30
+    while node.proc.alive() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not node.proc.alive()
+    # and the finishing workers ran on the nodes that were left
+    actors = _actors_by_pid(cluster)
+    for r in (0, 1):
+        pid = int((run_dir / "workers" / f"rank{r}.pid").read_text())
+        assert names[actors[pid]["node_id"]] != killed["node"]
+
+
 def test_down_as_written_leaves_nothing(walk) -> None:
     state = walk.state()
+    before = _cluster_processes(state)
+    assert before
     out = sh(walk.cmds[3], walk.cwd, 120)
     assert out.returncode == 0, out.stdout
-    assert local._live_processes(state) == []
+    assert _cluster_processes(state) == []
+    for pid in before:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not (walk.root / local.STATE_FILE).exists()
-    assert (walk.root / "logs" / "ray" / "head").is_dir()
+    assert not Path(state.temp_dir).exists()
+    kept = walk.root / "logs" / "ray"
+    assert {p.parent.parent.name for p in kept.glob("*/session_*/raylet*.out")} == {
+        "head", "worker-1", "worker-2"}
+    with pytest.raises(local.ClusterError):
+        local.status(walk.root)

@@ -6,8 +6,9 @@ it; losing it is losing the cluster) and three 1-CPU worker nodes, so every part
 (its Tune driver with its Train controller, its two SPREAD workers) runs on a node that can be
 lost. The search: 2 trials at once on 2 workers each, checkpoints every 20 steps.
 
-1. SIGINT (Ctrl-C to the driver's process group) mid-search: exit 130, no MLflow run left
-   RUNNING (parent and trials KILLED);
+1. SIGINT (Ctrl-C to the driver's process group) mid-search of trials whose two workers are
+   STRICT_SPREAD (each on its own node, checked from Ray's State API): exit 130, no MLflow
+   run left RUNNING (parent and trials KILLED);
 2. the raylet of a node that hosts a trial's worker, but not that trial's driver, SIGKILLed:
    Ray Train restarts the lost worker group (``train.max_failures``), the trial resumes from
    its checkpoint;
@@ -75,7 +76,7 @@ def inputs(cluster):
     return model, src
 
 
-def recipe(cluster, inputs, name: str, max_steps: int) -> Path:
+def recipe(cluster, inputs, name: str, max_steps: int, strategy: str = "SPREAD") -> Path:
     model, src = inputs
     storage = Path(cluster.storage)
     data = {
@@ -87,7 +88,7 @@ def recipe(cluster, inputs, name: str, max_steps: int) -> Path:
         "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": max_steps,
                   "eval_every": EVERY, "checkpoint_every": EVERY, "max_eval_batches": 1,
                   "lr": 1e-2, "schedule": "constant", "warmup_steps": 0,
-                  "placement_strategy": "SPREAD", "max_failures": 2},
+                  "placement_strategy": strategy, "max_failures": 2},
         "tune": {"space": {"methods": {"lora": {"rank": 4}, "linear_probe": {}},
                            "lr": [1e-2]},
                  "searcher": "grid", "scheduler": "fifo", "max_concurrent_trials": 2,
@@ -171,8 +172,10 @@ def mlflow_runs(run_dir: Path) -> list:
 
 def test_sigint_ends_every_run_and_exits_130(cluster, inputs) -> None:
     run_dir = Path(cluster.storage) / "faults-sigint"
-    proc = start_tune(cluster, recipe(cluster, inputs, "faults-sigint", max_steps=2 * STEPS))
+    proc = start_tune(cluster, recipe(cluster, inputs, "faults-sigint", max_steps=2 * STEPS,
+                                      strategy="STRICT_SPREAD"))
     wait_checkpointed(proc, run_dir)
+    where = {t.name: placement(cluster, t) for t in trial_dirs(run_dir)}
     t0 = time.time()
     os.killpg(proc.pid, signal.SIGINT)
     code, out = finish(proc, timeout=120)
@@ -183,6 +186,9 @@ def test_sigint_ends_every_run_and_exits_130(cluster, inputs) -> None:
     assert len(runs) == 3, [(r.info.run_name, r.info.status) for r in runs]  # parent + 2 trials
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status)
                                                          for r in runs]
+    for trial, p in where.items():  # STRICT_SPREAD: a trial's two workers on two nodes
+        assert len(p["workers"]) == 2 and None not in p["workers"], (trial, p)
+        assert len(set(p["workers"])) == 2, f"trial {trial}: both workers on {p['workers']}"
 
 
 def _search_with_a_lost_node(cluster, inputs, name: str, pick) -> None:

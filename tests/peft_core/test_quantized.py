@@ -230,3 +230,17 @@ def test_dora_on_8bit_base_is_the_weight_decomposition(folders) -> None:
         w = _weights.read_weight(layer.base) + layer.delta_weight()
         k = layer.lora_magnitude / torch.linalg.norm(w, dim=1)
         torch.testing.assert_close(layer(x), x @ (k[:, None] * w).T, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_4bit_base_counts_its_unpacked_parameters(arch: str, folders) -> None:
+    """The trainable fraction of QLoRA is taken of the same total as LoRA's: bitsandbytes
+    packs two 4-bit values a byte, but a weight still holds out x in parameters."""
+    full = peft_core.apply(_load(folders[arch], arch, quant=None), {"name": "lora", "rank": 4})
+    q4 = peft_core.apply(_load(folders[arch], arch), {"name": "lora", "rank": 4})
+    assert any(type(p).__name__ == "Params4bit" for p in q4.base_model.parameters())
+    packed = sum(p.numel() for p in q4.base_model.parameters())
+    s_full, s_q4 = full.summary(), q4.summary()
+    assert s_q4["total_params"] == s_full["total_params"] > packed
+    assert s_q4["trainable_params"] == s_full["trainable_params"] > 0
+    assert s_q4["trainable_fraction"] == pytest.approx(s_full["trainable_fraction"])
