@@ -361,6 +361,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (kind, method), rs in groups.items():
         row: dict[str, Any] = {"model": kind, "method": method, "seeds": len(rs)}
+        if "config" in rs[0]:  # the registered method a row runs (qlora and lora_pissa: lora)
+            row["registered"] = rs[0]["config"]["name"]
         for key in ("eval_accuracy", "eval_loss", "exact_match", "answer_f1", "step_time_s",
                     "peak_mem_mb", "wall_s", "tokens_per_s"):
             if any(key in r for r in rs):

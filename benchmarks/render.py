@@ -147,7 +147,8 @@ def core_vs_peft_block(data: dict[str, Any] | None) -> str:
             + f"Produced by `python -m benchmarks.peft_core_vs_peft {flags}`.\n")
 
 
-def _family(method: str) -> str:
+def _family(row: dict[str, Any]) -> str:
+    method = row.get("registered", row["method"])  # qlora and lora_pissa rows run lora
     try:
         import peft_core
 
@@ -163,7 +164,7 @@ def minilm_block(data: dict[str, Any] | None, plot_name: str) -> str:
     summary = [s for s in summarise(data["runs"]) if s["model"] == "minilm"]
     for s in sorted(summary, key=lambda s: -s.get("eval_accuracy", 0)):
         rows.append({
-            "method": s["method"], "family": _family(s["method"]), "seeds": s["seeds"],
+            "method": s["method"], "family": _family(s), "seeds": s["seeds"],
             "eval accuracy %": _pm(s.get("eval_accuracy"), s.get("eval_accuracy_std"), 100,
                                    seeds=s["seeds"]),
             "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3,
@@ -189,7 +190,7 @@ def smollm2_block(data: dict[str, Any] | None) -> str:
     summary = [s for s in summarise(data["runs"]) if s["model"] == "smollm2"]
     for s in sorted(summary, key=lambda s: s.get("eval_loss", math.inf)):
         rows.append({
-            "method": s["method"], "family": _family(s["method"]), "seeds": s["seeds"],
+            "method": s["method"], "family": _family(s), "seeds": s["seeds"],
             "eval loss": _pm(s.get("eval_loss"), s.get("eval_loss_std"), digits=3,
                              seeds=s["seeds"]),
             "exact match %": _pm(s.get("exact_match"), s.get("exact_match_std"), 100, 1,
@@ -397,7 +398,7 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
                if s["model"] == "minilm" and "eval_accuracy" in s]
     if not summary:
         return None
-    fams = sorted({_family(s["method"]) for s in summary})
+    fams = sorted({_family(s) for s in summary})
     cmap = plt.get_cmap("tab10")
     color = {f: cmap(i) for i, f in enumerate(fams)}
     fig, ax = plt.subplots(figsize=(11, 5.6), dpi=110)
@@ -419,7 +420,7 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
                      key=lambda m: -pts[m][1])
     for s in summary:
         x, y = pts[s["method"]]
-        c = color[_family(s["method"])]
+        c = color[_family(s)]
         ax.errorbar(x, y, yerr=100 * s.get("eval_accuracy_std", 0), fmt="o", color=c, ms=6,
                     capsize=3, zorder=3)
         xs = 100 * s["stored_fraction"]
