@@ -258,6 +258,27 @@ def scale_block(data: dict[str, Any] | None) -> str:
             + _commands(data))
 
 
+def quantized_memory_block(data: dict[str, Any] | None) -> str:
+    """The 1B Llama's per-rank memory with its base in fp32, bf16 and 4-bit NF4
+    (``benchmarks/quantized_memory.py``)."""
+    if data is None:
+        return "_not run yet: `python -m benchmarks.quantized_memory`_\n"
+    from benchmarks.quantized_memory import rows as q_rows
+
+    runs = data["runs"]
+    s = next(iter(runs), {})
+    head = (f"LoRA r=8 (q_proj, v_proj) on the 1B random Llama, ZeRO-2, 2 workers, "
+            f"{s.get('steps', '?')} steps of {s.get('batch', '?')} packed rows of "
+            f"{s.get('seq', '?')} tokens; memory is the largest rank's. 4bit = NF4 with double "
+            "quantization, bf16 compute and bf16 for the unquantized layers.\n\n")
+    body = table(q_rows(runs), list(q_rows(runs)[0])) if runs else "_no points_"
+    trows = [{"target": t["target"], "limit": f"≤ {t['limit']}", "measured": f"{t['value']:.3f}",
+              "status": "met" if t["status"] == "met" else "**MISSED**", "detail": t["detail"]}
+             for t in data.get("targets", [])]
+    return (head + body + "\n\n" + (table(trows, list(trows[0])) + "\n" if trows else "")
+            + "\n" + _commands(data))
+
+
 def _ms(x: float | None) -> str:
     return "–" if x is None else f"{1000 * x:.0f}"
 
@@ -480,6 +501,7 @@ def main() -> None:
     doc = fill(doc, "smollm2", smollm2_block(methods))
     doc = fill(doc, "targets", targets_block(methods))
     doc = fill(doc, "scale", scale_block(_load("scale")))
+    doc = fill(doc, "quantized_memory", quantized_memory_block(_load("quantized_memory")))
     doc = fill(doc, "serve_load", serve_block(_load(f"serve_load{sfx}")))
     tmp = out.with_name(out.name + ".tmp")  # the hand-written prose must survive a crash
     tmp.write_text(doc)

@@ -163,7 +163,8 @@ def _steady(times: list[float]) -> list[float]:
 
 
 def run_ours(args: argparse.Namespace, size: str, stage: int, workers: int,
-             manifest) -> dict[str, Any]:
+             manifest, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One training run of the point; ``quantization``: the base's ``model.quantization``."""
     from pipelines.train import TrainConfig, train
 
     zero: dict[str, Any] = {"stage": stage}
@@ -171,7 +172,7 @@ def run_ours(args: argparse.Namespace, size: str, stage: int, workers: int,
         zero["param_persistence_threshold"] = 0
         zero.update(zero3_settings(args))
     cfg = TrainConfig.model_validate(dict(
-        model={"name": str(model_dir(size))},
+        model={"name": str(model_dir(size)), "quantization": quantization},
         method={"name": "lora", "rank": 8, "alpha": 16, "target_modules": TARGETS},
         num_workers=workers, batch_size=args.batch, micro_batch_size=args.micro,
         max_steps=args.steps, lr=1e-3, schedule="constant", grad_clip=1.0,

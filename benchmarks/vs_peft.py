@@ -14,7 +14,10 @@ allocation events: separable per model within one process, unlike RSS), and the 
 metrics. Target: our step time <= 1.05x peft's.
 
 Pairs: SmolLM2-135M (causal LM) on the chatterbot Q/A corpus for LoRA, LoRA+, prompt
-tuning, P-tuning (MLP encoder) and prefix tuning (with its MLP); MiniLM (encoder, new
+tuning, P-tuning (MLP encoder), prefix tuning (with its MLP), DoRA, IA3, VeRA (peft's
+projections from the same seed as ours) and QLoRA (LoRA on the same 4-bit NF4 base, loaded
+through bitsandbytes for each side; no ``prepare_model_for_kbit_training`` on either side, so
+both run the same computation); MiniLM (encoder, new
 2-class head) on the movie-review sentiment data for LoRA and LoRA+. (Input-level prompts on
 an encoder differ by design: ours go after [CLS], peft's before it; and peft 0.21 cannot run
 prefix tuning on transformers 5 classifiers; so those pairs are not the same computation.)
@@ -27,6 +30,7 @@ Writes ``benchmarks/results/vs_peft.json`` (``vs_peft_quick.json`` with ``--quic
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -70,12 +74,30 @@ PAIRS: dict[tuple[str, str], tuple[dict[str, Any], str, dict[str, Any], float]] 
          "encoder_hidden_size": ENC_HIDDEN},
         "PrefixTuningConfig", {"num_virtual_tokens": N_VIRTUAL, "prefix_projection": True,
                                "encoder_hidden_size": ENC_HIDDEN}, 1e-3),
+    # The methods added by P15, at benchmarks/methods.py's SmolLM2 settings (our default
+    # targets; peft is given exactly the layers we wrap).
+    ("smollm2", "dora"): (
+        {"name": "dora", "rank": 8, "alpha": 16},
+        "LoraConfig", {"r": 8, "lora_alpha": 16, "use_dora": True}, 1e-3),
+    ("smollm2", "ia3"): ({"name": "ia3"}, "IA3Config", {}, 3e-3),
+    ("smollm2", "vera"): (
+        {"name": "vera", "rank": 256, "d_initial": 0.1},
+        "VeraConfig", {"r": 256, "d_initial": 0.1, "projection_prng_key": 0}, 4e-3),
+    # LoRA on the same 4-bit NF4 base on both sides (QUANTIZED below)
+    ("smollm2", "qlora"): (
+        {"name": "lora", "rank": 8, "alpha": 16, "target_modules": LLAMA_LINEAR},
+        "LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_LINEAR}, 1e-3),
     ("minilm", "lora"): (
         {"name": "lora", "rank": 8, "alpha": 16},
         "LoraConfig", {"r": 8, "lora_alpha": 16}, 1e-3),
     ("minilm", "lora_plus"): (
         {"name": "lora_plus", "rank": 8, "alpha": 16, "lr_ratio": 16},
         "LoraConfig", {"r": 8, "lora_alpha": 16}, 1e-3),
+}
+# Pairs whose base loads quantized (``model.quantization``), the same way for both sides.
+QUANTIZED: dict[tuple[str, str], dict[str, Any]] = {
+    ("smollm2", "qlora"): {"bits": 4, "type": "nf4", "double_quant": True,
+                           "compute_dtype": "float32"},
 }
 QUICK_PAIRS = [("smollm2", m) for m in ("lora", "lora_plus", "prompt_tuning", "p_tuning",
                                          "prefix_tuning")] + [("minilm", "lora")]
@@ -88,7 +110,25 @@ def _peft_key(name: str) -> str:
 
         return f"{MODULE}." + name.removeprefix("prompt_encoder.default.")
     name = name.removeprefix("base_model.model.")
+    name = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude")  # DoRA
+    name = name.removesuffix(".default")  # IA3's and VeRA's vectors
     return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+
+
+def _exact(names: list[str]) -> str:
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
+def _peft_targets(peft_cls: str, ours: Any) -> dict[str, Any]:
+    """peft's target (and IA3's feed-forward) modules: exactly the layers ours wraps."""
+    from peft_core.layers import MergeableLayer
+
+    wrapped = {n: m for n, m in ours.base_model.named_modules() if isinstance(m, MergeableLayer)}
+    out: dict[str, Any] = {"target_modules": _exact(list(wrapped))}
+    if peft_cls == "IA3Config":
+        ff = [n for n, m in wrapped.items() if getattr(m, "feedforward", False)]
+        out["feedforward_modules"] = _exact(ff) if ff else []
+    return out
 
 
 def build_pair(kind: str, method: str, info: Any, seed: int):
@@ -103,12 +143,19 @@ def build_pair(kind: str, method: str, info: Any, seed: int):
     ours_cfg, peft_cls, peft_kw, lr = PAIRS[(kind, method)]
     model_name = recipe(kind).model
 
+    quantization = QUANTIZED.get((kind, method))
+
     def base():
         torch.manual_seed(seed)  # same fresh head on both sides
-        return load_model(model_name, info.task, num_labels=info.num_labels)
+        return load_model(model_name, info.task, num_labels=info.num_labels,
+                          quantization=quantization)
 
     ours_base = base()
-    if "target_modules" not in ours_cfg and peft_cls == "LoraConfig":
+    if "target_modules" not in ours_cfg and peft_cls != "LoraConfig":
+        ours_tmp = peft_core.apply(base(), ours_cfg)
+        peft_kw = {**peft_kw, **_peft_targets(peft_cls, ours_tmp)}
+        del ours_tmp
+    elif "target_modules" not in ours_cfg and peft_cls == "LoraConfig":
         ours_tmp = peft_core.apply(base(), ours_cfg)  # peft names our default targets exactly
         from peft_core.methods.lora import _hf_target_modules, lora_layers
 
@@ -130,10 +177,12 @@ def build_pair(kind: str, method: str, info: Any, seed: int):
             f"{sorted(set(ref_params) - set(ours_params))[:5]}")
     with torch.no_grad():
         for n, p in ref_params.items():
-            if ours_params[n].shape != p.shape:
+            # peft keeps IA3's vectors as (d, 1) or (1, d): the same entries, in order
+            if ours_params[n].numel() != p.numel() or (
+                    ours_params[n].dim() == p.dim() and ours_params[n].shape != p.shape):
                 raise RuntimeError(f"{kind}/{method}: {n} has shape {tuple(ours_params[n].shape)} "
                                    f"here, {tuple(p.shape)} in peft")
-            ours_params[n].copy_(p)
+            ours_params[n].copy_(p.reshape(ours_params[n].shape))
 
     ours_opt = torch.optim.AdamW(ours.param_groups(lr, 0.0), lr=lr, weight_decay=0.0)
     if method == "lora_plus":
