@@ -1,7 +1,8 @@
 """Memory of a quantized base at 1B (issue P15): the 1B random Llama of ``benchmarks/scale.py``
 trained with LoRA (r=8, q_proj and v_proj) through the training stage (Ray Train + DeepSpeed
 ZeRO-2 on CPU, 2 workers) with its base in fp32, in bf16 and in 4-bit NF4 (double
-quantization, bf16 compute and bf16 for the layers left unquantized, as QLoRA runs).
+quantization, fp32 compute, the layers left unquantized in fp32; and the same with bf16
+compute and bf16 unquantized layers, QLoRA's GPU setting).
 
 Per point (each in its own process, one after another): per-rank peak RSS over the whole
 run (max over ranks; RSS peaks are monotone, so the load is in it), the peak once loaded
@@ -32,10 +33,16 @@ from benchmarks._common import RESULTS, bench_env, merged, table, write_json
 
 OUT = RESULTS / "quantized_memory.json"
 SIZE = "1b"
-NF4 = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
-# point -> (training precision, model.quantization)
-POINTS: dict[str, tuple[str, dict[str, Any] | None]] = {
-    "fp32": ("fp32", None), "bf16": ("bf16", None), "4bit": ("bf16", NF4)}
+NF4 = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+# point -> (training precision, model.quantization). "4bit-bf16" (bf16 compute and bf16 for
+# the unquantized layers, QLoRA's GPU setting) fails under ZeRO-2 on CPU: DeepSpeed meets a
+# gradient that is None in its bucket reduction; recorded as the point's error.
+# At 1B "4bit" fails the same way in fp32 (the tiny 4-bit model of the suite trains under
+# ZeRO-2), so the 4-bit base is also measured under ZeRO-0 beside fp32 under ZeRO-0.
+POINTS: dict[str, tuple[str, dict[str, Any] | None, int]] = {
+    "fp32": ("fp32", None, 2), "bf16": ("bf16", None, 2), "4bit": ("fp32", NF4, 2),
+    "4bit-bf16": ("bf16", {**NF4, "compute_dtype": "bfloat16"}, 2),
+    "fp32-z0": ("fp32", None, 0), "4bit-z0": ("fp32", NF4, 0)}
 
 
 def weight_bytes(model: Any) -> dict[str, float]:
@@ -79,40 +86,35 @@ def one_point(args: argparse.Namespace, name: str) -> None:
     from benchmarks import scale
     from pipelines.models import load_model
 
-    precision, quant = POINTS[name]
+    precision, quant, stage = POINTS[name]
     rec: dict[str, Any] = {"point": name, "size": SIZE, "precision": precision,
-                           "quantization": quant, "stage": 2, "workers": 2, "steps": args.steps,
+                           "quantization": quant, "stage": stage, "workers": 2, "steps": args.steps,
                            "seq": args.seq, "batch": args.batch, "micro": 1,
                            **scale.model_facts(SIZE), "code": scale.code_state(),
                            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.micro, args.zero3 = 1, ""
-    try:
+    def body() -> None:
         scale.ensure_model(SIZE)
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         manifest = scale.ensure_data(args.seq)
         args.precision = precision
-        rec.update(scale.run_ours(args, SIZE, 2, 2, manifest, quantization=quant))
+        rec.update(scale.run_ours(args, SIZE, stage, 2, manifest, quantization=quant))
         ray.shutdown()
         gc.collect()
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         base = load_model(str(scale.model_dir(SIZE)), "causal_lm", dtype=dtype,
                           quantization=quant)
         rec.update(weight_bytes(base))
-        rec["error"] = None
-    except Exception as e:  # recorded: a failed point is a result too
-        rec["error"] = f"{type(e).__name__}: {e}"[-8000:]
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    save([rec], merge=True)
-    print(json.dumps({k: v for k, v in rec.items() if k not in ("config", "train_loss")},
-                     default=str), flush=True)
+
+    scale.run_point(rec, body, save)
 
 
 def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {r["point"]: r for r in runs if not r.get("error")}
     out = []
     q, bf, fp = by.get("4bit"), by.get("bf16"), by.get("fp32")
+    if q is None and "4bit-z0" in by:  # the ZeRO-2 4-bit point failed: compare under ZeRO-0
+        q, fp = by["4bit-z0"], by.get("fp32-z0")
     if q:
         v = q["quantized_layers_mb"] / q["quantized_layers_bf16_mb"]
         whole = ""
@@ -120,7 +122,7 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratio = q["model_weights_mb"] / bf["model_weights_mb"]
             whole = (f"; whole model {q['model_weights_mb']:.0f} MB vs bf16 "
                      f"{bf['model_weights_mb']:.0f} MB = {ratio:.2f}x (the tied embedding/LM "
-                     "head stays bf16)")
+                     "head is not quantized)")
         out.append({"target": "4-bit base weights / their bf16 bytes", "limit": 0.30, "value": v,
                     "status": "met" if v <= 0.30 else "MISSED",
                     "detail": f"{q['quantized_layers_mb']:.0f} MB vs "
@@ -129,7 +131,8 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         v = q["peak_mem_mb"] / fp["peak_mem_mb"]
         out.append({"target": "4-bit per-rank peak RSS / fp32's", "limit": 0.50, "value": v,
                     "status": "met" if v <= 0.50 else "MISSED",
-                    "detail": f"{q['peak_mem_mb']:.0f} MB vs {fp['peak_mem_mb']:.0f} MB"})
+                    "detail": f"{q['point']} {q['peak_mem_mb']:.0f} MB vs {fp['point']} "
+                              f"{fp['peak_mem_mb']:.0f} MB"})
     return out
 
 

@@ -267,10 +267,12 @@ def quantized_memory_block(data: dict[str, Any] | None) -> str:
 
     runs = data["runs"]
     s = next(iter(runs), {})
-    head = (f"LoRA r=8 (q_proj, v_proj) on the 1B random Llama, ZeRO-2, 2 workers, "
+    head = ("LoRA r=8 (q_proj, v_proj) on the 1B random Llama, 2 workers, ZeRO-2 (ZeRO-0 "
+            "for the -z0 points), "
             f"{s.get('steps', '?')} steps of {s.get('batch', '?')} packed rows of "
             f"{s.get('seq', '?')} tokens; memory is the largest rank's. 4bit = NF4 with double "
-            "quantization, bf16 compute and bf16 for the unquantized layers.\n\n")
+            "quantization, fp32 compute and fp32 for the unquantized layers; 4bit-bf16 = the "
+            "same with bf16 compute and bf16 unquantized layers.\n\n")
     body = table(q_rows(runs), list(q_rows(runs)[0])) if runs else "_no points_"
     trows = [{"target": t["target"], "limit": f"≤ {t['limit']}", "measured": f"{t['value']:.3f}",
               "status": "met" if t["status"] == "met" else "**MISSED**", "detail": t["detail"]}

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +304,7 @@ def one_point(args: argparse.Namespace, spec: str) -> None:
                            "zero3_settings": zero3_settings(args), "free_gb_before": _free_gb(),
                            **model_facts(size), "code": code_state(),
                            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
+    def body() -> None:
         ensure_model(size)
         ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         manifest = ensure_data(args.seq)
@@ -313,15 +314,27 @@ def one_point(args: argparse.Namespace, spec: str) -> None:
         else:
             ray.shutdown()  # the peer needs no Ray: give its processes the memory
             rec.update(run_peer(args, size, stage_i, workers_i, manifest))
+
+    run_point(rec, body, save)
+
+
+def run_point(rec: dict[str, Any], body: Callable[[], None],
+              save_fn: Callable[..., Any]) -> None:
+    """``body()`` fills ``rec``; its exception is recorded as the point's error (a failed point
+    is a result too); Ray is shut down; ``rec`` is merged into the JSON and printed."""
+    import ray
+
+    try:
+        body()
         rec["error"] = None
-    except Exception as e:  # recorded: a failed point is a result too
+    except Exception as e:
         rec["error"] = f"{type(e).__name__}: {e}"[-8000:]
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    save([rec], merge=True)
+    save_fn([rec], merge=True)
     print(json.dumps({k: v for k, v in rec.items() if k not in ("config", "train_loss")},
-                     default=str))
+                     default=str), flush=True)
 
 
 def _free_gb() -> float | None:
