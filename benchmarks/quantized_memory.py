@@ -9,7 +9,8 @@ run (max over ranks; RSS peaks are monotone, so the load is in it), the peak onc
 (``load_peak_mem_mb``), the parameter bytes resident per rank and the median step time. The
 base-weight bytes are counted on the loaded base (after the run, in the point's process): the
 layers bitsandbytes quantizes (every linear layer but the LM head, which transformers leaves
-whole) with their quantization constants, and the whole model (its embedding stays bf16).
+whole) with their quantization constants, and the whole model (its embedding and LM head stay
+in the run's precision).
 
 Targets: the 4-bit base weights <= 0.30x their bf16 bytes; the 4-bit run's per-rank peak
 <= 0.50x the fp32 run's.
@@ -60,22 +61,22 @@ def weight_bytes(model: Any) -> dict[str, float]:
         own = sum(nbytes(t) for t in (qs.absmax, qs.code) if isinstance(t, torch.Tensor))
         return own + state_bytes(getattr(qs, "state2", None))
 
-    linear = linear_bf16 = 0
+    linear = linear_bf16 = states = 0  # states: quantization constants, not parameters
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             qs = m.weight.quant_state
-            linear += nbytes(m.weight) + state_bytes(qs)
+            states += state_bytes(qs)
+            linear += nbytes(m.weight)
             linear_bf16 += 2 * int(torch.Size(qs.shape).numel())
         elif isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings():
             linear += nbytes(m.weight)
             linear_bf16 += 2 * m.weight.numel()
     seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in [*model.parameters(), *model.buffers()]}
-    extra = sum(state_bytes(m.weight.quant_state) for m in model.modules()
-                if isinstance(m, bnb.nn.Linear4bit))
     mb = 2**20
-    return {"quantized_layers_mb": linear / mb, "quantized_layers_bf16_mb": linear_bf16 / mb,
-            "model_weights_mb": (sum(seen.values()) + extra) / mb}
+    return {"quantized_layers_mb": (linear + states) / mb,
+            "quantized_layers_bf16_mb": linear_bf16 / mb,
+            "model_weights_mb": (sum(seen.values()) + states) / mb}
 
 
 def one_point(args: argparse.Namespace, name: str) -> None:
