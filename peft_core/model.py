@@ -41,6 +41,7 @@ def apply(model: nn.Module, config: MethodConfig | Mapping[str, Any]) -> PeftMod
             "use a method that keeps the base frozen (lora, dora, ia3, vera, adapters, prompts)"
         )
     base_fp = fingerprint(model)
+    targets.keep_4bit_layers_differentiable(model)
     model.requires_grad_(False)
     if config.train_head:
         for head in targets.new_task_heads(model):

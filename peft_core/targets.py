@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .errors import TargetError
+from .errors import PeftError, TargetError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +136,32 @@ def quantization_of(module: nn.Module) -> str | None:
 
 def has_quantized_layers(model: nn.Module) -> bool:
     return any(quantization_of(m) for m in model.modules())
+
+
+def keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking in ``model``'s 4-bit layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit``'s weight in place
+    the first time the layer runs in eval mode on an input that needs no gradient, and from
+    then on its matmul calls an inference kernel that has no backward, in training too. A
+    run that evaluates between steps then trains with the base's share of every gradient
+    missing: adapters below the layer get a wrong gradient, or none (DeepSpeed ZeRO-2 then
+    fails in its gradient reduction; ZeRO-0 trains on silently). ``support_avx512bf16_for_cpu``
+    is the layer's public switch for that path. A weight already repacked (the base was
+    evaluated before the method was applied) is refused: undoing it needs bitsandbytes'
+    private helpers.
+    """
+    for name, module in model.named_modules():
+        if quantization_of(module) != "4-bit":
+            continue
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise PeftError(
+                f"{name}: this 4-bit layer ran in eval mode on the CPU before the method was "
+                "applied, and bitsandbytes repacked its weight for an inference-only kernel "
+                "(no gradients through it); apply the method to a freshly loaded base"
+            )
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

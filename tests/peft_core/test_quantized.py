@@ -213,6 +213,43 @@ def test_every_frozen_base_method_trains_on_a_4bit_base(method: str, folders) ->
     assert all(not isinstance(p, bnb.nn.Params4bit) for _, p in pm.trainable_parameters())
 
 
+def _lora_grads(pm) -> dict[str, torch.Tensor]:
+    pm.train()
+    pm.zero_grad(set_to_none=True)
+    pm(**tiny.batch("llama")).loss.backward()
+    return {n: p.grad.clone() if p.grad is not None else None for n, p in pm.trainable_parameters()}
+
+
+def test_evaluating_between_steps_keeps_the_base_in_the_gradient(folders) -> None:
+    """An eval forward without grad must not switch a 4-bit layer to bitsandbytes' CPU
+    inference kernel (no backward) for the steps after it: LoRA on q/v only, so every
+    gradient passes through unwrapped 4-bit layers (o_proj, the MLP)."""
+    pm = peft_core.apply(_load(folders["llama"], "llama"),
+                         {"name": "lora", "rank": 4, "target_modules": ["q_proj", "v_proj"]})
+    parity._perturb(pm)
+    before = _lora_grads(pm)
+    pm.eval()
+    with torch.no_grad():
+        pm(**tiny.batch("llama"))
+    after = _lora_grads(pm)
+    assert before.keys() == after.keys() and before
+    for name, grad in before.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert after[name] is not None, f"{name}: no gradient after an eval forward"
+        torch.testing.assert_close(after[name], grad, atol=1e-6, rtol=0)
+
+
+def test_a_base_repacked_for_cpu_inference_is_refused(folders) -> None:
+    base = _load(folders["llama"], "llama")
+    layer = next(m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
+    if not layer.support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    with torch.no_grad():
+        base(**tiny.batch("llama"))  # eval mode, no grad: bitsandbytes repacks in place
+    with pytest.raises(peft_core.PeftError, match="freshly loaded base"):
+        peft_core.apply(base, {"name": "lora"})
+
+
 def test_dora_on_8bit_base_is_the_weight_decomposition(folders) -> None:
     """QDoRA on LLM.int8 layers against the formula on the dequantized weight (peft is no
     oracle here: on CPU its 8-bit DoRA re-wraps the int8 weight while dequantizing, and its

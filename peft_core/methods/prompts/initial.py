@@ -31,12 +31,24 @@ def prompt_tuning_table(model: nn.Module, lay: Layout, cfg: PromptTuningConfig) 
     else:
         tokens = torch.randint(0, vocab, (n if cfg.init == "vocab" else min(vocab, 1024),),
                                device=device)
-    # A module call, not a read of .weight: ZeRO-3 gathers the matrix for this call only.
-    with partition.gathered_forward(emb):
-        vectors = emb(tokens).float()
+    vectors = embed(emb, tokens)
     if cfg.init == "random":
         return torch.randn(n, lay.dim, device=device) * vectors.std()
     return vectors
+
+
+def vocab_embeddings(model: nn.Module, n: int) -> torch.Tensor:
+    """The ``(n, dim)`` input embeddings of ``n`` random vocabulary tokens."""
+    emb = model.get_input_embeddings()
+    device = next(emb.parameters()).device
+    return embed(emb, torch.randint(0, emb.num_embeddings, (n,), device=device))
+
+
+def embed(emb: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``emb(tokens)`` in float32, by a module call rather than a read of ``.weight``: ZeRO-3
+    gathers the matrix for this call only."""
+    with partition.gathered_forward(emb):
+        return emb(tokens).float()
 
 
 def tokenize(cfg: PromptTuningConfig) -> list[int]:

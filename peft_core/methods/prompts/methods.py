@@ -16,7 +16,7 @@ from ...registry import register
 from . import inputs, prefix
 from .configs import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
 from .export import export_input, export_prefix
-from .initial import prompt_tuning_table, token_activations
+from .initial import prompt_tuning_table, token_activations, vocab_embeddings
 from .layout import Layout, layout
 from .modules import MODULE, PrefixMLP, PromptEncoder, PromptTable, fold
 
@@ -106,9 +106,13 @@ class PTuning(InputPrompt):
 
     def _build(self, model, lay, dtype, device):
         cfg = self.config
-        return PromptEncoder(cfg.num_virtual_tokens, lay.dim, cfg.encoder_hidden_size or lay.dim,
-                             cfg.encoder, cfg.encoder_num_layers, cfg.encoder_dropout,
-                             dtype=dtype, device=device)
+        enc = PromptEncoder(cfg.num_virtual_tokens, lay.dim, cfg.encoder_hidden_size or lay.dim,
+                            cfg.encoder, cfg.encoder_num_layers, cfg.encoder_dropout,
+                            dtype=dtype, device=device)
+        if cfg.init == "vocab":
+            with torch.no_grad():
+                enc.embedding.weight.copy_(vocab_embeddings(model, cfg.num_virtual_tokens))
+        return enc
 
     def finalize(self, peft_model: nn.Module, batches: Any) -> None:
         if not self.folded:
