@@ -281,6 +281,36 @@ def quantized_memory_block(data: dict[str, Any] | None) -> str:
             + "\n" + _commands(data))
 
 
+def search_cost_block(full: dict[str, Any] | None, quick: dict[str, Any] | None) -> str:
+    """Where a demo search's trial time goes, per recorded variant
+    (``benchmarks/search_cost.py``); the quick mode's results when the full mode has not
+    run, said so."""
+    from benchmarks.search_cost import START_TARGET_S, STEPS_SHARE_TARGET
+
+    data, mode = (full, "full") if full else (quick, "quick (`--quick`)")
+    if data is None:
+        return "_not run yet: `python -m benchmarks.search_cost`_\n"
+    rows, splits = [], []
+    for label, r in data["runs"].items():
+        start, share = r["max_start_to_first_step_s"], r["steps_share"]
+        start_ok = "met" if start <= START_TARGET_S else "**MISSED**"
+        share_ok = "met" if share and share >= STEPS_SHARE_TARGET else "**MISSED**"
+        rows.append({
+            "variant": label, "trials": len(r["trials"]), "steps": r["steps"],
+            "at a time": r["max_concurrent_trials"], "search wall s": r["search_wall_s"],
+            "slowest start to first step s": f"{start} ({start_ok})",
+            "steps' share": f"{share} ({share_ok})",
+        })
+        splits.append(f"{label}: " + ", ".join(
+            f"{x['phase']} {x['seconds']} s ({x['share']})" for x in r["split"]
+            if x["seconds"] >= 0.1))
+    head = (f"Mode: {mode}. Targets: start to first step ≤ {START_TARGET_S:g} s, training "
+            f"steps ≥ {STEPS_SHARE_TARGET:.0%} of the trials' wall time.\n\n")
+    return (head + table(rows, list(rows[0])) + "\n\nTime split by phase (share of the "
+            "trials' summed wall time; phases under 0.1 s left out):\n\n"
+            + "\n".join(f"- {x}" for x in splits) + "\n")
+
+
 def _ms(x: float | None) -> str:
     return "–" if x is None else f"{1000 * x:.0f}"
 
@@ -505,6 +535,8 @@ def main() -> None:
     doc = fill(doc, "scale", scale_block(_load("scale")))
     doc = fill(doc, "quantized_memory", quantized_memory_block(_load("quantized_memory")))
     doc = fill(doc, "serve_load", serve_block(_load(f"serve_load{sfx}")))
+    doc = fill(doc, "search_cost", search_cost_block(_load("search_cost"),
+                                                     _load("search_cost_quick")))
     tmp = out.with_name(out.name + ".tmp")  # the hand-written prose must survive a crash
     tmp.write_text(doc)
     tmp.replace(out)
