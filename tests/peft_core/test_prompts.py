@@ -382,6 +382,18 @@ def test_prompt_tuning_init_from_token_ids_and_vocab() -> None:
         assert all((vocab - row).abs().amax(-1).min() < 1e-7 for row in table)
 
 
+def test_p_tuning_encoder_inputs_start_as_vocabulary_embeddings_by_default() -> None:
+    vocab = tiny.model("llama").get_input_embeddings().weight
+    rows = _module(peft_core.apply(tiny.model("llama"), {"name": "p_tuning"})).embedding.weight
+    assert all((vocab - row).abs().amax(-1).min() < 1e-7 for row in rows)
+    # peft's start: standard normal inputs, far from every token's embedding
+    torch.manual_seed(0)
+    rand = _module(peft_core.apply(tiny.model("llama"),
+                                   {"name": "p_tuning", "init": "random"})).embedding.weight
+    assert all((vocab - row).abs().amax(-1).min() > 1e-3 for row in rand)
+    assert 0.7 < rand.std().item() < 1.3
+
+
 def test_prompt_tuning_init_from_text_uses_the_tokenizer(tmp_path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -484,6 +496,7 @@ def test_embedding_matrix_is_only_used_through_its_module(cfg: dict) -> None:
         ({"name": "prompt_tuning", "init": "text"}, "init"),
         ({"name": "prompt_tuning", "init": "words"}, "init"),
         ({"name": "p_tuning", "encoder": "gru"}, "encoder"),
+        ({"name": "p_tuning", "init": "text"}, "init"),
         ({"name": "prefix_tuning", "target_modules": ["q_proj"]}, "target_modules"),
         ({"name": "p_tuning_v2", "dropout": 1.5}, "dropout"),
     ],
