@@ -186,6 +186,7 @@ class PackedModel(nn.Module):
             raise PeftError("model: contains LoRA layers already; a pack starts from the "
                             "plain base model")
         self.base_fingerprint = fingerprint(model)  # before any change, as apply() takes it
+        targets.keep_4bit_layers_differentiable(model)  # as apply() does
         model.requires_grad_(False)
         self.base_model = model
         self.loss_fn = loss_fn or hf_loss

@@ -57,32 +57,13 @@ def read_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     if kind == "4-bit":
-        if getattr(w.quant_state, "packing_format_for_cpu", False):
-            return _applied_weight(module)
+        # never bitsandbytes' CPU inference layout: apply() turns that repacking off
         return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
     # LLM.int8: row-wise absmax int8 codes (CB) and their scales (SCB).
     scb = getattr(w, "SCB", None)
     if scb is None:
         scb = module.state.SCB
     return bnbf.int8_vectorwise_dequant(w.data, scb).to(torch.float32)
-
-
-def _applied_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) matrix a layer applies, read by applying it to the identity.
-
-    bitsandbytes' CPU inference path (eval mode, no grad, AVX512-BF16 CPUs) repacks a 4-bit
-    weight in place into a layout only its own kernel reads; rather than undo that through
-    its private helpers, ask the layer itself. Costs one (in × in) matmul through it.
-    """
-    d_in, _ = targets.linear_dims(module)
-    eye = torch.eye(d_in, device=module.weight.device,
-                    dtype=getattr(module, "compute_dtype", None) or torch.float32)
-    with torch.no_grad():
-        out = module(eye).float()
-        bias = getattr(module, "bias", None)
-        if bias is not None:
-            out = out - bias.float()
-    return out.T
 
 
 def write_weight(module: nn.Module, value: torch.Tensor, *, why: str) -> None:
