@@ -16,6 +16,9 @@ Public API:
 - :func:`apply` -> :class:`PeftModel`: freeze, inject, count, optimise, merge, save.
 - :func:`load_adapter`, :func:`save_adapter`, :func:`export_hf`, :func:`read_adapter_config`.
 - :func:`fingerprint`: the base-model identity stored with every adapter.
+- :mod:`peft_core.pack`: :class:`~peft_core.pack.PackedModel` trains K LoRA-family
+  adapters over one frozen base; :func:`~peft_core.pack.check_member` says whether a
+  method config can be one of them.
 - :data:`__version__`, written into every adapter.
 - Errors: :class:`PeftError`, :class:`ConfigError`, :class:`TargetError`,
   :class:`NotMergeableError`, :class:`FingerprintMismatchError`.

@@ -454,6 +454,12 @@ class PackedModel(nn.Module):
             self._layout.rows = None
 
 
+def check_member(config: MethodConfig | Mapping[str, Any]) -> MethodConfig:
+    """The validated method config of a would-be member, or a :class:`ConfigError` naming
+    the field a pack cannot take (a search checks its trials with it before starting)."""
+    return _packable(config)[0]
+
+
 def _packable(config: MethodConfig | Mapping[str, Any]) -> tuple[MethodConfig, Method]:
     """The validated config and its method, or a ConfigError naming the field a pack cannot
     take."""

@@ -30,6 +30,7 @@ from .registry import RegistryConfig
 from .tracking import TrackingConfig
 from .train.config import TrainConfig
 from .tune.config import TuneConfig
+from .tune.packing import check as check_pack
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 #: corpora that ship as PyPI packages, usable as a data source ``builtin:NAME``
@@ -157,6 +158,7 @@ class Recipe(BaseModel):
                 self.tune.space.validate_trials(self.tune.space.grid())
             except peft_core.PeftError as e:
                 raise ValueError(f"tune.space.methods.{e}") from e
+            check_pack(self.train, self.tune)
         metric = self.tune.objective.metric if self.tune else self.registry.metric
         if (self.data.task != "classification" and "accuracy" in metric
                 and metric != "eval_token_accuracy"):

@@ -67,6 +67,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def save_rng(folder: Path, *, rank: int) -> None:
+    """This rank's RNG state, ``rng_rank{R}.pt`` (dropout continues the same stream)."""
+    torch.save(_rng_state(), Path(folder) / f"rng_rank{rank}.pt")
+
+
+def load_rng(folder: Path, *, rank: int) -> None:
+    """Restore :func:`save_rng`'s state of this rank, if the folder has one."""
+    rng_file = Path(folder) / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+
+
 def save_resume_state(engine: Any, folder: Path, *, rank: int) -> None:
     """Every rank: its DeepSpeed shard and RNG state (a collective: every rank calls it)."""
     ds_dir = folder / DS_DIR
@@ -75,7 +87,7 @@ def save_resume_state(engine: Any, folder: Path, *, rank: int) -> None:
     (ds_dir / DS_TAG).mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(ds_dir), tag=DS_TAG, save_latest=False,
                            exclude_frozen_parameters=True)
-    torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    save_rng(folder, rank=rank)
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:
@@ -111,7 +123,5 @@ def load_resume_state(engine: Any, folder: Path, *, rank: int, world: int, stage
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise ResumeError(f"{folder}: DeepSpeed found no checkpoint under {DS_DIR}/{DS_TAG}")
-    rng_file = folder / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    load_rng(folder, rank=rank)
     return state

@@ -8,6 +8,7 @@ The loop knows no method by name: it calls the method's hooks (``prepare`` befor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -56,6 +57,53 @@ def _label_tokens(batch: dict[str, torch.Tensor], is_lm: bool) -> int:
     return int(batch["labels"].numel())
 
 
+class EvalSums:
+    """Running sums of one model's evaluation over this rank's eval batches: token-weighted
+    loss, accuracy (token accuracy for LMs) and, with ``calibrate`` (classification), the
+    softmax's calibration. :meth:`result` combines every rank's sums (a collective)."""
+
+    def __init__(self, info: Manifest, *, calibrate: bool = False):
+        self.info = info
+        self.loss_sum = self.weight = self.correct = self.count = 0.0
+        self.calib = M.Calibration() if calibrate and not info.is_lm else None
+
+    def add(self, loss: float, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        w = _label_tokens(batch, self.info.is_lm)
+        if w:
+            self.loss_sum += loss * w
+            self.weight += w
+        labels = batch["labels"].to(logits.device)
+        if self.info.is_lm:
+            # Token accuracy over trained positions; logits are tail-aligned with the labels
+            # (prompt methods prepend virtual tokens to the logits, not to the labels).
+            L = labels.shape[1]
+            pred = logits[:, -L:][:, :-1].argmax(-1)
+            tgt = labels[:, 1:]
+            mask = tgt != -100
+            self.correct += float((pred[mask] == tgt[mask]).sum())
+            self.count += float(mask.sum())
+        else:
+            self.correct += float((logits.argmax(-1) == labels).sum())
+            self.count += float(labels.numel())
+            if self.calib is not None:
+                self.calib.add(torch.softmax(logits.float(), -1), labels)
+
+    def result(self) -> dict[str, float]:
+        loss_sum, weight, correct, count = M.all_reduce(
+            [self.loss_sum, self.weight, self.correct, self.count])
+        eval_loss = loss_sum / weight if weight else math.nan
+        out = {M.EVAL_LOSS: eval_loss}
+        if self.info.is_lm:
+            out[M.PERPLEXITY] = math.exp(min(eval_loss, 50.0))
+            out["eval_token_accuracy"] = correct / count if count else math.nan
+        else:
+            out[M.EVAL_ACCURACY] = correct / count if count else math.nan
+            if self.calib is not None:
+                c = self.calib.summarise()
+                out.update({M.EVAL_ECE: c[M.EVAL_ECE], M.EVAL_NLL: c[M.EVAL_NLL]})
+        return out
+
+
 @torch.no_grad()
 def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
              fallback: dict[str, torch.Tensor], info: Manifest, device: torch.device,
@@ -63,45 +111,14 @@ def evaluate(engine: Any, batches: list[dict[str, torch.Tensor] | None],
     """Token-weighted eval loss (and accuracy) over every rank's shard of the eval split;
     ``calibrate`` (classification) adds ``eval_ece`` and ``eval_nll`` of the softmax."""
     engine.eval()
-    loss_sum = weight = correct = count = 0.0
-    calib = M.Calibration() if calibrate and not info.is_lm else None
+    sums = EvalSums(info, calibrate=calibrate)
     for b in batches:
         real = b is not None
         out = engine(**_to(b if real else fallback, device))
-        if not real:
-            continue  # ZeRO-3's forward is collective: a rank with no rows still takes part
-        w = _label_tokens(b, info.is_lm)
-        if w:
-            loss_sum += float(out.loss) * w
-            weight += w
-        logits, labels = out.logits, b["labels"].to(device)
-        if info.is_lm:
-            # Token accuracy over trained positions; logits are tail-aligned with the labels
-            # (prompt methods prepend virtual tokens to the logits, not to the labels).
-            L = labels.shape[1]
-            pred = logits[:, -L:][:, :-1].argmax(-1)
-            tgt = labels[:, 1:]
-            mask = tgt != -100
-            correct += float((pred[mask] == tgt[mask]).sum())
-            count += float(mask.sum())
-        else:
-            correct += float((logits.argmax(-1) == labels).sum())
-            count += float(labels.numel())
-            if calib is not None:
-                calib.add(torch.softmax(logits.float(), -1), labels)
-    loss_sum, weight, correct, count = M.all_reduce([loss_sum, weight, correct, count])
+        if real:  # ZeRO-3's forward is collective: a rank with no rows still takes part
+            sums.add(float(out.loss), out.logits, b)
     engine.train()
-    eval_loss = loss_sum / weight if weight else math.nan
-    out = {M.EVAL_LOSS: eval_loss}
-    if info.is_lm:
-        out[M.PERPLEXITY] = math.exp(min(eval_loss, 50.0))
-        out["eval_token_accuracy"] = correct / count if count else math.nan
-    else:
-        out[M.EVAL_ACCURACY] = correct / count if count else math.nan
-        if calib is not None:
-            c = calib.summarise()
-            out.update({M.EVAL_ECE: c[M.EVAL_ECE], M.EVAL_NLL: c[M.EVAL_NLL]})
-    return out
+    return sums.result()
 
 
 def final_eval(engine: Any, peft_model: Any, batches: list[dict[str, torch.Tensor] | None],
@@ -225,11 +242,29 @@ def _register_external_params(model: torch.nn.Module) -> None:
             deepspeed.zero.register_external_parameter(m, p)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Train's per-worker function. ``loop_config``: ``train_config`` (TrainConfig as a
-    dict), ``dataset`` (the :class:`~pipelines.data.manifest.Manifest`
-    as a dict), optional ``resume_from`` (a
-    checkpoint folder used when Ray has none) and ``pid_dir`` (each rank writes its pid)."""
+@dataclasses.dataclass
+class Worker:
+    """What a worker has once started, before its model: the run's config and dataset, its
+    rank, device, batches and the stopwatch of its phases (see :func:`start_worker`)."""
+
+    config: TrainConfig
+    info: Manifest
+    rank: int
+    world: int
+    device: torch.device
+    phases: M.Phases
+    started: float  # perf_counter at the train function's first line
+    precision: str
+    dtype: torch.dtype
+    ds_config: dict[str, Any]
+    batches: TrainBatches
+    evals: list[dict[str, torch.Tensor] | None]
+    fallback: dict[str, torch.Tensor]
+
+
+def start_worker(loop_config: dict[str, Any]) -> Worker:
+    """The first part of every worker's function: imports, config, rank, pid file, device,
+    seeds and the data splits batched, each charged to its phase."""
     entered = time.time()  # wall clock: compared with the trial driver's ``started_at``
     started = time.perf_counter()
     phases = M.Phases("imports")
@@ -251,10 +286,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     setup_deepspeed(shm_comm=config.shm_comm)
-    import deepspeed
-    import transformers  # noqa: F401  (imported here, so ``load`` is the loading alone)
+    import deepspeed  # noqa: F401  (imported here, so ``load`` is the loading alone)
+    import transformers  # noqa: F401
 
-    import peft_core
+    import peft_core  # noqa: F401
 
     phases.switch("data")
     random.seed(config.seed)
@@ -271,11 +306,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     evals = eval_batches(eval_rows, collate, batch_size=ebs, rank=rank, world=world,
                          max_batches=config.max_eval_batches)
     fallback = collate(eval_rows[:1] or train_rows[:1])
-
-    # -- model and method (identical on every rank: same seed, same prepare batches) --------
     # Base weights in the compute dtype; DeepSpeed keeps fp32 master copies of the
     # trainable ones in bf16 mode.
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return Worker(config, info, rank, world, device, phases, started, precision, dtype,
+                  ds_config, batches, evals, fallback)
+
+
+def pipeline_info(config: TrainConfig, info: Manifest) -> dict[str, Any]:
+    """What an adapter folder records of its training (evaluate/serve load the base as it
+    was trained on, quantized or not)."""
+    return {
+        "model": config.model.name,
+        "quantization": (config.model.quantization.model_dump()
+                         if config.model.quantization else None),
+        "task": info.task,
+        "tokenizer": info.tokenizer_name,
+        "label_names": info.label_names,
+        "max_length": info.max_length,
+        "dataset_id": info.dataset_id,
+    }
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Train's per-worker function. ``loop_config``: ``train_config`` (TrainConfig as a
+    dict), ``dataset`` (the :class:`~pipelines.data.manifest.Manifest`
+    as a dict), optional ``resume_from`` (a
+    checkpoint folder used when Ray has none) and ``pid_dir`` (each rank writes its pid)."""
+    w = start_worker(loop_config)  # first: its stopwatch starts at this function's start
+    import deepspeed  # imported by start_worker already
+    import ray.train
+
+    import peft_core
+    config, info, rank, world, device, phases = (w.config, w.info, w.rank, w.world, w.device,
+                                                  w.phases)
+    started, precision, dtype, ds_config = w.started, w.precision, w.dtype, w.ds_config
+    batches, evals, fallback = w.batches, w.evals, w.fallback
+
+    # -- model and method (identical on every rank: same seed, same prepare batches) --------
     phases.switch("load")
     if config.zero.stage == 3:
         _release_freed_tensors_to_the_os()
@@ -346,17 +414,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         M.TRAINABLE_FRACTION: summary["trainable_fraction"],
         "total_params": summary["total_params"],
     }
-    pipeline_info = {
-        "model": config.model.name,
-        # evaluate/serve load the base as it was trained on (quantized or not)
-        "quantization": (config.model.quantization.model_dump()
-                         if config.model.quantization else None),
-        "task": info.task,
-        "tokenizer": info.tokenizer_name,
-        "label_names": info.label_names,
-        "max_length": info.max_length,
-        "dataset_id": info.dataset_id,
-    }
+    adapter_info = pipeline_info(config, info)
     window = M.Window()
     phases.switch("steps")
     if step == 0 and config.eval_before_training:
@@ -413,7 +471,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
                               else evaluate(engine, evals, fallback, info, device))
                 report.update(_memory(device))
             ckpt.save_adapter(peft_model, folder, stage=config.zero.stage, rank=rank,
-                              pipeline=pipeline_info,
+                              pipeline=adapter_info,
                               training={"step": step, "finalized": last,
                                         "eval_loss": report[M.EVAL_LOSS]})
             # the snapshot precedes metrics.json and the report: the checkpoint's copy to

@@ -118,7 +118,8 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
                   run_dir: str | Path | None = None, *, name: str | None = None,
                   callbacks: list[Any] | None = None, report_to_tune: bool | None = None,
                   resume_from: str | Path | None = None,
-                  pid_dir: str | Path | None = None, started_at: float | None = None) -> Any:
+                  pid_dir: str | Path | None = None, started_at: float | None = None,
+                  members: list[dict[str, Any]] | None = None, stopper: Any = None) -> Any:
     """A ready-to-``fit()`` ``TorchTrainer`` for ``config`` on the dataset ``manifest``.
 
     ``run_dir``: the run's folder (a path, or a URI for cluster storage); default
@@ -129,6 +130,9 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
     ``started_at``: the ``time.time()`` the run (a Tune trial) started at, default now;
     the workers charge the time from it to their first line to the ``wait`` and
     ``worker_start`` phases (see :data:`pipelines.train.metrics.PHASES`).
+    ``members``: a packed run (:mod:`pipelines.train.packed`) of these ``{"name", "method",
+    "lr"}`` over one base, in place of ``config.method`` and ``config.lr``; ``stopper``
+    (``(member, report_index, metrics) -> bool``) stops a member early.
     """
     if started_at is None:
         started_at = time.time()
@@ -136,6 +140,7 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import train_loop_per_worker
+    from .packed import packed_loop_per_worker
 
     info = check_inputs(config, manifest)
     local = Path(config.model.name).expanduser()
@@ -169,15 +174,18 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
 
         if not any(isinstance(c, TuneReportCallback) for c in callbacks):
             callbacks.append(TuneReportCallback())
+    loop_config = {
+        "train_config": config.model_dump(mode="json"),
+        "dataset": info.model_dump(mode="json"),
+        "resume_from": str(resume_from) if resume_from else None,
+        "pid_dir": str(pid_dir) if pid_dir else None,
+        "started_at": started_at,
+    }
+    if members is not None:
+        loop_config.update(members=members, stopper=stopper)
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train_config": config.model_dump(mode="json"),
-            "dataset": info.model_dump(mode="json"),
-            "resume_from": str(resume_from) if resume_from else None,
-            "pid_dir": str(pid_dir) if pid_dir else None,
-            "started_at": started_at,
-        },
+        packed_loop_per_worker if members is not None else train_loop_per_worker,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources,

@@ -16,7 +16,9 @@ from typing import Any
 from ray.tune import Callback
 
 from ..tracking import SearchTracker
+from ..train.packed import STOPPED, member_adapter
 from ..train.scheduling import pending_demand
+from .packing import member_names
 
 ADAPTER = "adapter"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray's TuneReportCallback
@@ -44,11 +46,12 @@ class MlflowTrialCallback(Callback):
         self.tracker = tracker
         self.expected_reports = expected_reports
         self.extra_params = extra_params
-        self.runs: dict[str, str] = {}
+        self.runs: dict[str, str] = {}  # trial (or pack member) id -> run id
+        self.ended: set[str] = set()  # runs of pack members already finished
 
     def __getstate__(self) -> dict[str, Any]:
         # trial -> run ids of this driver: a restored driver finds them again by tags
-        return {**self.__dict__, "runs": {}}
+        return {**self.__dict__, "runs": {}, "ended": set()}
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
@@ -60,16 +63,58 @@ class MlflowTrialCallback(Callback):
             )
         return self.runs[trial.trial_id]
 
+    def _member_runs(self, trial) -> dict[str, str]:
+        """A pack trial's members' runs by member id (each its own run, as a solo trial's),
+        tagged with the pack."""
+        specs = trial.config["trial"]["pack"]
+        out = {}
+        for name, spec in zip(member_names(trial.trial_id, len(specs)), specs):
+            if name not in self.runs:
+                self.runs[name] = self.tracker.trial_run(
+                    name, {"method": spec["method"], "lr": spec["lr"], "pack": trial.trial_id,
+                           "pack_size": len(specs), **self.extra_params},
+                    name=f"{spec['method']['name']}-{name}")
+            out[name] = self.runs[name]
+        return out
+
+    def _finish_member(self, run_id: str, record: dict[str, Any], ckpt: str | None,
+                       name: str) -> None:
+        adapter = member_adapter(ckpt, name) if ckpt else None
+        self.tracker.finish(run_id, "FINISHED",
+                            artifacts={ADAPTER: adapter} if adapter else None,
+                            tags={"peftpipe.stopped_early": record.get("status") == STOPPED,
+                                  "peftpipe.checkpoint": ckpt or ""})
+        self.ended.add(run_id)
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run(trial)
+        if _is_pack(trial):
+            self._member_runs(trial)
+        else:
+            self._run(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("step", result.get("training_iteration", 0)))
-        self.tracker.log_metrics(self._run(trial), result, step)
+        if not _is_pack(trial):
+            self.tracker.log_metrics(self._run(trial), result, step)
+            return
+        shared = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+        for name, run_id in self._member_runs(trial).items():
+            rec = (result.get("members") or {}).get(name)
+            if rec is None or rec.get("step") != step or run_id in self.ended:
+                continue  # a member that left the pack earlier repeats its last record
+            self.tracker.log_metrics(run_id, {**shared, **rec}, step)
+            if rec.get("status") == STOPPED:
+                self._finish_member(run_id, rec, result.get(CHECKPOINT_PATH_KEY), name)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         ckpt = last.get(CHECKPOINT_PATH_KEY)
+        if _is_pack(trial):
+            records = last.get("members") or {}
+            for name, run_id in self._member_runs(trial).items():
+                if run_id not in self.ended:
+                    self._finish_member(run_id, records.get(name, {}), ckpt, name)
+            return
         adapter = Path(ckpt) / ADAPTER if ckpt else None
         stopped = stopped_early(last, self.expected_reports, self.extra_params.get("max_steps"))
         self.tracker.finish(self._run(trial), "FINISHED",
@@ -77,14 +122,25 @@ class MlflowTrialCallback(Callback):
                             tags={"peftpipe.stopped_early": stopped,
                                   "peftpipe.checkpoint": ckpt or ""})
 
+    def _trial_runs(self, trial) -> list[str]:
+        if _is_pack(trial):
+            return [r for r in self._member_runs(trial).values() if r not in self.ended]
+        return [self._run(trial)]
+
     def on_trial_recover(self, iteration, trials, trial, **info):
         # the trial failed and Tune runs it again (tune.max_trial_failures): its run goes on
-        self.tracker.client.set_tag(self._run(trial), "peftpipe.trial_failures",
-                                    str(getattr(trial, "num_failures", "")))
+        for run_id in self._trial_runs(trial):
+            self.tracker.client.set_tag(run_id, "peftpipe.trial_failures",
+                                        str(getattr(trial, "num_failures", "")))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.finish(self._run(trial), "FAILED",
-                            tags={"peftpipe.error": str(getattr(trial, "error_file", ""))})
+        for run_id in self._trial_runs(trial):
+            self.tracker.finish(run_id, "FAILED",
+                                tags={"peftpipe.error": str(getattr(trial, "error_file", ""))})
+
+
+def _is_pack(trial) -> bool:
+    return "pack" in trial.config["trial"]
 
 
 class StatusCallback(Callback):
@@ -115,9 +171,18 @@ class StatusCallback(Callback):
               flush=True)
 
     def _say(self, trial, text: str) -> None:
-        m = trial.config["trial"]["method"]
+        t = trial.config["trial"]
+        label = (f"pack of {len(t['pack'])}" if "pack" in t else t["method"]["name"])
         self.last_event = time.time()
-        self._print(f"{trial.trial_id} {m['name']:<16} {text}")
+        self._print(f"{trial.trial_id} {label:<16} {text}")
+
+    def _line(self, result: dict[str, Any]) -> str:
+        v = result.get(self.metric)
+        val = f"{v:.4f}" if isinstance(v, float) else v
+        loss = result.get("train_loss")
+        # a step-0 report (evaluation before training) has no training loss yet
+        train = f"  train_loss={loss:.4f}" if isinstance(loss, float) and loss == loss else ""
+        return f"{self.metric}={val}{train}"
 
     def on_step_end(self, iteration, trials, **info):
         now = time.time()
@@ -142,13 +207,19 @@ class StatusCallback(Callback):
         self._say(trial, "started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        v = result.get(self.metric)
-        val = f"{v:.4f}" if isinstance(v, float) else v
-        loss = result.get("train_loss")
-        # a step-0 report (evaluation before training) has no training loss yet
-        train = f"  train_loss={loss:.4f}" if isinstance(loss, float) and loss == loss else ""
         step = f"{result.get('step', '?'):>4}{self.total}"
-        self._say(trial, f"step {step}  {self.metric}={val}{train}")
+        if not _is_pack(trial):
+            self._say(trial, f"step {step}  {self._line(result)}")
+            return
+        specs = trial.config["trial"]["pack"]
+        for name, spec in zip(member_names(trial.trial_id, len(specs)), specs):
+            rec = (result.get("members") or {}).get(name)
+            if rec is None or rec.get("step") != result.get("step"):
+                continue
+            ended = "  (stopped early)" if rec.get("status") == STOPPED else ""
+            self.last_event = time.time()
+            self._print(f"{name} {spec['method']['name']:<16} step {step}  "
+                        f"{self._line(rec)}{ended}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._say(trial, "done")

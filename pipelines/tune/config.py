@@ -22,6 +22,9 @@ class TuneConfig(BaseModel):
     failed (a lost node, say; ``train.max_failures`` already restarts lost workers inside
     a trial); a restarted trial resumes from its last checkpoint. A trial that still failed
     makes the job exit 1 (after its results are saved) unless ``tolerate_failed_trials``.
+    ``pack``: up to this many trials train in one worker group over one copy of the base
+    model (LoRA-family methods, ZeRO 0-2, searcher grid or random; see
+    :mod:`pipelines.tune.packing`); 1 runs each trial on its own.
     ``waiting_notice_s``: while trials wait for resources, a console line with Ray's
     pending demand after this long without one (then at most this often).
     """
@@ -42,4 +45,5 @@ class TuneConfig(BaseModel):
     max_trial_failures: int = Field(2, ge=0)
     tolerate_failed_trials: bool = False
     waiting_notice_s: float = Field(60.0, gt=0)
+    pack: int = Field(1, ge=1)
     name: str | None = None  # the search id; default: a hash of the recipe and dataset

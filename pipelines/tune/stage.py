@@ -34,6 +34,8 @@ from ..data.manifest import Manifest
 from ..tracking import SearchTracker, TrackingConfig, client, content_hash, experiment_id, git_sha
 from ..train import TrainConfig, build_trainer, check_inputs, scheduling
 from ..train.checkpoint import STATE_FILE
+from ..train.packed import COMPLETED, STOPPED, member_adapter
+from . import packing
 from .callbacks import (
     ADAPTER,
     CHECKPOINT_PATH_KEY,
@@ -51,8 +53,9 @@ log = logging.getLogger(__name__)
 
 
 def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: str,
-               trials_dir: str) -> None:
-    """One trial: train the trial's method and learning rate with the shared recipe."""
+               trials_dir: str, stopper: dict[str, str] | None = None) -> None:
+    """One trial: train the trial's method and learning rate with the shared recipe; or, for
+    a pack, its members side by side (``stopper``: the rungs actor's name and the metric)."""
     import time
 
     from ray import tune
@@ -60,14 +63,22 @@ def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: str,
     # Tune's time_total_s starts just before this call: the trial's phases start here too
     started_at = time.time()
     t = config["trial"]
-    cfg = TrainConfig.model_validate({**base, "method": t["method"], "lr": t["lr"], "name": None})
     trial_id = tune.get_context().get_trial_id()
+    specs = t.get("pack")
+    members = None
+    if specs is not None:
+        members = [{"name": n, "method": s["method"], "lr": s["lr"]}
+                   for n, s in zip(packing.member_names(trial_id, len(specs)), specs)]
+        t = specs[0]  # the run's own method and lr fields (each member brings its own)
+    cfg = TrainConfig.model_validate({**base, "method": t["method"], "lr": t["lr"], "name": None})
     # The trial's own folder: a restored or retried trial finds its checkpoints there and
     # resumes from the latest.
     folder = Path(trials_dir) / trial_id
     _write_pid(folder / "workers" / "driver.pid")  # beside its workers' rank{R}.pid
-    trainer = build_trainer(cfg, dataset, folder, report_to_tune=True, started_at=started_at,
-                            resume_from=_set_aside_torn_snapshot(folder))
+    trainer = build_trainer(
+        cfg, dataset, folder, report_to_tune=True, started_at=started_at,
+        resume_from=_set_aside_torn_snapshot(folder), members=members,
+        stopper=packing.MemberStopper(**stopper) if members and stopper else None)
     # a trial whose workers stay unplaced fails naming Ray's pending demand, as a run does
     scheduling.fit(trainer, cfg)
 
@@ -142,6 +153,7 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Manifest | str |
     run fits in exactly ``workers x cpus_per_worker`` (Tune accepts an empty head bundle).
     Raises :class:`SearchInterrupted` when SIGINT or SIGTERM stopped it."""
     info = check_inputs(train, manifest)
+    packing.check(train, config)
     run_dir = Path(run_dir).resolve()
     trials = _trial_configs(config)
     reports = _expected_reports(train)
@@ -169,7 +181,7 @@ def search(train: TrainConfig, config: TuneConfig, *, manifest: Manifest | str |
         "searcher": config.searcher, "scheduler": config.scheduler,
         "num_trials": len(trials) if trials is not None else config.num_samples,
         "objective": config.objective.model_dump(), "max_steps": train.max_steps,
-        "batch_size": train.batch_size, "zero_stage": train.zero.stage,
+        "batch_size": train.batch_size, "zero_stage": train.zero.stage, "pack": config.pack,
     })
     mlc.set_tag(tracker.parent_id, TAG_DRIVER, driver_identity())
     if recipe:
@@ -195,13 +207,25 @@ def _search(train: TrainConfig, config: TuneConfig, info, run_dir: Path,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    obj = config.objective
+    packed = config.pack > 1
+    stopper = rungs = None
+    if packed and config.scheduler == "asha":
+        # members are stopped inside their packs, by the search's own rungs (see packing)
+        name, rungs = packing.start_rungs(
+            search_id, mode=obj.mode, grace_period=min(config.grace_period, reports),
+            reduction_factor=config.reduction_factor, max_t=reports + 1)
+        stopper = {"metric": obj.metric, "actor_name": name}
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=train.model_dump(mode="json"),
-                             dataset=str(info.path), trials_dir=str(run_dir / "trials")),
+                             dataset=str(info.path), trials_dir=str(run_dir / "trials"),
+                             stopper=stopper),
         driver_resources(trial_driver_cpu),
     )
-    obj = config.objective
-    if config.scheduler == "asha":
+    if packed:
+        # a pack is one Tune trial; Tune must not stop it for one member's metric
+        scheduler = FIFOScheduler()
+    elif config.scheduler == "asha":
         # max_t one past the last report, so a trial is never stopped *at* its last report
         # (which would lose its final artifacts).
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 1,
@@ -210,7 +234,10 @@ def _search(train: TrainConfig, config: TuneConfig, info, run_dir: Path,
     else:
         scheduler = FIFOScheduler()
     search_alg, param_space, num_samples = None, None, 1
-    if trials is not None:
+    if trials is not None and packed:
+        param_space = {"trial": tune.grid_search(
+            [{"pack": p} for p in packing.packs(trials, config.pack)])}
+    elif trials is not None:
         param_space = {"trial": tune.grid_search(trials)}
     else:
         from ray.tune.search.optuna import OptunaSearch
@@ -246,7 +273,9 @@ def _search(train: TrainConfig, config: TuneConfig, info, run_dir: Path,
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=obj.metric, mode=obj.mode, scheduler=scheduler, search_alg=search_alg,
+                # a pack reports its members' metrics, not one of its own
+                metric=None if packed else obj.metric, mode=None if packed else obj.mode,
+                scheduler=scheduler, search_alg=search_alg,
                 num_samples=num_samples, max_concurrent_trials=config.max_concurrent_trials,
                 reuse_actors=False,
             ),
@@ -254,13 +283,14 @@ def _search(train: TrainConfig, config: TuneConfig, info, run_dir: Path,
         )
     with _stop_on_signals() as stopped_by:
         grid = tuner.fit()
+    del rungs  # the members' rungs live as long as the search runs
     if stopped_by:
         end_open_runs(mlc, exp, search_id, "KILLED", f"stopped by {stopped_by[0]}")
         raise SearchInterrupted(
             f"search {search_id} stopped by {stopped_by[0]}; its state is saved: run the same "
             "command again to resume it", signal_name=stopped_by[0])
 
-    outcomes = [_outcome(r, reports, callbacks[0], train.max_steps) for r in grid]
+    outcomes = [o for r in grid for o in _outcomes(r, reports, callbacks[0], train.max_steps)]
     outcomes.sort(key=lambda o: o["trial_id"])
     _close_open_runs(mlc, tracker, outcomes)
     best = obj.best([{**o["metrics"], "_trial": o["trial_id"]} for o in outcomes])
@@ -339,6 +369,53 @@ def _close_open_runs(mlc, tracker: SearchTracker, outcomes: list[dict[str, Any]]
         tracker.finish(run.info.run_id, "FAILED" if o["status"] == "error" else "FINISHED",
                        artifacts={ADAPTER: Path(adapter)} if adapter else None,
                        tags={"peftpipe.stopped_early": o["status"] == "stopped early"})
+
+
+def _outcomes(result, reports: int, mlflow_cb: MlflowTrialCallback,
+              max_steps: int | None = None) -> list[dict[str, Any]]:
+    """A trial's outcome; a pack's, one per member (each a trial of the search)."""
+    specs = ((result.config or {}).get("trial") or {}).get("pack")
+    if specs is None:
+        return [_outcome(result, reports, mlflow_cb, max_steps)]
+    metrics = dict(result.metrics or {})
+    pack_id = metrics.get("trial_id") or Path(result.path).name
+    records = metrics.get("members") or {}
+    shared = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    df = result.metrics_dataframe
+    ckpt = metrics.get(CHECKPOINT_PATH_KEY)
+    out = []
+    for name, spec in zip(packing.member_names(pack_id, len(specs)), specs):
+        rec = records.get(name) or {}
+        history: dict[str, list[tuple[int, float]]] = {}
+        step_col = f"members/{name}/step"
+        if df is not None and step_col in df:
+            for col in ("eval_loss", "train_loss", "eval_accuracy"):
+                c = f"members/{name}/{col}"
+                if c in df:
+                    seen: dict[int, float] = {}
+                    for st, v in zip(df[step_col], df[c]):
+                        if st == st and v == v:
+                            seen[int(st)] = float(v)  # an ended member repeats its record
+                    history[col] = sorted(seen.items())
+        if result.error is not None and rec.get("status") != COMPLETED:
+            status = "error"
+        elif rec.get("status") == STOPPED or (
+                rec and stopped_early(rec, reports, max_steps)):
+            status = "stopped early"
+        elif rec:
+            status = "completed"
+        else:
+            status = "error"
+        mine = {k: v for k, v in rec.items() if not isinstance(v, (dict, list))}
+        out.append({
+            "trial_id": name, "method": spec["method"], "lr": spec["lr"],
+            "metrics": {**shared, **mine, "trial_id": name, "pack": pack_id},
+            "history": history, "status": status, "time_s": metrics.get("time_total_s"),
+            "adapter_dir": str(member_adapter(ckpt, name)) if ckpt else None,
+            "mlflow_run_id": mlflow_cb.runs.get(name) or mlflow_cb.tracker.trial_run(name, {}),
+            "error": str(result.error) if result.error else None,
+        })
+    return out
 
 
 def _outcome(result, reports: int, mlflow_cb: MlflowTrialCallback,
