@@ -50,7 +50,8 @@ def searches(ray_cluster, tmp_path_factory):
                   tracking=track, verbose=False)
     packed = search(train, _tune(scheduler="asha", pack=2), manifest=data,
                     run_dir=tmp / "packed", tracking=track, verbose=False)
-    return {"solo": solo, "packed": packed, "tracking": track, "tmp": tmp}
+    return {"solo": solo, "packed": packed, "tracking": track, "tmp": tmp, "train": train,
+            "data": data}
 
 
 def _by_lr(result) -> dict[float, dict]:
@@ -118,6 +119,38 @@ def test_each_member_has_its_own_mlflow_run_and_phases(searches) -> None:
         assert phases["steps"] > 0 and phases["load"] > 0 and phases["eval"] > 0
         wall = t["time_s"]
         assert wall and abs(sum(phases.values()) - wall) <= 0.05 * wall, (wall, phases)
+
+
+def test_a_pack_resumes_from_its_checkpoint(searches) -> None:
+    """A packed run started again from its oldest kept checkpoint (after one member had
+    left) restores the members' adapters, optimizers and schedules, keeps the ended member
+    out, and ends where the uninterrupted run ended."""
+    from pipelines.train import build_trainer, scheduling
+
+    packed = _by_lr(searches["packed"])
+    keep, gone = packed[LRS[0]], packed[LRS[1]]
+    pack_dir = Path(keep["adapter_dir"]).parents[2]
+    first = min(pack_dir.parent.glob("checkpoint_*"))
+    state = json.loads((first / "train_state.json").read_text())
+    at = state["step"]
+    assert 2 <= at < 6 and state["pack"]["ended"] == [gone["trial_id"]]
+    members = [{"name": t["trial_id"], "method": t["method"], "lr": t["lr"]}
+               for t in sorted(packed.values(), key=lambda t: t["trial_id"])]
+    train = searches["train"].model_copy(update={"cpus_per_worker": 0.9})
+    trainer = build_trainer(train, searches["data"], searches["tmp"] / "resumed",
+                            report_to_tune=False, members=members, resume_from=first)
+    result = scheduling.fit(trainer, train)
+    history = result.return_value
+    assert history[-1]["resumed_from"] == at and history[-1]["step"] == 6
+    last = history[-1]["members"]
+    assert last[gone["trial_id"]]["status"] == "stopped early"
+    assert last[gone["trial_id"]]["step"] == 2
+    assert math.isclose(last[keep["trial_id"]]["eval_loss"], keep["metrics"]["eval_loss"],
+                        rel_tol=1e-5)
+    a = _adapter(Path(result.checkpoint.path) / "members" / keep["trial_id"] / "adapter")
+    b = _adapter(keep["adapter_dir"])
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("train_kw, tune_kw, field", [
