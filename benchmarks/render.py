@@ -311,6 +311,47 @@ def search_cost_block(full: dict[str, Any] | None, quick: dict[str, Any] | None)
             + "\n".join(f"- {x}" for x in splits) + "\n")
 
 
+def search_cost_lora_block(data: dict[str, Any] | None) -> str:
+    """The 8-trial LoRA search on SmolLM2, unpacked and packed: wall time, memory per
+    worker, ranking (``benchmarks/search_cost.py --search lora-smollm2``)."""
+    from benchmarks.search_cost import PACKED_WALL_TARGET
+
+    if not data or not data.get("runs"):
+        return "_not run yet: `python -m benchmarks.search_cost --search lora-smollm2`_\n"
+    runs = data["runs"]
+    solo = next((r for r in runs.values() if r["pack"] == 1), None)
+    rows = []
+    for label, r in runs.items():
+        k = r["pack"]
+        row = {"variant": label, "pack": k, "trials": len(r["trials"]),
+               "worker groups": r["units"], "search wall s": r["search_wall_s"],
+               "slowest start to first step s": r["max_start_to_first_step_s"],
+               "params per worker MB": round(r["param_mem_mb_per_worker"], 1),
+               "peak RSS per worker MB": round(r["peak_mem_mb_per_worker"], 1)}
+        if solo is not None and k > 1:
+            ratio = r["search_wall_s"] / solo["search_wall_s"]
+            ok = "met" if ratio <= PACKED_WALL_TARGET else "**MISSED**"
+            row["wall vs unpacked"] = f"{ratio:.2f}x ({ok})"
+            adapter_mb = max(t["trainable_params"] or 0 for t in r["trials"]) * 4 / 2**20
+            bound = solo["param_mem_mb_per_worker"] + (k - 1) * adapter_mb
+            ok = "met" if r["param_mem_mb_per_worker"] <= bound * 1.001 else "**MISSED**"
+            params, peak = r["param_mem_mb_per_worker"], r["peak_mem_mb_per_worker"]
+            row["params vs K solo"] = (f"{params / (k * solo['param_mem_mb_per_worker']):.2f}x"
+                                       f" (bound {bound:.1f} MB: {ok})")
+            row["peak vs K solo"] = f"{peak / (k * solo['peak_mem_mb_per_worker']):.2f}x"
+            row["same ranking"] = "met" if r["leaderboard"] == solo["leaderboard"] else "**MISSED**"
+        else:
+            row.update({"wall vs unpacked": "1.00x", "params vs K solo": "–",
+                        "peak vs K solo": "–", "same ranking": "–"})
+        rows.append(row)
+    boards = "\n".join(f"- {label}: " + " > ".join(r["leaderboard"]) for label, r in runs.items())
+    return (f"Targets: packed wall ≤ {PACKED_WALL_TARGET}x unpacked; parameters per worker "
+            "≤ one base plus K adapters; the same ranking in every variant.\n\n"
+            + table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+            + "\n\nRankings (best first, "
+            f"{next(iter(runs.values()))['metric']}):\n\n" + boards + "\n")
+
+
 def _ms(x: float | None) -> str:
     return "–" if x is None else f"{1000 * x:.0f}"
 
@@ -537,6 +578,7 @@ def main() -> None:
     doc = fill(doc, "serve_load", serve_block(_load(f"serve_load{sfx}")))
     doc = fill(doc, "search_cost", search_cost_block(_load("search_cost"),
                                                      _load("search_cost_quick")))
+    doc = fill(doc, "search_cost_lora", search_cost_lora_block(_load("search_cost_lora")))
     tmp = out.with_name(out.name + ".tmp")  # the hand-written prose must survive a crash
     tmp.write_text(doc)
     tmp.replace(out)

@@ -167,11 +167,17 @@ def phase_split(trials: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """A search's time by phase: each trial's last reported ``phase_<name>_s`` summed over
     trials, in the order the workers report them, and its share of the trials' wall time
     (Tune's ``time_s``). The ``unmeasured`` row is wall time no phase holds (the last
-    report's way to Tune; trials without phases); empty when no trial has phases."""
+    report's way to Tune; trials without phases); empty when no trial has phases. The
+    members of a pack (``tune.pack``) share its phases and wall time: counted once."""
     totals: dict[str, float] = {}
     wall = measured_wall = 0.0
+    packs: set[str] = set()
     for t in trials:
         m = t.get("metrics") or {}
+        if m.get("pack") is not None:
+            if m["pack"] in packs:
+                continue
+            packs.add(m["pack"])
         keys = [k for k in m if k.startswith(PHASE_PREFIX) and k.endswith(PHASE_SUFFIX)
                 and isinstance(m[k], (int, float))]
         for k in keys:

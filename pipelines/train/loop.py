@@ -313,6 +313,19 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
                   ds_config, batches, evals, fallback)
 
 
+def resume_source(loop_config: dict[str, Any]) -> tuple[Any, Any]:
+    """``(Ray's checkpoint or None, a context manager yielding the folder to resume from)``:
+    Ray's latest checkpoint of this run (a restarted worker group) before the
+    ``resume_from`` folder; the manager is None when the run starts afresh."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        return restored, restored.as_directory()
+    resume_dir = loop_config.get("resume_from")
+    return None, (contextlib.nullcontext(resume_dir) if resume_dir else None)
+
+
 def pipeline_info(config: TrainConfig, info: Manifest) -> dict[str, Any]:
     """What an adapter folder records of its training (evaluate/serve load the base as it
     was trained on, quantized or not)."""
@@ -383,12 +396,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
 
     # -- resume ---------------------------------------------------------------------------
     step, history = 0, []
-    restored = ray.train.get_checkpoint()
-    resume_dir = loop_config.get("resume_from")
-    if restored is not None or resume_dir:
+    restored, source = resume_source(loop_config)
+    if source is not None:
         phases.switch("checkpoint")
-        with (restored.as_directory() if restored is not None
-              else contextlib.nullcontext(resume_dir)) as folder:
+        with source as folder:
             saved = ckpt.load_resume_state(engine, Path(folder), rank=rank, world=world,
                                            stage=config.zero.stage)
         step, history = int(saved["step"]), list(saved.get("history", []))

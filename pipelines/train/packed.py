@@ -35,7 +35,17 @@ import torch
 
 from . import checkpoint as ckpt
 from . import metrics as M
-from .loop import EvalSums, Worker, _load_base, _memory, _to, lr_lambda, pipeline_info, start_worker
+from .loop import (
+    EvalSums,
+    Worker,
+    _load_base,
+    _memory,
+    _to,
+    lr_lambda,
+    pipeline_info,
+    resume_source,
+    start_worker,
+)
 
 MEMBERS_DIR = "members"
 PACK_STATE = "pack_state.pt"  # each member's optimizer and scheduler state (rank 0)
@@ -85,14 +95,10 @@ def packed_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     records: dict[str, dict[str, Any]] = {}  # each member's last report
     step, history = 0, []
 
-    restored = ray.train.get_checkpoint()
-    resume_dir = loop_config.get("resume_from")
-    if restored is not None or resume_dir:
+    restored, source = resume_source(loop_config)
+    if source is not None:
         phases.switch("checkpoint")
-        import contextlib
-
-        with (restored.as_directory() if restored is not None
-              else contextlib.nullcontext(resume_dir)) as folder:
+        with source as folder:
             saved = _load(pack, Path(folder), [s["name"] for s in specs], rank=rank)
         step, history = int(saved["step"]), list(saved.get("history", []))
         records = dict(saved["pack"]["records"])

@@ -167,3 +167,16 @@ def test_a_search_that_cannot_be_packed_is_refused_naming_the_field(train_kw, tu
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         check(train, tune)
     check(train, tune.model_copy(update={"pack": 1}))  # unpacked, the same search is fine
+
+
+def test_the_readme_pack_example_is_a_valid_packed_search() -> None:
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "pack:" in b]
+    assert len(blocks) == 1, "README lost its tune.pack example"
+    tune = TuneConfig.model_validate(yaml.safe_load(blocks[0])["tune"])
+    assert tune.pack == 4 and len(tune.space.grid()) == 8
+    check(TrainConfig.model_validate({"model": {"name": "m"}}), tune)
