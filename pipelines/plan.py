@@ -724,9 +724,18 @@ def plan(recipe: Any, *, gpus: int | None = None, gpu_mem_bytes: int | None = No
     """Plan a :class:`pipelines.recipe.Recipe`: its model, method, micro-batch, precision,
     gradient checkpointing and ``data.max_length`` (the longest sequence a batch can hold)."""
     labels = recipe.data.labels
-    return plan_train(recipe.train, max_length=recipe.data.max_length, task=recipe.data.task,
-                      gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, nodes=nodes,
-                      num_labels=len(labels) if labels else 2)
+    p = plan_train(recipe.train, max_length=recipe.data.max_length, task=recipe.data.task,
+                   gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, nodes=nodes,
+                   num_labels=len(labels) if labels else 2)
+    k = recipe.tune.pack if recipe.tune is not None else 1
+    if k > 1:
+        # not modelled: the table is one trial's; say what a pack adds to it
+        p = dataclasses.replace(p, notes=(*p.notes, (
+            f"tune.pack {k}: this plan is one trial's; a packed worker holds the base once "
+            f"plus {k} adapters with their gradients and optimizer states, and {k} "
+            "micro-batches of activations (about trainable, grads, optim and activ times "
+            f"{k})")))
+    return p
 
 
 # -- printing ---------------------------------------------------------------------------------

@@ -199,6 +199,15 @@ def test_plan_command_table_and_json(recipe) -> None:
     assert len(d["choices"]) == 8 and all("peak" in c for c in d["choices"])
 
 
+def test_plan_of_a_packed_search_says_what_the_pack_adds(recipe) -> None:
+    data = yaml.safe_load(recipe.read_text())
+    data["tune"] = {"space": {"methods": {"lora": {"rank": [4, 8]}}}, "pack": 2}
+    recipe.write_text(yaml.safe_dump(data))
+    out = CliRunner().invoke(app, ["plan", str(recipe)])
+    assert out.exit_code == 0, out.output
+    assert "note: tune.pack 2: this plan is one trial's" in out.output
+
+
 @pytest.mark.parametrize(
     ("args", "field"),
     [
