@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -75,9 +76,16 @@ def recipe_for(args: argparse.Namespace, run_dir: Path):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.pipeline import prepare_stage, ray_session, tune_stage
-    from pipelines.report import phase_split
-    from pipelines.train.metrics import PHASES, phase_key
 
+    if args.from_run:
+        # a search that already ran (e.g. `make demo`'s runs/demo): its trials.json and the
+        # wall time from its first trial's start to its last trial's end
+        from pipelines.tune.result import SearchResult
+
+        recipe = recipe_for(args, Path(args.from_run))
+        search = SearchResult.load(Path(args.from_run) / "trials.json")
+        wall = float(args.wall_s) if args.wall_s else math.nan
+        return summarise(args, recipe, search, wall)
     with tempfile.TemporaryDirectory(prefix="search-cost-") as tmp:
         recipe = recipe_for(args, Path(tmp) / "run")
         with ray_session(recipe, stage="tune"):
@@ -91,6 +99,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # Ray's own trace of every task and actor call (chrome://tracing): what
                 # the start-up phases are made of
                 ray.timeline(filename=args.timeline)
+    return summarise(args, recipe, search, wall)
+
+
+def summarise(args: argparse.Namespace, recipe: Any, search: Any, wall: float
+              ) -> dict[str, Any]:
+    from pipelines.report import phase_split
+    from pipelines.train.metrics import PHASES, phase_key
+
     before_steps = PHASES[:PHASES.index("steps")]
     trials = []
     for t in search.trials:
@@ -162,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeline", default=None, help="write ray.timeline() there (JSON)")
     ap.add_argument("--search", choices=("demo", "lora-smollm2"), default="demo")
     ap.add_argument("--pack", type=int, default=None, help="tune.pack for the search")
+    ap.add_argument("--from-run", default=None,
+                    help="summarise the search this run folder holds instead of running one")
+    ap.add_argument("--wall-s", default=None, help="with --from-run: its search's wall time")
     args = ap.parse_args(argv)
     res = run(args)
     show(args.label, res)
@@ -173,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                         + (" --quick" if args.quick else "")
                         + (f" --search {args.search}" if args.search != "demo" else "")
                         + (f" --pack {args.pack}" if args.pack else "")
+                        + (f" --from-run {args.from_run}" if args.from_run else "")
                         + f" --label {args.label}"}
     print(f"\nwrote {write_json(name, {'runs': runs})}")
 
