@@ -122,3 +122,14 @@ def test_time_split_by_phase(tmp_path) -> None:
     assert "## Where the time went" in text and "| phase | seconds | share |" in text
     assert "| steps | 70 | 71.4% |" in text and "| unmeasured | 11 | 11.2% |" in text
     assert "## Where the time went" not in write_report(TRIALS, Objective(), tmp_path).read_text()
+
+
+def test_a_packs_members_share_its_phases_counted_once() -> None:
+    from pipelines.report import phase_split
+
+    pack = {"phase_steps_s": 20.0, "phase_eval_s": 4.0, "pack": "p0"}
+    members = [dict(TRIALS[i], time_s=25.0, metrics={**TRIALS[i]["metrics"], **pack})
+               for i in (0, 1)]
+    rows = phase_split(members)
+    assert {r["phase"]: r["seconds"] for r in rows} == {"steps": 20.0, "eval": 4.0,
+                                                        "unmeasured": 1.0}
