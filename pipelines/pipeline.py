@@ -81,15 +81,16 @@ def ray_session(recipe: Recipe, address: str | None = None, *, stage: str | None
         _link_ray_logs(recipe, ctx)
         if not verbose:
             quiet_ray(recipe)  # ray.init re-attaches its console handler
-    quiet = contextlib.nullcontext() if verbose else _raylet_lines_to_log()
-    try:
-        res = ray.cluster_resources()
-        recipe.check_resources(res.get("CPU", 0), res.get("GPU", 0), stage)
-        with quiet:
+    # the shutdown inside the filter: Ray's log deduplicator holds back repeated raylet
+    # lines and prints them when the driver disconnects
+    with contextlib.nullcontext() if verbose else _raylet_lines_to_log():
+        try:
+            res = ray.cluster_resources()
+            recipe.check_resources(res.get("CPU", 0), res.get("GPU", 0), stage)
             yield
-    finally:
-        if started:
-            ray.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
 
 
 class _RayletLineFilter(io.TextIOBase):

@@ -119,10 +119,8 @@ def packed_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         "precision": w.precision,
         "pack_size": len(specs),
     }
-    own = {name: {M.TRAINABLE_PARAMS: n, M.TRAINABLE_FRACTION: n / (base_params + n),
-                  "total_params": base_params + n}
-           for name, n in ((name, sum(targets.numel(p) for _, p in m.peft.trainable_parameters()))
-                           for name, m in members.items())}
+    own = {name: _param_counts(member, base_params, targets.numel)
+           for name, member in members.items()}
     adapter_info = pipeline_info(config, w.info)
     windows = {name: M.Window() for name in pack.members}
     reports = len(history)
@@ -134,7 +132,7 @@ def packed_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             window = windows[name].summarise() if step else {}
             records[name] = {**own[name], **window, **metrics, M.STEP: step,
                              "lr": _lr(members[name]), "status": COMPLETED if last else TRAINING}
-        stop = _decide(stopper, [n for n in pack.members if not last], records, reports,
+        stop = _decide(stopper, [] if last else pack.members, records, reports,
                        rank=rank, world=w.world)
         for name in stop:
             records[name]["status"] = STOPPED
@@ -201,6 +199,14 @@ def packed_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         phases.switch("steps")
     return history
+
+
+def _param_counts(member: Any, base_params: int, numel: Any) -> dict[str, Any]:
+    """A member's own parameter figures: the shared base counts once in each member's total,
+    as it would in the same trial run alone."""
+    n = sum(numel(p) for _, p in member.peft.trainable_parameters())
+    return {M.TRAINABLE_PARAMS: n, M.TRAINABLE_FRACTION: n / (base_params + n),
+            "total_params": base_params + n}
 
 
 def _lr(member: Any) -> float:
