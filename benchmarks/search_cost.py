@@ -146,7 +146,8 @@ def summarise(args: argparse.Namespace, recipe: Any, search: Any, wall: float
         "search_wall_s": round(wall, 1), "trials": trials, "split": split,
         "max_start_to_first_step_s": max(t["start_to_first_step_s"] for t in units),
         "steps_share": round(steps_total / total, 3) if total else None,
-        "env": {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)
+        "env": {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                         "RAY_preload_python_modules")
                 if k in os.environ},
     }
 
