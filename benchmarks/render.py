@@ -322,7 +322,8 @@ def search_cost_lora_block(data: dict[str, Any] | None) -> str:
     if not data or not data.get("runs"):
         return "_not run yet: `python -m benchmarks.search_cost --search lora-smollm2`_\n"
     runs = data["runs"]
-    solo = next((r for r in runs.values() if r["pack"] == 1), None)
+    # the baseline: the run labelled "unpacked", else the first one that is not packed
+    solo = runs.get("unpacked") or next((r for r in runs.values() if r["pack"] == 1), None)
     rows = []
     for label, r in runs.items():
         k = r["pack"]
@@ -330,11 +331,16 @@ def search_cost_lora_block(data: dict[str, Any] | None) -> str:
                "worker groups": r["units"], "search wall s": r["search_wall_s"],
                "slowest start to first step s": r["max_start_to_first_step_s"],
                "params per worker MB": round(r["param_mem_mb_per_worker"], 1),
-               "peak RSS per worker MB": round(r["peak_mem_mb_per_worker"], 1)}
-        if solo is not None and k > 1:
+               "peak RSS per worker MB": round(r["peak_mem_mb_per_worker"], 1),
+               "wall vs unpacked": "1.00x", "params vs K solo": "–", "peak vs K solo": "–",
+               "same ranking": "–"}
+        if solo is not None and r is not solo:
             ratio = r["search_wall_s"] / solo["search_wall_s"]
-            ok = "met" if ratio <= PACKED_WALL_TARGET else "**MISSED**"
-            row["wall vs unpacked"] = f"{ratio:.2f}x ({ok})"
+            # the 0.6x target is the packed runs'; another unpacked variant shows its ratio
+            ok = ("met" if ratio <= PACKED_WALL_TARGET else "**MISSED**") if k > 1 else None
+            row["wall vs unpacked"] = f"{ratio:.2f}x" + (f" ({ok})" if ok else "")
+            row["same ranking"] = "met" if r["leaderboard"] == solo["leaderboard"] else "**MISSED**"
+        if solo is not None and k > 1:
             adapter_mb = max(t["trainable_params"] or 0 for t in r["trials"]) * 4 / 2**20
             bound = solo["param_mem_mb_per_worker"] + (k - 1) * adapter_mb
             ok = "met" if r["param_mem_mb_per_worker"] <= bound * 1.001 else "**MISSED**"
@@ -342,10 +348,6 @@ def search_cost_lora_block(data: dict[str, Any] | None) -> str:
             row["params vs K solo"] = (f"{params / (k * solo['param_mem_mb_per_worker']):.2f}x"
                                        f" (bound {bound:.1f} MB: {ok})")
             row["peak vs K solo"] = f"{peak / (k * solo['peak_mem_mb_per_worker']):.2f}x"
-            row["same ranking"] = "met" if r["leaderboard"] == solo["leaderboard"] else "**MISSED**"
-        else:
-            row.update({"wall vs unpacked": "1.00x", "params vs K solo": "–",
-                        "peak vs K solo": "–", "same ranking": "–"})
         rows.append(row)
     boards = "\n".join(f"- {label}: " + " > ".join(r["leaderboard"]) for label, r in runs.items())
     return (f"Targets: packed wall ≤ {PACKED_WALL_TARGET}x unpacked; parameters per worker "
