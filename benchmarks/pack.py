@@ -5,8 +5,10 @@ and fewer layers and a smaller vocabulary (so a run stays within minutes on 2 co
 K members differing in rank, learning rate and seed, each on its own random data.
 
 - packed: one process holds the base once and trains the K members together, one stacked
-  forward (K micro-batches) + backward + K AdamW steps per step;
-- solo: K separate processes, one member each, the same member config, seed and data.
+  forward (K micro-batches) + backward + K AdamW steps per step (each member its own
+  ``pipelines.train.members.MemberOptimizer``, as the packed training stage steps them);
+- solo: K separate processes, one member each, the same member config, seed and data, and
+  the same optimizer class (so both variants pay the same imports and optimizer code).
 
 Reported: median step time of the packed step against the sum of the K solo medians (the
 same K member-steps of work); setup (imports, the base built at random in place of a
@@ -55,6 +57,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     import peft_core
     from peft_core.pack import PackedModel
+    from pipelines.train.members import MemberOptimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -76,19 +79,24 @@ def _worker(args: argparse.Namespace) -> None:
 
     if args.role == "packed":
         pack = PackedModel(base)
+        optimizers = {}
         for m in members:
-            pack.add(m["name"], m["config"], lr=m["lr"], seed=m["seed"])
+            member = pack.add(m["name"], m["config"], seed=m["seed"])
+            optimizers[m["name"]] = MemberOptimizer(member.peft, lr=m["lr"])
         pack.train()
         sizes = pack.storage_bytes()
 
         def step(i: int) -> dict[str, float]:
-            return pack.step({m["name"]: batch(m, i) for m in members})
+            losses = pack.backward({m["name"]: batch(m, i) for m in members})
+            for opt in optimizers.values():
+                opt.step()
+            return losses
     else:
         m = members[0]
         torch.manual_seed(m["seed"])
         pm = peft_core.apply(base, m["config"])
         pm.train()
-        opt = torch.optim.AdamW(pm.param_groups(m["lr"]))
+        opt = MemberOptimizer(pm, lr=m["lr"])  # AdamW over pm.param_groups, as packed
         adapter = sum(p.numel() * p.element_size() for _, p in pm.trainable_parameters())
         sizes = {"base": base_bytes, m["name"]: adapter}
 
@@ -96,7 +104,6 @@ def _worker(args: argparse.Namespace) -> None:
             loss = pm(**batch(m, i)).loss
             loss.backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
             return {m["name"]: float(loss.detach())}
 
     load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

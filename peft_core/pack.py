@@ -8,20 +8,27 @@ runs once per token row of the stacked batch, and each member's adapter runs onl
 own slice::
 
     pack = PackedModel(base_model)
-    pack.add("a", {"name": "lora", "rank": 8}, lr=1e-3, seed=0)
-    pack.add("b", {"name": "lora", "rank": 16, "alpha": 32}, lr=3e-4, seed=1)
-    losses = pack.step({"a": batch_a, "b": batch_b})   # one forward, K losses, K optimizers
-    # or, accumulating: pack.backward(micro, scale=1/n) per micro-batch, then
-    # pack.optimizer_step()
-    pack.remove("b")                                    # early stopping; "a" trains on
-    pack.save("a", "out/a")                             # the folder a solo run writes
+    a = pack.add("a", {"name": "lora", "rank": 8}, seed=0)
+    b = pack.add("b", {"name": "lora", "rank": 16, "alpha": 32}, seed=1)
+    opt_a = torch.optim.AdamW(a.peft.param_groups(lr=1e-3))   # one optimizer per member
+    opt_b = torch.optim.AdamW(b.peft.param_groups(lr=3e-4))
+    losses = pack.backward({"a": batch_a, "b": batch_b})    # one forward, K losses
+    for opt in (opt_a, opt_b):                               # (accumulating: backward per
+        opt.step()                                           #  micro-batch, scale=1/n,
+        opt.zero_grad()                                      #  then the steps)
+    pack.remove("b")                                         # early stopping; "a" trains on
+    pack.save("a", "out/a")                                  # the folder a solo run writes
 
 Members are independent: a member's rows touch only its own parameters (the base is
 frozen and a transformer mixes tokens within a sequence, never across the batch), so
 backpropagating the *sum* of the members' mean losses gives each member exactly the
 gradient of its own loss. Member k with ``seed=s`` starts as ``torch.manual_seed(s);
 peft_core.apply(base, config_k)`` starts, so with the same data it follows the solo run's
-trajectory up to floating-point summation order (the base's matmuls see a larger batch).
+trajectory up to floating-point summation order (the base's matmuls see a larger batch)
+when it is optimised as the solo run is: its own optimizer over ``member.peft.param_groups``
+and, if clipped, on its own gradient norm (clipping the pack's joint norm would tie the
+members to each other). This module is the model side only; the optimizer, schedule and
+clipping are the caller's (peft-pipelines' training stage: ``pipelines/train/members.py``).
 LoRA dropout draws from the shared RNG stream, so a member with ``dropout > 0`` trains as
 well as alone but not bit-for-bit as a solo run does.
 
@@ -62,10 +69,6 @@ PACKABLE = {"lora": Lora, "lora_plus": LoraPlus, "moslora": MosLora}
 
 #: ``loss_fn(model, logits, labels) -> scalar``: one member's loss from its slice
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-#: ``optimizer_factory(param_groups) -> optimizer``
-OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
-#: ``scheduler_factory(optimizer) -> scheduler`` (e.g. ``LambdaLR``)
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -155,18 +158,7 @@ class Member:
 
     name: str
     config: MethodConfig
-    lr: float
     peft: PeftModel
-    optimizer: torch.optim.Optimizer
-    scheduler: Any = None
-    grad_clip: float | None = None
-    #: ``{"step": n, "loss": mean over the step's micro-batches, "lr": rate used}`` per step
-    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    _pending: list[float] = dataclasses.field(default_factory=list, repr=False)
-
-    @property
-    def steps(self) -> int:
-        return len(self.history)
 
 
 class PackedModel(nn.Module):
@@ -211,25 +203,15 @@ class PackedModel(nn.Module):
         name: str,
         config: MethodConfig | Mapping[str, Any],
         *,
-        lr: float,
         seed: int | None = None,
-        weight_decay: float = 0.0,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
-        grad_clip: float | None = None,
     ) -> Member:
         """Add a member: its adapter initialised as ``torch.manual_seed(seed)`` followed by
-        ``peft_core.apply(base, config)`` would (the global RNG when ``seed`` is None), and
-        its own optimizer (AdamW over :meth:`PeftModel.param_groups` unless ``optimizer``),
-        learning-rate ``scheduler`` (stepped after each optimizer step) and ``grad_clip``
-        (the largest norm of *its own* gradient: clipping the pack's joint norm would make
-        the members depend on each other)."""
+        ``peft_core.apply(base, config)`` would (the global RNG when ``seed`` is None). Its
+        optimizer is the caller's, over ``member.peft.param_groups(lr)`` as a solo run's."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(f"member name: expected letters, digits, '_' or '-', got {name!r}")
         if name in self._members:
             raise ConfigError(f"member name: {name!r} is already in the pack")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ConfigError(f"grad_clip: expected a number > 0 or None, got {grad_clip!r}")
         cfg, method = _packable(config)
         lora_names = self._targets(cfg)
         heads = self._heads() if cfg.train_head else []
@@ -247,23 +229,19 @@ class PackedModel(nn.Module):
             own = copy.deepcopy(head.base).requires_grad_(True)
             head.members[name] = own
         peft = PeftModel(self._view(name), method, self.base_fingerprint)
-        groups = peft.param_groups(lr, weight_decay)
-        opt = optimizer(groups) if optimizer is not None else torch.optim.AdamW(groups)
-        member = Member(name=name, config=cfg, lr=lr, peft=peft, optimizer=opt,
-                        scheduler=scheduler(opt) if scheduler is not None else None,
-                        grad_clip=grad_clip)
+        member = Member(name=name, config=cfg, peft=peft)
         self._members[name] = member
         return member
 
     def remove(self, name: str) -> Member:
-        """Take a member out (early stopping): its tensors and optimizer state are freed from
-        the pack; the others train on unchanged. Returns its record (history, config)."""
+        """Take a member out (early stopping): its tensors leave the pack's layers (the
+        returned member's ``peft`` still holds them, to save) and the others train on
+        unchanged. Its optimizer is the caller's to free."""
         member = self.member(name)
         for _, layer in self._packed_layers():
             if name in layer.members:
                 del layer.members[name]
         del self._members[name]
-        member.optimizer.state.clear()
         return member
 
     # -- running ----------------------------------------------------------------------------
@@ -292,39 +270,7 @@ class PackedModel(nn.Module):
         gets the gradient of its own loss). Returns the unscaled losses by name."""
         losses = self.losses(batches)
         (torch.stack(list(losses.values())).sum() * scale).backward()
-        values = {m: float(v.detach()) for m, v in losses.items()}
-        for m, v in values.items():
-            self._members[m]._pending.append(v)
-        return values
-
-    def optimizer_step(self) -> None:
-        """Per member with accumulated gradients: clip its own gradient norm, step its
-        optimizer and scheduler, clear its gradients, record the step in its history."""
-        for member in self._members.values():
-            if not member._pending:
-                continue
-            params = [p for _, p in member.peft.trainable_parameters()]
-            if member.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, member.grad_clip)
-            lr = float(member.optimizer.param_groups[0]["lr"])
-            member.optimizer.step()
-            if member.scheduler is not None:
-                member.scheduler.step()
-            member.optimizer.zero_grad(set_to_none=True)
-            member.history.append({"step": member.steps + 1, "lr": lr,
-                                   "loss": sum(member._pending) / len(member._pending)})
-            member._pending.clear()
-
-    def step(self, batches: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, float]:
-        """One training step of every member (no accumulation): :meth:`backward` on the
-        stacked batches, then :meth:`optimizer_step`. Returns the losses by name."""
-        absent = [m for m in self._members if m not in batches]
-        if absent:
-            raise PeftError(f"batches: no batch for member(s) {absent}; every member "
-                            "trains at every step")
-        values = self.backward(batches)
-        self.optimizer_step()
-        return values
+        return {m: float(v.detach()) for m, v in losses.items()}
 
     # -- files ------------------------------------------------------------------------------
     def save(self, name: str, path: str | Path, **extra: Any) -> Path:

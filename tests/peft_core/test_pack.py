@@ -1,8 +1,10 @@
-"""Several LoRA adapters over one frozen base (peft_core.pack): each member of a pack trains
-as it would alone, on tiny random Llama, GPT-2 and BERT models."""
+"""Several LoRA adapters over one frozen base (peft_core.pack), each optimised by its own
+pipelines.train.members.MemberOptimizer: each member of a pack trains as it would alone, on
+tiny random Llama, GPT-2 and BERT models."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,7 +13,9 @@ from safetensors.torch import load_file
 
 import peft_core
 from peft_core.files import CONFIG_FILE, WEIGHTS_FILE
-from peft_core.pack import PackedLoraLayer, PackedModel
+from peft_core.pack import Member, PackedLoraLayer, PackedModel
+from pipelines.errors import InputError
+from pipelines.train.members import MemberOptimizer
 from tests import tiny
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,18 +61,40 @@ def _solo(arch: str, member: dict, steps: int):
     return pm, losses
 
 
-def _pack(arch: str, members: list[dict]) -> PackedModel:
-    pack = PackedModel(tiny.model(arch))
-    for m in members:
-        pack.add(m["name"], m["config"], lr=m["lr"], seed=m["seed"])
-    pack.train()
-    return pack
+class _Run:
+    """A pack and each member's own MemberOptimizer, stepped as the packed training engine
+    steps them; keeps each member's per-step loss (mean over the step's micro-batches) and
+    the learning rate that step used."""
+
+    def __init__(self, arch: str, members: list[dict], **optim) -> None:
+        self.pack = PackedModel(tiny.model(arch))
+        self.optimizers = {}
+        for m in members:
+            member = self.pack.add(m["name"], m["config"], seed=m["seed"])
+            self.optimizers[m["name"]] = MemberOptimizer(member.peft, lr=m["lr"], **optim)
+        self.pack.train()
+        self.losses: dict[str, list[float]] = {m["name"]: [] for m in members}
+        self.lrs: dict[str, list[float]] = {m["name"]: [] for m in members}
+
+    def step(self, micro_batches: list[dict]) -> None:
+        pending: dict[str, list[float]] = {}
+        for batches in micro_batches:
+            for name, loss in self.pack.backward(batches, scale=1 / len(micro_batches)).items():
+                pending.setdefault(name, []).append(loss)
+        for name, values in pending.items():
+            self.lrs[name].append(self.optimizers[name].lr())
+            self.optimizers[name].step()
+            self.losses[name].append(sum(values) / len(values))
+
+    def remove(self, name: str) -> Member:
+        self.optimizers[name].release()
+        return self.pack.remove(name)
 
 
-def _train(pack: PackedModel, arch: str, members: list[dict], steps: range) -> None:
+def _train(run: _Run, arch: str, members: list[dict], steps: range) -> None:
     for step in steps:
-        pack.step({m["name"]: _batch(arch, m, step) for m in members
-                   if m["name"] in pack.members})
+        run.step([{m["name"]: _batch(arch, m, step) for m in members
+                   if m["name"] in run.pack.members}])
 
 
 def _assert_same_state(got: dict, want: dict) -> None:
@@ -80,13 +106,14 @@ def _assert_same_state(got: dict, want: dict) -> None:
 def test_packed_members_match_their_solo_runs(arch: str, tmp_path) -> None:
     steps = 5
     members = _members(arch)
-    pack = _pack(arch, members)
-    _train(pack, arch, members, range(steps))
+    run = _Run(arch, members)
+    pack = run.pack
+    _train(run, arch, members, range(steps))
     eval_batch = tiny.batch(arch, seed=77)
     for m in members:
         solo, solo_losses = _solo(arch, m, steps)
         member = pack.member(m["name"])
-        got = [h["loss"] for h in member.history]
+        got = run.losses[m["name"]]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(solo_losses), **TOL)
         _assert_same_state(member.peft.adapter_state_dict(), solo.adapter_state_dict())
         # the exported folder is the solo run's: same config, same tensors, same outputs
@@ -101,14 +128,15 @@ def test_packed_members_match_their_solo_runs(arch: str, tmp_path) -> None:
         torch.testing.assert_close(tiny.logits(loaded, eval_batch),
                                    tiny.logits(solo.eval(), eval_batch), **TOL)
     # a sanity check that the comparison could fail: the members did move apart
-    a, c = (pack.member(n).history[-1]["loss"] for n in ("a", "c"))
+    a, c = (run.losses[n][-1] for n in ("a", "c"))
     assert a != c
 
 
 def test_summed_loss_gives_each_member_its_own_gradient() -> None:
     members = _members("llama")
-    pack = _pack("llama", members)
-    _train(pack, "llama", members, range(2))  # B != 0 now, so every factor has a gradient
+    run = _Run("llama", members)
+    pack = run.pack
+    _train(run, "llama", members, range(2))  # B != 0 now, so every factor has a gradient
     batches = {m["name"]: _batch("llama", m, 9) for m in members}
     sum(pack.losses(batches).values()).backward()
     together = {m["name"]: {n: p.grad.clone() for n, p in pack.member(m["name"]).peft
@@ -125,18 +153,21 @@ def test_summed_loss_gives_each_member_its_own_gradient() -> None:
 
 def test_removing_a_member_leaves_the_others_on_their_solo_runs(arch: str) -> None:
     members = _members(arch)
-    pack = _pack(arch, members)
-    _train(pack, arch, members, range(3))
-    removed = pack.remove("b")
-    assert removed.steps == 3 and pack.members == ["a", "c"]
+    run = _Run(arch, members)
+    pack = run.pack
+    _train(run, arch, members, range(3))
+    assert run.optimizers["b"].optimizer.state  # AdamW moments, freed when "b" leaves
+    removed = run.remove("b")
+    assert removed.name == "b" and len(run.losses["b"]) == 3 and pack.members == ["a", "c"]
+    assert not run.optimizers["b"].optimizer.state
     assert not any("members.b." in n for n, _ in pack.named_parameters())
     with pytest.raises(peft_core.PeftError, match="'b'"):
-        pack.step({m["name"]: _batch(arch, m, 3) for m in members})
-    _train(pack, arch, members, range(3, 6))
+        run.step([{m["name"]: _batch(arch, m, 3) for m in members}])
+    _train(run, arch, members, range(3, 6))
     for m in (members[0], members[2]):
         solo, solo_losses = _solo(arch, m, 6)
         member = pack.member(m["name"])
-        got = [h["loss"] for h in member.history]
+        got = run.losses[m["name"]]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(solo_losses), **TOL)
         _assert_same_state(member.peft.adapter_state_dict(), solo.adapter_state_dict())
 
@@ -150,16 +181,11 @@ def test_accumulation_clipping_and_schedules_match_solo_runs() -> None:
     training stage does (DeepSpeed clips a trial's own norm)."""
     arch, steps, clip, micro = "llama", 4, 0.01, 2
     members = _members(arch)
-    pack = PackedModel(tiny.model(arch))
-    for m in members:
-        pack.add(m["name"], m["config"], lr=m["lr"], seed=m["seed"], grad_clip=clip,
-                 scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _warmup))
-    pack.train()
+    run = _Run(arch, members, grad_clip=clip,
+               scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _warmup))
     for step in range(steps):
-        for j in range(micro):
-            pack.backward({m["name"]: _batch(arch, m, 10 * step + j) for m in members},
-                          scale=1 / micro)
-        pack.optimizer_step()
+        run.step([{m["name"]: _batch(arch, m, 10 * step + j) for m in members}
+                  for j in range(micro)])
     for m in members:
         base = tiny.model(arch)
         torch.manual_seed(m["seed"])
@@ -181,13 +207,33 @@ def test_accumulation_clipping_and_schedules_match_solo_runs() -> None:
             opt.zero_grad(set_to_none=True)
             losses.append(sum(micro_losses) / micro)
         assert max(norms) > clip  # clipping did act, so a joint or missing clip would show
-        history = pack.member(m["name"]).history
-        torch.testing.assert_close(torch.tensor([h["loss"] for h in history]),
+        torch.testing.assert_close(torch.tensor(run.losses[m["name"]]),
                                    torch.tensor(losses), **TOL)
-        assert [h["lr"] for h in history] == pytest.approx([m["lr"] * _warmup(s)
-                                                            for s in range(steps)])
-        _assert_same_state(pack.member(m["name"]).peft.adapter_state_dict(),
+        assert run.lrs[m["name"]] == pytest.approx([m["lr"] * _warmup(s)
+                                                    for s in range(steps)])
+        _assert_same_state(run.pack.member(m["name"]).peft.adapter_state_dict(),
                            solo.adapter_state_dict())
+
+
+def test_member_optimizer_state_resumes_the_same_steps(tmp_path) -> None:
+    """A member's adapter and MemberOptimizer state saved mid-run and restored into a fresh
+    pack take the same next step as the run that went on (a packed checkpoint's resume)."""
+    m = _members("llama")[1]  # LoRA+: two param groups with their own rates
+    schedule = {"grad_clip": 0.01,
+                "scheduler": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _warmup)}
+    run = _Run("llama", [m], **schedule)
+    _train(run, "llama", [m], range(2))
+    run.pack.save("b", tmp_path / "b")
+    state = copy.deepcopy(run.optimizers["b"].state_dict())
+    _train(run, "llama", [m], range(2, 3))
+    resumed = _Run("llama", [m], **schedule)
+    resumed.pack.load("b", tmp_path / "b")
+    resumed.optimizers["b"].load_state_dict(state)
+    assert resumed.optimizers["b"].lr() == pytest.approx(m["lr"] * _warmup(2))
+    _train(resumed, "llama", [m], range(2, 3))
+    assert resumed.lrs["b"] == run.lrs["b"][2:]
+    _assert_same_state(resumed.pack.member("b").peft.adapter_state_dict(),
+                       run.pack.member("b").peft.adapter_state_dict())
 
 
 def _storage_bytes(module: torch.nn.Module) -> int:
@@ -198,7 +244,8 @@ def _storage_bytes(module: torch.nn.Module) -> int:
 def test_base_is_frozen_and_held_once() -> None:
     members = _members("llama")
     base_bytes = _storage_bytes(tiny.model("llama"))
-    pack = _pack("llama", members)
+    run = _Run("llama", members)
+    pack = run.pack
     adapter_bytes = {m["name"]: _storage_bytes(_solo("llama", m, 0)[0]) - base_bytes
                      for m in members}
     sizes = pack.storage_bytes()
@@ -213,7 +260,7 @@ def test_base_is_frozen_and_held_once() -> None:
     assert isinstance(layer, PackedLoraLayer) and sorted(layer.members) == ["a", "b", "c"]
     seen: list[int] = []
     handle = layer.base.register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
-    pack.step({m["name"]: _batch("llama", m, 0) for m in members})
+    run.step([{m["name"]: _batch("llama", m, 0) for m in members}])
     handle.remove()
     assert seen == [sum(m["size"] for m in members)]
     assert all(not p.requires_grad for n, p in pack.named_parameters() if ".members." not in n)
@@ -230,28 +277,30 @@ def test_base_is_frozen_and_held_once() -> None:
 def test_bad_member_config_names_the_field(config: dict, field: str) -> None:
     pack = PackedModel(tiny.model("llama"))
     with pytest.raises(peft_core.PeftError, match=field):
-        pack.add("m", config, lr=1e-3, seed=0)
+        pack.add("m", config, seed=0)
     assert pack.members == []
 
 
 def test_bad_base_batches_and_adapters_are_named(tmp_path) -> None:
     with pytest.raises(peft_core.PeftError, match="model: already has adapters"):
         PackedModel(peft_core.apply(tiny.model("llama"), {"name": "lora"}))
-    pack = PackedModel(tiny.model("llama"))
-    pack.add("a", {"name": "lora", "rank": 2}, lr=1e-3, seed=0)
-    pack.add("b", {"name": "lora", "rank": 4}, lr=1e-3, seed=1)
+    two = [{"name": "a", "config": {"name": "lora", "rank": 2}, "lr": 1e-3, "seed": 0},
+           {"name": "b", "config": {"name": "lora", "rank": 4}, "lr": 1e-3, "seed": 1}]
+    run = _Run("llama", two)
+    pack = run.pack
     with pytest.raises(peft_core.ConfigError, match="member name: 'a' is already"):
-        pack.add("a", {"name": "lora"}, lr=1e-3)
+        pack.add("a", {"name": "lora"})
     with pytest.raises(peft_core.ConfigError, match="member name"):
-        pack.add("x.y", {"name": "lora"}, lr=1e-3)
-    with pytest.raises(peft_core.ConfigError, match="grad_clip: expected a number > 0"):
-        pack.add("c", {"name": "lora"}, lr=1e-3, grad_clip=0)
+        pack.add("x.y", {"name": "lora"})
+    for bad in (0, -1.0):
+        with pytest.raises(InputError, match="grad_clip: expected a number > 0"):
+            MemberOptimizer(pack.member("a").peft, lr=1e-3, grad_clip=bad)
     short = tiny.batch("llama")
     short = {k: v[:, :5] for k, v in short.items()}
     with pytest.raises(peft_core.PeftError, match="member 'b'.*'attention_mask' has shape"):
-        pack.step({"a": tiny.batch("llama"), "b": short})
+        run.step([{"a": tiny.batch("llama"), "b": short}])
     with pytest.raises(peft_core.PeftError, match="not members of the pack"):
-        pack.step({"a": tiny.batch("llama"), "b": tiny.batch("llama"), "z": short})
+        run.step([{"a": tiny.batch("llama"), "b": tiny.batch("llama"), "z": short}])
     with pytest.raises(peft_core.PeftError, match="outside PackedModel.forward"):
         pack.base_model(input_ids=short["input_ids"])
     # a member's checkpoint: another base, another config, then the right one
@@ -263,9 +312,9 @@ def test_bad_base_batches_and_adapters_are_named(tmp_path) -> None:
     with pytest.raises(peft_core.ConfigError, match="differs from member 'a'"):
         pack.load("a", tmp_path / "b")
     before = pack.member("a").peft.adapter_state_dict()
-    pack.step({"a": tiny.batch("llama"), "b": tiny.batch("llama")})
+    run.step([{"a": tiny.batch("llama"), "b": tiny.batch("llama")}])
     pack.save("a", tmp_path / "a")
-    pack.step({"a": tiny.batch("llama"), "b": tiny.batch("llama")})
+    run.step([{"a": tiny.batch("llama"), "b": tiny.batch("llama")}])
     pack.load("a", tmp_path / "a")
     _assert_same_state(pack.member("a").peft.adapter_state_dict(),
                        load_file(tmp_path / "a" / WEIGHTS_FILE))
