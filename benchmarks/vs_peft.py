@@ -199,7 +199,8 @@ def run_pair(kind: str, method: str, manifest: Any, args: argparse.Namespace) ->
     import torch
 
     from pipelines.train.data import Collator, TrainBatches, eval_batches, read_manifest, read_split
-    from pipelines.train.loop import evaluate
+    from pipelines.train.evaluation import evaluate
+    from pipelines.train.objectives import objective_for
 
     info = read_manifest(manifest)
     collate = Collator(info)
@@ -254,7 +255,7 @@ def run_pair(kind: str, method: str, manifest: Any, args: argparse.Namespace) ->
         "dataset_id": info.dataset_id, "eval_rows": sum(len(b["labels"]) for b in evals),
         "batch": batch, **{k: getattr(args, k) for k in ("steps", "warmup", "block", "seed")}}
     for side, (model, opt) in sides.items():
-        metrics = evaluate(model, evals, evals[0], info, device)
+        metrics = evaluate(model, evals, evals[0], objective_for(info), device)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         res = resident_mb(model, opt)
         out[side] = {

@@ -2,7 +2,7 @@
 
 Used to compare a promotion candidate with the champion on the held-out ``test`` split;
 the metric code is the training stage's own final evaluation
-(:func:`pipelines.train.loop.final_eval`), so the numbers mean the same thing in both places:
+(:func:`pipelines.train.evaluation.final_eval`), so the numbers mean the same thing in both places:
 a classifier's scores include ``eval_ece`` and ``eval_nll``, and a fitted ``laplace_lora`` is
 scored by its posterior predictive (what serving answers with), its MAP scores kept as
 ``eval_map_*``.
@@ -20,7 +20,8 @@ import peft_core
 from . import models
 from .serve import pipeline_info
 from .train.data import Collator, DatasetError, eval_batches, read_manifest, read_split
-from .train.loop import final_eval
+from .train.evaluation import final_eval
+from .train.objectives import objective_for
 
 
 def evaluate_adapter(adapter_dir: str | Path, manifest: Any, *, split: str = "test",
@@ -44,6 +45,6 @@ def evaluate_adapter(adapter_dir: str | Path, manifest: Any, *, split: str = "te
     batches = eval_batches(rows, Collator(info), batch_size=batch_size, rank=0, world=1,
                            max_batches=max_batches)
     with torch.no_grad():  # the posterior predictive turns gradients on where it needs them
-        out = final_eval(pm, pm, batches, batches[0], info, torch.device("cpu"), stage=0)
+        out = final_eval(pm, pm, batches, batches[0], objective_for(info), torch.device("cpu"))
     pm.eval()  # the training stage's evaluate switches back to train mode
     return {**out, "rows": float(sum(b["input_ids"].shape[0] for b in batches if b is not None))}

@@ -12,14 +12,14 @@ Layout of one checkpoint folder (Ray Train merges the folder each rank reports):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import InputError
 
 STATE_FILE = "train_state.json"
 ADAPTER_DIR = "adapter"
@@ -27,30 +27,9 @@ DS_DIR = "deepspeed"
 DS_TAG = "state"
 
 
-class ResumeError(RuntimeError):
-    """A checkpoint cannot be resumed under the current configuration."""
-
-
-@contextlib.contextmanager
-def gathered(params: Sequence[torch.nn.Parameter], stage: int, modifier_rank: int | None = None
-             ) -> Iterator[None]:
-    """Under ZeRO-3, materialise ``params`` on every rank for the block (a collective: every
-    rank must enter); a no-op for stages 0-2, whose parameters are always whole."""
-    if stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank):
-            yield
-    else:
-        yield
-
-
-def save_adapter(peft_model: Any, folder: Path, *, stage: int, rank: int, **extra: Any) -> None:
-    """Write ``folder/adapter`` on rank 0 from the gathered trainable parameters."""
-    params = [p for _, p in peft_model.trainable_parameters()]
-    with gathered(params, stage):
-        if rank == 0:
-            peft_model.save(folder / ADAPTER_DIR, **extra)
+class ResumeError(InputError, RuntimeError):
+    """A checkpoint cannot be resumed under the current configuration (a RuntimeError as
+    before the exception tree)."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -103,21 +82,14 @@ def read_state(folder: Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def load_resume_state(engine: Any, folder: Path, *, rank: int, world: int, stage: int
+def load_resume_state(engine: Any, folder: Path, *, rank: int, world: int, sharding: Any
                       ) -> dict[str, Any]:
-    """Restore optimizer, scheduler, trainable weights and RNG; return the saved record."""
+    """Restore optimizer, scheduler, trainable weights and RNG; return the saved record.
+    ``sharding`` (:class:`~pipelines.train.sharding.Sharding`) refuses a checkpoint whose
+    DeepSpeed state it cannot load."""
     folder = Path(folder)
     state = read_state(folder)
-    if stage > 0 and (state["world_size"] != world or state["zero_stage"] != stage):
-        raise ResumeError(
-            f"{folder}: written by {state['world_size']} workers under ZeRO-{state['zero_stage']}; "
-            f"ZeRO-{stage} optimizer shards only resume with the same num_workers and stage "
-            f"(now {world} workers)"
-        )
-    if stage == 0 and state["zero_stage"] != 0:
-        raise ResumeError(
-            f"{folder}: written under ZeRO-{state['zero_stage']}; resume it with that stage"
-        )
+    sharding.check_resume(folder, state, world)
     # Frozen base weights were excluded on save, so the module load is not strict.
     path, _ = engine.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)

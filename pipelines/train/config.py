@@ -133,8 +133,12 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(0, ge=-1)
     storage_path: str = "runs/train"
     name: str | None = None  # the run's folder under storage_path; default from the config
-    # modules imported in every worker before the method is built (custom registered methods)
+    # modules imported in every worker before the method is built (custom registered
+    # methods and objectives)
     plugins: list[str] = Field(default_factory=list)
+    # how a batch becomes a loss and metrics (pipelines.train.objectives); None: the
+    # dataset task's own (classification, causal_lm)
+    objective: str | None = None
 
     @field_validator("method")
     @classmethod
@@ -145,6 +149,16 @@ class TrainConfig(BaseModel):
             return peft_core.MethodConfig.from_dict(dict(v)).to_dict()
         except peft_core.PeftError as e:
             raise ValueError(str(e)) from e
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_is_registered(cls, v: str | None) -> str | None:
+        from .objectives import available
+
+        if v is not None and v not in available():
+            raise ValueError(f"unknown objective {v!r}; registered: {available()} (a plugin "
+                             "module in train.plugins registers its own)")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -188,12 +202,14 @@ class TrainConfig(BaseModel):
             return self.name
         import hashlib
 
-        digest = hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:10]
+        # a setting left at None that older configs lacked does not rename their runs
+        unset = {"objective"} if self.objective is None else set()
+        digest = hashlib.sha256(self.model_dump_json(exclude=unset).encode()).hexdigest()[:10]
         return f"{self.method['name']}-{digest}"
 
 
 def import_plugins(modules: list[str]) -> None:
-    """Import modules that register extra peft_core methods (idempotent)."""
+    """Import modules that register extra peft_core methods or objectives (idempotent)."""
     import importlib
 
     for m in modules:

@@ -21,6 +21,7 @@ from typing import Any
 from ..data.manifest import DatasetError, Manifest, read_manifest
 from . import scheduling
 from .config import TrainConfig
+from .spec import WorkerSpec
 
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
@@ -68,6 +69,9 @@ def check_inputs(config: TrainConfig, manifest: Manifest | str | Path) -> Manife
     if info.rows.get("eval") == 0:
         raise DatasetError(f"dataset {info.dataset_id}: the eval split is empty")
     _check_model(config.model.name, info)
+    from .objectives import objective_for
+
+    objective_for(info, config.objective)  # a dataset task without a default objective
     return info
 
 
@@ -130,7 +134,7 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
     ``started_at``: the ``time.time()`` the run (a Tune trial) started at, default now;
     the workers charge the time from it to their first line to the ``wait`` and
     ``worker_start`` phases (see :data:`pipelines.train.metrics.PHASES`).
-    ``members``: a packed run (:mod:`pipelines.train.packed`) of these ``{"name", "method",
+    ``members``: a packed run (:mod:`pipelines.train.engines.packed`) of these ``{"name", "method",
     "lr"}`` over one base, in place of ``config.method`` and ``config.lr``; ``stopper``
     (``(member, report_index, metrics) -> bool``) stops a member early.
     """
@@ -140,7 +144,6 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import train_loop_per_worker
-    from .packed import packed_loop_per_worker
 
     info = check_inputs(config, manifest)
     local = Path(config.model.name).expanduser()
@@ -174,18 +177,12 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
 
         if not any(isinstance(c, TuneReportCallback) for c in callbacks):
             callbacks.append(TuneReportCallback())
-    loop_config = {
-        "train_config": config.model_dump(mode="json"),
-        "dataset": info.model_dump(mode="json"),
-        "resume_from": str(resume_from) if resume_from else None,
-        "pid_dir": str(pid_dir) if pid_dir else None,
-        "started_at": started_at,
-    }
-    if members is not None:
-        loop_config.update(members=members, stopper=stopper)
+    spec = WorkerSpec.build(config, info, members=members, stopper=stopper,
+                            resume_from=str(resume_from) if resume_from else None,
+                            pid_dir=str(pid_dir) if pid_dir else None, started_at=started_at)
     return TorchTrainer(
-        packed_loop_per_worker if members is not None else train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_per_worker,
+        train_loop_config=spec.loop_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources,

@@ -38,7 +38,8 @@ def _save_llama(folder: Path) -> Path:
 
 def _eval_loss(adapter_dir: str, model: Path, manifest, quantization) -> float:
     from pipelines.train.data import Collator, eval_batches, read_manifest, read_split
-    from pipelines.train.loop import evaluate
+    from pipelines.train.evaluation import evaluate
+    from pipelines.train.objectives import objective_for
 
     info = read_manifest(manifest)
     rows = read_split(info, "eval")
@@ -46,7 +47,8 @@ def _eval_loss(adapter_dir: str, model: Path, manifest, quantization) -> float:
     batches = eval_batches(rows, collate, batch_size=2, rank=0, world=1, max_batches=None)
     base = models.load_model(str(model), info.task, quantization=quantization)
     pm = peft_core.load_adapter(base, adapter_dir)
-    return evaluate(pm, batches, collate(rows[:1]), info, torch.device("cpu"))["eval_loss"]
+    out = evaluate(pm, batches, collate(rows[:1]), objective_for(info), torch.device("cpu"))
+    return out["eval_loss"]
 
 
 def test_qlora_trains_under_zero2_and_its_adapter_reloads(ray_cluster, tmp_path) -> None:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pipelines.train import DatasetError, TrainConfig, build_trainer, check_inputs, find_dataset
 from pipelines.train import deepspeed_config as dsc
 from pipelines.train.data import Collator, TrainBatches, eval_batches, read_manifest, read_split
-from pipelines.train.loop import lr_lambda
+from pipelines.train.schedule import lr_lambda
 from tests.pipelines import train_helpers
 
 

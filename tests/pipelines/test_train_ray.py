@@ -205,14 +205,16 @@ def test_killed_worker_is_replaced_and_resumes(ray_cluster, tmp_path) -> None:
 def reloaded_eval_loss(adapter_dir: str, model: Path, manifest) -> float:
     """The eval loss of a saved adapter reloaded onto a fresh base in this process."""
     from pipelines.train.data import Collator, eval_batches, read_manifest, read_split
-    from pipelines.train.loop import evaluate
+    from pipelines.train.evaluation import evaluate
+    from pipelines.train.objectives import objective_for
 
     info = read_manifest(manifest)
     rows = read_split(info, "eval")
     collate = Collator(info)
     batches = eval_batches(rows, collate, batch_size=2, rank=0, world=1, max_batches=None)
     pm = peft_core.load_adapter(models.load_model(str(model), info.task), adapter_dir)
-    return evaluate(pm, batches, collate(rows[:1]), info, torch.device("cpu"))["eval_loss"]
+    out = evaluate(pm, batches, collate(rows[:1]), objective_for(info), torch.device("cpu"))
+    return out["eval_loss"]
 
 
 def test_saved_adapter_reproduces_reported_eval_loss(ray_cluster, lm, runs_root) -> None:
