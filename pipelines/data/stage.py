@@ -31,7 +31,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,6 +49,24 @@ log = logging.getLogger(__name__)
 BLOCK_BYTES = 4 << 20  # Ray Data block size for this stage (see _data_context)
 
 
+class _Tokenizer(NamedTuple):
+    """The tokenizer as the stage uses it."""
+
+    facts: Any  # templates.TokenizerFacts: what the template and the manifest need
+    use_chat: bool  # whether instruction rows go through the chat template
+    spec: Any  # templates.TokenizerSpec: how the actors load it
+
+
+class _RunResult(NamedTuple):
+    """What one run of the Ray Data flow counted, for the checks and the manifest."""
+
+    stats: dict[str, Any]  # store.merge_stats, plus "at_max_length"
+    label_values: list[str] | None
+    dropped: int  # duplicates dropped (data.dedup)
+    found: int  # duplicates found, dropped or not
+    examples: dict[str, str]  # split -> its first example input
+
+
 def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = None,
             require: dict[str, tuple[int, str]] | None = None) -> Manifest:
     """Build (or find) the tokenized dataset for ``config``; return its manifest.
@@ -63,16 +81,41 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
     """
     config = _validated(config)
     did, srcs, tok_identity = _identify(config)
-    records = [s.record() for s in srcs]
-    template_key = _template_key(config)
     root = Path(config.data_root)
     if store.is_complete(root, did):
-        m = store.load_manifest(root, did)
-        m.cache_hit = True
-        check_split_sizes(m.rows, require)
-        log.info("data: dataset %s is complete at %s; reusing it", did, m.path)
-        return m
+        return _reuse(root, did, require)
+    tok = _tokenizer(config)
+    _ensure_ray(ray_address)
+    resources = plan_resources(config)
 
+    store.remove_stale(root, did)
+    tmp = store.temp_folder(root, did)
+    try:
+        run = _run_or_explain_stall(config, srcs, tmp, tok, resources)
+        store.finish_rejects(tmp)
+        store.fill_empty_splits(tmp, config.task)
+        _check_rows(run.stats, srcs, tmp, require)
+        manifest = _manifest(config, did, tok_identity, srcs, tok, run)
+        store.commit(tmp, root / did, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return store.load_manifest(root, did)
+
+
+def _reuse(root: Path, did: str, require: dict[str, tuple[int, str]] | None) -> Manifest:
+    """The complete dataset already at ``root/did`` (a cache hit), if its splits are big
+    enough for ``require``."""
+    m = store.load_manifest(root, did)
+    m.cache_hit = True
+    check_split_sizes(m.rows, require)
+    log.info("data: dataset %s is complete at %s; reusing it", did, m.path)
+    return m
+
+
+def _tokenizer(config: DataConfig) -> _Tokenizer:
+    """Load the tokenizer once on the driver and decide how the template and the actors
+    use it; a packing run needs an EOS token to end documents with."""
     from pipelines.models import load_tokenizer
 
     from .templates import TokenizerFacts, TokenizerSpec
@@ -85,72 +128,79 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
     if config.packing and facts.eos_token_id is None:
         raise ValueError(f"packing: tokenizer {config.tokenizer!r} has no EOS token to end "
                          f"documents with")
-    _ensure_ray(ray_address)
-    actors, actor_cpus, task_cpus = plan_resources(config)
+    return _Tokenizer(facts, use_chat, tok_spec)
 
-    store.remove_stale(root, did)
-    tmp = store.temp_folder(root, did)
-    try:
-        spec = RowSpec.of(config.fields(), config.labels, config.max_chars)
-        with _data_context(config.no_progress_timeout_s):
-            try:
-                stats, label_values, dropped, found, examples = _run(
-                    config, srcs, spec, tmp, use_chat, tok_spec, actors, actor_cpus, task_cpus)
-            except Exception as e:
-                if _stalled(e):
-                    raise RuntimeError(
-                        f"data: Ray Data made no progress for {config.no_progress_timeout_s:g}s "
-                        f"(no_progress_timeout_s). The stage needs {actors} × {actor_cpus:g} "
-                        f"CPU for its actors and {task_cpus:g} for tasks; "
-                        f"{_free_cpus():g} of the cluster's CPUs are free now. Run the data "
-                        f"stage before training starts, or free CPUs.") from e
-                raise
-        store.finish_rejects(tmp)
-        store.fill_empty_splits(tmp, config.task)
-        rejected = sum(stats["rejected"].values())
-        if not sum(stats["rows"].values()):
-            if not rejected:
-                raise DataError(_no_rows(srcs))
-            raise DataError(_all_rejected(tmp / "rejects.jsonl", rejected))
-        check_split_sizes(stats["rows"], require)
-        label_names = _display_names(config, label_values)
-        counts = {s: {label_names[int(i)]: n for i, n in sorted(c.items(), key=lambda x: int(x[0]))}
-                  for s, c in stats["label_counts"].items()} if label_names else {}
-        manifest = Manifest(
-            dataset_id=did,
-            task=config.task,
-            tokenizer={"name": config.tokenizer, "identity": tok_identity, "class": facts.cls},
-            max_length=config.max_length,
-            pad_token_id=facts.pad_token_id,
-            padding_side=facts.padding_side,
-            template={**template_key, "chat_template": use_chat,
-                      "eos_token_id": facts.eos_token_id,
-                      "worker_tokenizer": "rust" if tok_spec.backend_json else "transformers"},
-            label_names=label_names,
-            label_values=label_values,
-            label_counts=counts,
-            examples=examples,
-            num_labels=len(label_names or []),
-            rows={s: stats["rows"].get(s, 0) for s in SPLITS},
-            tokens={s: stats["tokens"].get(s, 0) for s in SPLITS},
-            documents={s: stats["documents"].get(s, 0) for s in SPLITS},
-            rejected=rejected,
-            rejected_by_kind=dict(sorted(stats["rejected"].items())),
-            duplicates=found,
-            duplicates_dropped=dropped,
-            rows_at_max_length=stats["at_max_length"],
-            read_rows=sum(stats["documents"].values()) + rejected + dropped,
-            columns={f.name: str(f.type) for f in store.output_schema(config.task)},
-            sources=records,
-            config=config.model_dump(mode="json"),
-            created_at=store.now(),
-            path=str((root / did).resolve()),
-        )
-        store.commit(tmp, root / did, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return store.load_manifest(root, did)
+
+def _run_or_explain_stall(config: DataConfig, srcs, tmp: Path, tok: _Tokenizer,
+                          resources: tuple[int, float, float]) -> _RunResult:
+    """:func:`_run` under the stage's Ray Data context; a stall becomes an error that says
+    what the stage needs and how many CPUs are free."""
+    actors, actor_cpus, task_cpus = resources
+    spec = RowSpec.of(config.fields(), config.labels, config.max_chars)
+    with _data_context(config.no_progress_timeout_s):
+        try:
+            return _run(config, srcs, spec, tmp, tok, resources)
+        except Exception as e:
+            if _stalled(e):
+                raise RuntimeError(
+                    f"data: Ray Data made no progress for {config.no_progress_timeout_s:g}s "
+                    f"(no_progress_timeout_s). The stage needs {actors} × {actor_cpus:g} "
+                    f"CPU for its actors and {task_cpus:g} for tasks; "
+                    f"{_free_cpus():g} of the cluster's CPUs are free now. Run the data "
+                    f"stage before training starts, or free CPUs.") from e
+            raise
+
+
+def _check_rows(stats: dict[str, Any], srcs, tmp: Path,
+                require: dict[str, tuple[int, str]] | None) -> None:
+    """A DataError for a run that kept no row (none read, or every one rejected) or splits
+    smaller than ``require``."""
+    rejected = sum(stats["rejected"].values())
+    if not sum(stats["rows"].values()):
+        if not rejected:
+            raise DataError(_no_rows(srcs))
+        raise DataError(_all_rejected(tmp / "rejects.jsonl", rejected))
+    check_split_sizes(stats["rows"], require)
+
+
+def _manifest(config: DataConfig, did: str, tok_identity: str, srcs, tok: _Tokenizer,
+              run: _RunResult) -> Manifest:
+    """The manifest of a finished run (before it is committed)."""
+    stats, facts = run.stats, tok.facts
+    rejected = sum(stats["rejected"].values())
+    label_names = _display_names(config, run.label_values)
+    counts = {s: {label_names[int(i)]: n for i, n in sorted(c.items(), key=lambda x: int(x[0]))}
+              for s, c in stats["label_counts"].items()} if label_names else {}
+    return Manifest(
+        dataset_id=did,
+        task=config.task,
+        tokenizer={"name": config.tokenizer, "identity": tok_identity, "class": facts.cls},
+        max_length=config.max_length,
+        pad_token_id=facts.pad_token_id,
+        padding_side=facts.padding_side,
+        template={**_template_key(config), "chat_template": tok.use_chat,
+                  "eos_token_id": facts.eos_token_id,
+                  "worker_tokenizer": "rust" if tok.spec.backend_json else "transformers"},
+        label_names=label_names,
+        label_values=run.label_values,
+        label_counts=counts,
+        examples=run.examples,
+        num_labels=len(label_names or []),
+        rows={s: stats["rows"].get(s, 0) for s in SPLITS},
+        tokens={s: stats["tokens"].get(s, 0) for s in SPLITS},
+        documents={s: stats["documents"].get(s, 0) for s in SPLITS},
+        rejected=rejected,
+        rejected_by_kind=dict(sorted(stats["rejected"].items())),
+        duplicates=run.found,
+        duplicates_dropped=run.dropped,
+        rows_at_max_length=stats["at_max_length"],
+        read_rows=sum(stats["documents"].values()) + rejected + run.dropped,
+        columns={f.name: str(f.type) for f in store.output_schema(config.task)},
+        sources=[s.record() for s in srcs],
+        config=config.model_dump(mode="json"),
+        created_at=store.now(),
+        path=str((Path(config.data_root) / did).resolve()),
+    )
 
 
 def dataset_id_for(config: DataConfig | dict[str, Any]) -> str:
@@ -175,14 +225,26 @@ def _identify(config: DataConfig) -> tuple[str, list[sources_mod.Source], str]:
     return did, srcs, tok_identity
 
 
-def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok_spec,
-         actors: int, actor_cpus: float, task_cpus: float):
-    import ray
-
+def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, tok: _Tokenizer,
+         resources: tuple[int, float, float]) -> _RunResult:
+    """The Ray Data flow: read, [the raw pass], tokenize and write, then what it counted."""
+    actors, actor_cpus, task_cpus = resources
     label_names = config.labels
     infer = config.task == "classification" and label_names is None
     if config.labels is not None and config.label_names is not None:
         _display_names(config, config.labels)
+    ds = _read(config, srcs, spec, task_cpus)
+    dropped = 0
+    if infer or config.dedup:
+        ds, label_names, dropped = _raw_pass(ds, config, srcs, task_cpus, infer, label_names)
+    ds = _tokenize_and_write(ds, config, srcs, tmp, tok, label_names, actors, actor_cpus)
+    return _collect(ds.take_all(), label_names, dropped)
+
+
+def _read(config: DataConfig, srcs, spec: RowSpec, task_cpus: float):
+    """The raw rows as a dataset: parsed, validated, with split and dedup keys."""
+    import ray
+
     datasource = CorpusDatasource(srcs, spec, config.task, config.seed, config.split,
                                   config.batch_size)
     ds = ray.data.read_datasource(
@@ -196,56 +258,90 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
     )
     if config.max_rows:
         ds = ds.limit(config.max_rows)
+    return ds
+
+
+def _raw_pass(ds, config: DataConfig, srcs, task_cpus: float, infer: bool,
+              label_names: list[str] | None):
+    """(dataset, label names, rows dropped): the labels inferred when ``infer``, the
+    duplicates dropped under ``data.dedup``."""
+    # Both need every row first: one pass over the raw rows, then only small columns
+    # (keys, labels) travel to the driver.
+    ds = ds.materialize()
+    cols = ["_reject", "_kind", "_src", "_line", "_order", "_dup"]
+    cols += ["label"] if infer else []
+    meta = _gather(ds, cols, task_cpus)
+    good = meta.filter(pc.is_null(meta.column("_reject")))
+    if good.num_rows == 0:
+        raise DataError(_all_rejected_meta(meta, srcs) if meta.num_rows else _no_rows(srcs))
+    if infer:
+        ds, good, label_names = _infer_labels(ds, good, config, task_cpus)
     dropped = 0
-    if infer or config.dedup:
-        # Both need every row first: one pass over the raw rows, then only small columns
-        # (keys, labels) travel to the driver.
-        ds = ds.materialize()
-        cols = ["_reject", "_kind", "_src", "_line", "_order", "_dup"]
-        cols += ["label"] if infer else []
-        meta = _gather(ds, cols, task_cpus)
-        good = meta.filter(pc.is_null(meta.column("_reject")))
-        if good.num_rows == 0:
-            raise DataError(_all_rejected_meta(meta, srcs) if meta.num_rows else _no_rows(srcs))
-        if infer:
-            drift = label_type_drift(good.column("label").to_pylist())
-            if drift:
-                odd, why = drift
-                bad = good.take(pa.array(odd, pa.int64()))
-                reasons = {o: f"{config.label_field!r}: label {lab!r} has another type than "
-                              f"the rest ({why}); set data.labels to accept it as a class"
-                           for o, lab in zip(bad.column("_order").to_pylist(),
-                                             bad.column("label").to_pylist())}
-                ds = ds.map_batches(_mark_rejects, fn_kwargs={"reasons": reasons,
-                                                              "kind": "label_type"},
-                                    batch_format="pyarrow", num_cpus=task_cpus)
-                keep = pc.invert(pc.is_in(good.column("_order"),
-                                          value_set=pa.array(list(reasons), pa.int64())))
-                good = good.filter(keep)
-            label_names = sort_labels(pc.unique(good.column("label")).to_pylist())
-            if len(label_names) < 2:
-                raise DataError(
-                    f"data.label_field: the valid rows of {config.label_field!r} have "
-                    f"{len(label_names)} distinct label(s) {label_names}; classification "
-                    f"needs at least 2 (or set data.labels)")
-            if config.label_names is not None:
-                _display_names(config, label_names)
-        if config.dedup:
-            drop = duplicates(good.select(["_dup", "_order"]))
-            dropped = len(drop)
-            if dropped:
-                ds = ds.map_batches(_drop_rows, fn_kwargs={"orders": drop.to_pylist()},
-                                    batch_format="pyarrow", num_cpus=task_cpus)
+    if config.dedup:
+        ds, dropped = _drop_duplicates(ds, good, task_cpus)
+    return ds, label_names, dropped
+
+
+def _infer_labels(ds, good: pa.Table, config: DataConfig, task_cpus: float):
+    """(dataset, valid rows, label names): the classes of the valid rows' labels, after
+    rows whose label has another type than the rest became ``label_type`` rejects."""
+    drift = label_type_drift(good.column("label").to_pylist())
+    if drift:
+        ds, good = _reject_label_drift(ds, good, drift, config, task_cpus)
+    label_names = sort_labels(pc.unique(good.column("label")).to_pylist())
+    if len(label_names) < 2:
+        raise DataError(
+            f"data.label_field: the valid rows of {config.label_field!r} have "
+            f"{len(label_names)} distinct label(s) {label_names}; classification "
+            f"needs at least 2 (or set data.labels)")
+    if config.label_names is not None:
+        _display_names(config, label_names)
+    return ds, good, label_names
+
+
+def _reject_label_drift(ds, good: pa.Table, drift: tuple[list[int], str], config: DataConfig,
+                        task_cpus: float):
+    """(dataset, valid rows) with the rows at positions ``drift[0]`` of ``good`` marked as
+    ``label_type`` rejects and taken out of the valid rows."""
+    odd, why = drift
+    bad = good.take(pa.array(odd, pa.int64()))
+    reasons = {o: f"{config.label_field!r}: label {lab!r} has another type than "
+                  f"the rest ({why}); set data.labels to accept it as a class"
+               for o, lab in zip(bad.column("_order").to_pylist(),
+                                 bad.column("label").to_pylist())}
+    ds = ds.map_batches(_mark_rejects, fn_kwargs={"reasons": reasons,
+                                                  "kind": "label_type"},
+                        batch_format="pyarrow", num_cpus=task_cpus)
+    keep = pc.invert(pc.is_in(good.column("_order"),
+                              value_set=pa.array(list(reasons), pa.int64())))
+    return ds, good.filter(keep)
+
+
+def _drop_duplicates(ds, good: pa.Table, task_cpus: float):
+    """(dataset, rows dropped): every duplicate of a valid row after its first."""
+    drop = duplicates(good.select(["_dup", "_order"]))
+    dropped = len(drop)
+    if dropped:
+        ds = ds.map_batches(_drop_rows, fn_kwargs={"orders": drop.to_pylist()},
+                            batch_format="pyarrow", num_cpus=task_cpus)
+    return ds, dropped
+
+
+def _tokenize_and_write(ds, config: DataConfig, srcs, tmp: Path, tok: _Tokenizer,
+                        label_names: list[str] | None, actors: int, actor_cpus: float):
+    """The actor pool that templates, tokenizes, [packs] and writes each block's parts."""
+    import ray
+
     with warnings.catch_warnings():
         # max_restarts has no named parameter in the pinned Ray (2.60): only the deprecated
         # ray_remote_args route sets it, which would warn on every run
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(
+        return ds.map_batches(
             TokenizeAndWrite,
             fn_constructor_kwargs={"folder": str(tmp), "source_uris": [s.uri for s in srcs],
-                                   "tokenizer": tok_spec, "task": config.task,
+                                   "tokenizer": tok.spec, "task": config.task,
                                    "max_length": config.max_length, "label_names": label_names,
-                                   "use_chat": use_chat, "packing": config.packing},
+                                   "use_chat": tok.use_chat, "packing": config.packing},
             # whole blocks (BLOCK_BYTES) as batches: one Parquet part per block and split
             batch_size=None, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
@@ -256,7 +352,11 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
             # `prepare` starts clean.
             max_restarts=0,
         )
-    results = ds.take_all()
+
+
+def _collect(results: list[dict[str, Any]], label_names: list[str] | None,
+             dropped: int) -> _RunResult:
+    """Sum the write actors' per-block results: counts, duplicates found, examples."""
     stats = store.merge_stats(results)
     blob = b"".join(r["dup_keys"] for r in results)
     keys = [blob[i:i + 16] for i in range(0, len(blob), 16)]
@@ -266,7 +366,7 @@ def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, use_chat: bool, tok
     for r in results:  # in input order: the first example of each split wins
         for k, v in json.loads(r["examples"]).items():
             examples.setdefault(k, v)
-    return stats, label_names, dropped, found, examples
+    return _RunResult(stats, label_names, dropped, found, examples)
 
 
 def _mark_rejects(batch: pa.Table, *, reasons: dict[int, str], kind: str) -> pa.Table:

@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 import peft_core
 from pipelines import plan as P
 from pipelines.cli import app
+from pipelines.plan.activations import live_tensors, saved_tensors
 from tests import tiny
 
-CONFIGS = Path(P.__file__).parent / "recipes" / "model_configs"
+CONFIGS = Path(P.__file__).parents[1] / "recipes" / "model_configs"
 GB = 10**9
 
 
@@ -71,7 +72,7 @@ def test_activations_are_exactly_what_the_real_model_saves(arch, tmp_path) -> No
         pm.train()
         ids = torch.randint(3, tiny.VOCAB, (micro, seq))
         labels = torch.randint(0, 2, (micro,)) if arch == "bert" else ids
-        with P._saved_tensors(pm.base_model) as saved:
+        with saved_tensors(pm.base_model) as saved:
             pm(input_ids=ids, labels=labels)
         assert desc.activations.per_block == tuple(saved["per_block"])
         assert desc.activations.saved == saved["outside"] + sum(saved["per_block"])
@@ -103,7 +104,7 @@ def test_activation_peak_matches_a_real_step(arch, checkpointing, name, tmp_path
         pm.enable_gradient_checkpointing()
     ids = torch.randint(3, tiny.VOCAB, (4, 32))
     labels = torch.randint(0, 2, (4,)) if arch == "bert" else ids
-    with P._live_tensors([*pm.parameters(), *pm.buffers()]) as live:
+    with live_tensors([*pm.parameters(), *pm.buffers()]) as live:
         out = pm(input_ids=ids, labels=labels)
         forward_end = live["now"]
         out.loss.backward()
