@@ -7,6 +7,8 @@ import json
 
 import typer
 
+from pipelines.errors import EXIT_BAD_INPUT, InputError, PeftPipeError, exit_code
+
 from . import local
 
 cluster_app = typer.Typer(
@@ -17,7 +19,7 @@ cluster_app = typer.Typer(
 ROOT_HELP = "Folder of the cluster's state file, logs, shared storage and MLflow store."
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -52,8 +54,8 @@ def up(
                          object_store_mb=object_store_mb, dashboard_port=dashboard_port or None,
                          port=port or None, client_port=client_port or None, mlflow=mlflow,
                          mlflow_port=mlflow_port or None)
-    except local.ClusterError as e:
-        _fail(str(e), 1)
+    except PeftPipeError as e:  # a ClusterError: exit 1
+        _fail(str(e), exit_code(e))
     cpus_line = ", ".join(f"{n.name} {n.num_cpus:g}" for n in state.nodes)
     typer.echo(f"cluster up: {len(state.nodes)} nodes (CPUs: {cpus_line})")
     typer.echo(f"  ray address   {state.gcs_address}")
@@ -85,8 +87,8 @@ def down(root: str = typer.Option(local.DEFAULT_ROOT, help=ROOT_HELP)) -> None:
     """Stop exactly the processes of the cluster (by pid) and remove its state file."""
     try:
         stopped = local.down(root)
-    except local.ClusterError as e:
-        _fail(str(e), 1)
+    except PeftPipeError as e:
+        _fail(str(e), exit_code(e))
     typer.echo(f"cluster down: stopped {len(stopped)} processes")
 
 
@@ -98,8 +100,8 @@ def status(
     """Nodes (process and Ray's view), addresses, MLflow health. Exit 1 if a node is down."""
     try:
         st = local.status(root)
-    except local.ClusterError as e:
-        _fail(str(e), 1)
+    except PeftPipeError as e:
+        _fail(str(e), exit_code(e))
     healthy = st["ray_reachable"] and all(
         n["process"] == "running" and n["ray"] == "ALIVE" for n in st["nodes"]) and \
         st.get("mlflow", "healthy") == "healthy"
@@ -127,7 +129,7 @@ def validate(deploy: str = typer.Option(None, help="Folder of the deployment fil
 
     try:
         ok = checks.check_all(deploy or checks.DEPLOY)
-    except checks.DeployError as e:
+    except InputError as e:  # a DeployError
         _fail(str(e))
     for name, verdict in ok.items():
         typer.echo(f"{verdict}  {name}")
@@ -172,7 +174,7 @@ def submit(
                                   cluster_root=cluster_root)
         if check:
             submission.check_resources(spec)
-    except submission.SubmitError as e:
+    except InputError as e:  # a SubmitError
         _fail(str(e))
     for note in spec.notes:
         typer.echo(f"note: {note}", err=True)

@@ -35,6 +35,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import JobError
+
 from . import mlflow_server
 
 STATE_FILE = "cluster.json"
@@ -42,8 +44,10 @@ DEFAULT_ROOT = "runs/cluster"
 HOST = "127.0.0.1"
 
 
-class ClusterError(RuntimeError):
-    """The local cluster could not be started, found or stopped."""
+class ClusterError(JobError):
+    """The local cluster could not be started, found or stopped: ``cluster up|down|status``
+    exit 1 (an operation on processes that failed, even when a port or the state file is
+    the cause)."""
 
 
 @dataclasses.dataclass

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError
+
 from . import local
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -45,8 +47,9 @@ PACKAGES = ("peft_core", "pipelines", "cluster")
 ENTRYPOINT = "python -m pipelines.cli run recipe.yaml"
 
 
-class SubmitError(ValueError):
-    """The job cannot be submitted as asked (bad recipe, no storage, no cluster)."""
+class SubmitError(InputError):
+    """The job cannot be submitted as asked (bad recipe, no storage, no cluster): exit 2,
+    nothing submitted."""
 
 
 @dataclasses.dataclass
@@ -230,7 +233,7 @@ def build_runtime_env(working_dir: str | Path, *, pip: list[str] | None = None,
 
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-EXIT_STOPPED = 130  # the code `peftpipe run` exits with when interrupted
+EXIT_STOPPED = EXIT_INTERRUPTED  # the code `peftpipe run` exits with when interrupted
 
 
 def run_job(spec: JobSpec, *, wait: bool = True, echo: Callable[[str], None] | None = None,
@@ -253,11 +256,11 @@ def run_job(spec: JobSpec, *, wait: bool = True, echo: Callable[[str], None] | N
     except KeyboardInterrupt:
         client.stop_job(job_id)
         echo(f"\njob {job_id}: stop requested\n")
-        return 130
+        return EXIT_STOPPED
     except TimeoutError:
         client.stop_job(job_id)
         echo(f"\njob {job_id}: still running after {timeout_s:g}s, stopped\n")
-        return 1
+        return EXIT_FAILED
     code = job_exit_code(info)
     echo(f"job {job_id}: {info.status} (exit code {code})"
          + (f": {info.message}" if info.status != "SUCCEEDED" and info.message else "") + "\n")
@@ -270,10 +273,10 @@ def job_exit_code(info: Any) -> int:
         return 0
     if status == "FAILED":
         code = getattr(info, "driver_exit_code", None)
-        return code if isinstance(code, int) and code > 0 else 1
+        return code if isinstance(code, int) and code > 0 else EXIT_FAILED
     if status == "STOPPED":
         return EXIT_STOPPED
-    return 1
+    return EXIT_FAILED
 
 
 def _stream_logs(client, job_id: str, echo, timeout_s: float | None) -> None:

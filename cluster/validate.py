@@ -26,11 +26,13 @@ from typing import Any
 
 import yaml
 
+from pipelines.errors import InputError
+
 DEPLOY = Path(__file__).parent / "deploy"
 REPO = Path(__file__).resolve().parent.parent
 
 
-class DeployError(ValueError):
+class DeployError(InputError):
     """A deployment file is invalid; the message names the file and the field."""
 
 

@@ -14,6 +14,15 @@ from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
+from pipelines.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    InputError,
+    PeftPipeError,
+    exit_code,
+)
+
 if TYPE_CHECKING:  # annotations only: the commands import what they run when they run
     from pipelines.data.manifest import Manifest
     from pipelines.recipe import Recipe
@@ -85,14 +94,11 @@ def methods(
         typer.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
-#: exit codes of every command (README "Exit codes")
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """``error:`` lines on stderr, no traceback: 2 for bad input (or a request the cluster
     cannot hold), 1 for a job that ran and failed (the traceback goes to the run's log
-    file), 130 for a job stopped by SIGINT or SIGTERM."""
+    file), 130 for a job stopped by SIGINT or SIGTERM (:func:`pipelines.errors.exit_code`
+    picks the code of an error)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -147,27 +153,22 @@ def promote(
                 _fail(f"search {search_id!r} has no eligible best trial to promote")
         decision = promotion.promote(run_id=run_id, manifest=dataset, config=rcfg,
                                      tracking_config=tcfg, run_dir=run_dir)
-    except (promotion.PromotionError, registry.RegistryError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError, ValueError) as e:  # ours, and a missing/bad dataset
         _fail(str(e))
     verb = "promoted to champion" if decision.promoted else "kept as candidate"
     typer.echo(f"{model_name} v{decision.version} {verb}: {decision.reason}")
 
 
 def _promote_recipe(recipe: str, set_: list[str] | None) -> None:
-    from pipelines import pipeline, registry
-    from pipelines.data import DataError
-    from pipelines.promote import PromotionError
-    from pipelines.recipe import RecipeError
+    from pipelines import pipeline
 
     r = _recipe(recipe, set_)
     try:
         trials = pipeline.load_trials(r)
         manifest = pipeline.prepare_stage(r)  # found by its content id, not rebuilt
         d = pipeline.promote_stage(r, manifest, trials)
-    except (RecipeError, DataError, PromotionError, registry.RegistryError) as e:
-        _fail(str(e))
-    except pipeline.NoWinnerError as e:
-        _fail(str(e), code=1)
+    except PeftPipeError as e:  # input (recipe, data, registry...) 2; NoWinnerError 1
+        _fail(str(e), code=exit_code(e))
     verb = "promoted to champion" if d.promoted else "kept as candidate"
     typer.echo(f"{d.model_name} v{d.version} {verb}: {d.reason}")
 
@@ -186,7 +187,7 @@ def rollback(
     client = tracking.client(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
     try:
         d = registry.rollback(client, model_name)
-    except (registry.RegistryError, MlflowException) as e:
+    except (InputError, MlflowException) as e:
         _fail(str(e))
     typer.echo(f"{model_name}: {d.reason}")
 
@@ -242,12 +243,11 @@ def serve_command(
     import time
 
     from pipelines import registry, tracking
-    from pipelines.serve import ServeError
     from pipelines.serve import app as serve_app
 
     try:
         registry.parse_model_uri(model)
-    except registry.RegistryError as e:
+    except InputError as e:
         _fail(str(e))
     uri = tracking.resolve_uri(tracking.TrackingConfig(tracking_uri=tracking_uri), run_dir)
     settings = serve_app.ServeSettings(model=model, tracking_uri=uri, replicas=replicas,
@@ -258,7 +258,7 @@ def serve_command(
     ray.init(address=address, logging_level="ERROR")
     try:
         url = serve_app.start(settings, host=host, port=port)
-    except (registry.RegistryError, ServeError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     import urllib.request
 
@@ -298,7 +298,6 @@ def export_command(
     from pathlib import Path
 
     from pipelines import registry, tracking
-    from pipelines.serve import ServeError
     from pipelines.serve import export as exporter
 
     try:
@@ -311,7 +310,7 @@ def export_command(
         elif not folder.is_dir():
             _fail(f"model: {model!r} is neither a models:/ URI nor a folder")
         out = exporter.export(folder, fmt, dst, name=model.rsplit("/", 1)[-1].replace("@", "-"))
-    except (ServeError, registry.RegistryError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"{model} exported as {fmt}: {out}")
 
@@ -331,11 +330,11 @@ def _serve(model: str, run_dir: str, tracking_uri: str | None, call):
 # -- the main job and its stages -------------------------------------------------------------
 
 def _recipe(path: str, overrides: list[str] | None):
-    from pipelines.recipe import RecipeError, load_recipe
+    from pipelines.recipe import load_recipe
 
     try:
         r = load_recipe(path, overrides or [])
-    except RecipeError as e:
+    except InputError as e:
         _fail(str(e))
     for note in r.notes:
         typer.echo(f"note: {note}", err=True)
@@ -344,19 +343,17 @@ def _recipe(path: str, overrides: list[str] | None):
 
 def _stage(recipe, address: str | None, body, stage: str | None = None,
            verbose: bool = False, failures: tuple = ()):
-    """Run ``body()`` inside the job's Ray session; input errors found on the way (recipe,
-    data, resources: before any worker starts) exit 2, failures of the run itself exit 1
-    (``failures``: the caller's own exit-1 errors, passed through); either way the
-    traceback goes to ``run_dir/logs/peftpipe.log``, not to the console."""
+    """Run ``body()`` inside the job's Ray session; input errors found on the way (an
+    :class:`~pipelines.errors.InputError`: recipe, data, resources, before any worker
+    starts) exit 2, failures of the run itself exit 1 (``failures``: errors the caller
+    handles itself, passed through untouched); either way the traceback goes to
+    ``run_dir/logs/peftpipe.log``, not to the console."""
     import logging
 
     from pydantic import ValidationError
 
     from pipelines import pipeline
-    from pipelines.data import DataError
-    from pipelines.recipe import RecipeError, format_errors
-    from pipelines.train.data import DatasetError
-    from pipelines.tune.resources import ResourceError
+    from pipelines.recipe import format_errors
 
     log_path = pipeline.log_to_file(recipe)
     log = logging.getLogger("pipelines.cli")
@@ -374,14 +371,15 @@ def _stage(recipe, address: str | None, body, stage: str | None = None,
     except ValidationError as e:
         log.error("input error", exc_info=True)
         _fail(format_errors(e))
-    except (RecipeError, ResourceError, DatasetError, DataError) as e:
-        log.error("input error", exc_info=True)
-        _fail(str(e))
     except failures:
         raise
-    except Exception as e:  # the job started and failed: one line, the rest in the log
+    except Exception as e:
+        if exit_code(e) == EXIT_BAD_INPUT:  # an InputError (or peft_core's PeftError)
+            log.error("input error", exc_info=True)
+            _fail(str(e))
+        # the job started and failed: one line, the rest in the log
         log.error("the job failed", exc_info=True)
-        _fail(f"{type(e).__name__}: {e}\n  (traceback in {log_path})", code=1)
+        _fail(f"{type(e).__name__}: {e}\n  (traceback in {log_path})", code=EXIT_FAILED)
 
 
 @contextlib.contextmanager
@@ -416,14 +414,18 @@ def run(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT, address: str = ADDR
 
     r = _recipe(recipe, set_)
     typer.echo(f"peftpipe run {r.name}: model {r.model}, run dir {r.run_dir}")
+    # The promote step's errors: no winner (a JobError), and the registry's and promotion's
+    # input errors, which exit 2 when `promote` runs alone on what the user names but here
+    # concern a candidate this job's own search made: a failure of the job, exit 1, its
+    # line only (no traceback in the log).
+    promote_failures = (pipeline.NoWinnerError, PromotionError, registry.RegistryError)
     try:
         # the whole job runs inside _stage's Ray session (pipeline.run's own is then a no-op)
         out = _stage(r, address, lambda: pipeline.run(
             r, address=address, verbose=not quiet, on_dataset=_say_dataset, ray_verbose=verbose),
-            verbose=verbose, failures=(pipeline.NoWinnerError, PromotionError,
-                                       registry.RegistryError))
-    except (pipeline.NoWinnerError, PromotionError, registry.RegistryError) as e:
-        _fail(str(e), code=1)
+            verbose=verbose, failures=promote_failures)
+    except promote_failures as e:
+        _fail(str(e), code=EXIT_FAILED)
     manifest, search, decision = out.manifest, out.search, out.decision
     _print_leaderboard(r, search)
     verb = "is the new champion" if decision.promoted else "stays a candidate"
@@ -537,12 +539,11 @@ def _search_command(recipe: str, set_: list[str] | None, address: str | None, si
 def report(recipe: str = RECIPE_ARG, set_: list[str] = SET_OPT) -> None:
     """Write report.md and the plots from the recipe's last search."""
     from pipelines import pipeline
-    from pipelines.recipe import RecipeError
 
     r = _recipe(recipe, set_)
     try:
         path = pipeline.report_stage(r)
-    except RecipeError as e:
+    except InputError as e:
         _fail(str(e))
     typer.echo(path)
 
@@ -561,14 +562,14 @@ def plan(
 ) -> None:
     """Predict per-device memory for each ZeRO stage and offload choice (no weights loaded)."""
     from pipelines import plan as planner
-    from pipelines.recipe import RecipeError, load_recipe
+    from pipelines.recipe import load_recipe
 
     try:
         # Paths are not checked: a plan needs the model's config, not the data.
         r = load_recipe(recipe, set_ or [], check_paths=False)
         mem = planner.parse_size(gpu_mem) if gpu_mem is not None else None
         p = planner.plan(r, gpus=gpus, gpu_mem_bytes=mem, nodes=nodes)
-    except (RecipeError, planner.PlanError) as e:
+    except InputError as e:  # RecipeError, PlanError
         _fail(str(e))
     typer.echo(json.dumps(p.to_dict(), indent=2) if as_json else planner.format_plan(p))
 

@@ -12,6 +12,8 @@ of ours) counts as input: its configs, targets and fingerprints come from the us
 
 from __future__ import annotations
 
+import sys
+
 
 class PeftPipeError(Exception):
     """Base of every error peft-pipelines raises on purpose."""
@@ -32,10 +34,13 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 def exit_code(error: BaseException) -> int:
     """The exit code ``error`` ends a command with: 2 for input, 130 for an interrupt, 1
     for everything else (a job that failed)."""
-    import peft_core
-
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(error, (InputError, peft_core.PeftError)):
+    if isinstance(error, InputError):
+        return EXIT_BAD_INPUT
+    # peft_core's errors module, if loaded: an error cannot be a PeftError before it is, and
+    # importing peft_core (torch) to answer would slow every failing `cluster` command
+    peft_errors = sys.modules.get("peft_core.errors")
+    if peft_errors is not None and isinstance(error, peft_errors.PeftError):
         return EXIT_BAD_INPUT
     return EXIT_FAILED

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.manifest import Manifest
+from .errors import JobError
 from .recipe import Recipe, RecipeError
 from .tune import Objective, SearchResult  # Ray-free (the recipe imports them too)
 
@@ -32,11 +33,11 @@ log = logging.getLogger("pipelines")
 TRIALS_FILE = "trials.json"
 
 
-class NoWinnerError(RuntimeError):
+class NoWinnerError(JobError):
     """The search left no trial with the objective's metric: nothing to promote."""
 
 
-class TrialsFailedError(RuntimeError):
+class TrialsFailedError(JobError):
     """Trials still failed after their retries and the recipe does not tolerate it
     (``tune.tolerate_failed_trials``); the search's outcome is saved all the same."""
 

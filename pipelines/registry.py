@@ -30,14 +30,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import InputError
 from .tracking import who
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG = "peftpipe."
 
 
-class RegistryError(RuntimeError):
-    """A registry operation cannot proceed (unknown model, nothing to roll back to, ...)."""
+class RegistryError(InputError, RuntimeError):
+    """A registry operation cannot proceed (unknown model or alias, a bad models:/ URI,
+    nothing to roll back to, the model's lock held): exit 2 for `promote`, `rollback`,
+    `serve`, `export`; inside `run` a job failure (exit 1). Still a ``RuntimeError``."""
 
 
 class RegistryConfig(BaseModel):

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import InputError
+
 Task = Literal["classification", "instruction", "causal_lm"]
 Format = Literal["auto", "jsonl", "parquet", "csv", "tsv", "hf_disk"]
 SPLITS = ("train", "eval", "test")
@@ -14,7 +16,7 @@ SPLITS = ("train", "eval", "test")
 MAX_CHARS = 100_000
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The input data cannot make a dataset (no rows, every row rejected, splits too small,
     an unreadable file); the message names the file, field or row and what was expected."""
 

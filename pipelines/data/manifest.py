@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..errors import InputError
 from .config import SPLITS, Task
 
 #: bump when the output of the same inputs changes (templates, columns, split rule)
@@ -23,7 +24,7 @@ TASKS: tuple[str, ...] = get_args(Task)
 NEEDED_SPLITS = ("train", "eval")
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """The manifest or its splits are missing or do not fit the stage reading them."""
 
 

@@ -19,10 +19,12 @@ import torch
 import peft_core
 
 from .. import models
+from ..errors import InputError
 
 
-class ServeError(RuntimeError):
-    """The adapter cannot serve this request (wrong task, missing metadata...)."""
+class ServeError(InputError, RuntimeError):
+    """The adapter cannot serve this request (wrong task, missing metadata...): exit 2.
+    Still a ``RuntimeError``, as before the tree."""
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InputError
 from .config import TuneConfig
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ MIN_SHARE = 0.1  # a default share below this would train at a crawl: ask for fe
 EPS = 1e-6
 
 
-class ResourceError(ValueError):
+class ResourceError(InputError):
     """The cluster cannot run the search as configured."""
 
 
