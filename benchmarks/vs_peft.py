@@ -157,10 +157,10 @@ def build_pair(kind: str, method: str, info: Any, seed: int):
         del ours_tmp
     elif "target_modules" not in ours_cfg and peft_cls == "LoraConfig":
         ours_tmp = peft_core.apply(base(), ours_cfg)  # peft names our default targets exactly
-        from peft_core.methods.lora import _hf_target_modules, lora_layers
+        from peft_core.methods.lora import hf_target_modules, lora_layers
 
         wrapped = [n for n, _ in lora_layers(ours_tmp.base_model)]
-        peft_kw = {**peft_kw, "target_modules": _hf_target_modules(ours_tmp.base_model, wrapped)}
+        peft_kw = {**peft_kw, "target_modules": hf_target_modules(ours_tmp.base_model, wrapped)}
         del ours_tmp
     ours = peft_core.apply(ours_base, ours_cfg)
     task_type = "SEQ_CLS" if info.task == "classification" else "CAUSAL_LM"

@@ -314,7 +314,7 @@ class Lora(Method):
             "lora_alpha": alpha,
             "lora_dropout": self.config.dropout,
             "use_rslora": self.config.use_rslora,
-            "target_modules": _hf_target_modules(model, [n for n, _ in layers]),
+            "target_modules": hf_target_modules(model, [n for n, _ in layers]),
             "fan_in_fan_out": any(targets.is_conv1d(layer.base) for _, layer in layers),
             "bias": "none",
             "modules_to_save": modules_to_save(heads),
@@ -332,7 +332,7 @@ def target_dims(model: nn.Module, patterns: list[str] | str | None) -> list[tupl
     return [targets.linear_dims(m) for _, m in targets.linear_targets(model, patterns)]
 
 
-def _hf_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str:
+def hf_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str:
     """Leaf names when they select exactly the wrapped modules (the form most tools expect),
     otherwise an exact regex (e.g. BERT's ``dense`` would also catch the pooler)."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})

@@ -42,7 +42,7 @@ from ..method import Method
 from ..registry import register
 from . import _weights
 from ._peft_export import head_state, modules_to_save
-from .lora import _hf_target_modules
+from .lora import hf_target_modules
 
 SHARED = "peft_vera"
 
@@ -186,7 +186,7 @@ class Vera(Method):
             "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
             "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
             "r": self.config.rank,
-            "target_modules": _hf_target_modules(model, [n for n, _ in layers]),
+            "target_modules": hf_target_modules(model, [n for n, _ in layers]),
             "projection_prng_key": self.config.projection_seed,
             "save_projection": self.config.save_projection,
             "vera_dropout": self.config.dropout,

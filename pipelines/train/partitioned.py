@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from pipelines import models
+from pipelines.errors import InputError
 
 
-class PartitionedLoadError(ValueError):
+class PartitionedLoadError(InputError):
     """The checkpoint cannot be loaded partitioned (names what is missing and why)."""
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from ..errors import JobError
 from .config import TrainConfig
 
 log = logging.getLogger("pipelines.train")
@@ -29,7 +30,7 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 POLL_S = 5.0  # how often a waiting run looks at Ray's pending placement groups
 
 
-class PendingResourcesError(RuntimeError):
+class PendingResourcesError(JobError):
     """A run's workers could not be placed within ``train.pending_timeout_s``."""
 
 
