@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pipelines import compat
 from pipelines.errors import JobError
 
 from . import mlflow_server
@@ -174,12 +175,10 @@ class ClusterState:
 
 def write_state(state: ClusterState) -> Path:
     """Write the state file atomically (a temp file in the same folder, then rename)."""
-    path = state.state_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state.to_dict(), indent=2))
-    os.replace(tmp, path)
-    return path
+    # imported here: peft_core loads torch, which `cluster status|down` never need
+    from peft_core.files import atomic_write_text
+
+    return atomic_write_text(state.state_file, json.dumps(state.to_dict(), indent=2))
 
 
 def read_state(root: str | Path = DEFAULT_ROOT) -> ClusterState:
@@ -221,7 +220,7 @@ def _ray_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("ray")
     if exe.is_file():
         return [str(exe)]
-    return [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+    return compat.ray_cli_command()
 
 
 def _node_env(fast_failure_detection: bool) -> dict[str, str]:
@@ -231,11 +230,8 @@ def _node_env(fast_failure_detection: bool) -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if fast_failure_detection:
-        # A lost node is declared dead within ~3 s instead of ~30 s (GCS health checks).
-        env.setdefault("RAY_health_check_initial_delay_ms", "1000")
-        env.setdefault("RAY_health_check_period_ms", "1000")
-        env.setdefault("RAY_health_check_timeout_ms", "1000")
-        env.setdefault("RAY_health_check_failure_threshold", "3")
+        for k, v in compat.fast_node_failure_detection_env().items():
+            env.setdefault(k, v)  # an operator's own value is kept
     return env
 
 
@@ -253,23 +249,8 @@ def client_auth() -> dict[str, str]:
     process's Ray clients (job submission, State API) use the user's token
     (``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``) when there is one, and return the HTTP
     headers that carry it for our own requests. ``RAY_AUTH_MODE`` set by the user wins.
-
-    The one place the project reaches into ``ray._private``: Ray (2.60) turns token mode on
-    and loads the token only inside ``ray start``/``ray.init`` and its own SDK clients; it
-    has no public function for a process that only talks to a cluster it did not start
-    (finding the token where Ray looks for it, in Ray's order, and the header Ray's servers
-    accept). Doing that by hand would copy Ray's rules and drift from them."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-        from ray._private.authentication.http_token_authentication import (
-            get_auth_headers_if_auth_enabled,
-        )
-    except ImportError:  # a Ray without token authentication
-        return {}
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    return dict(get_auth_headers_if_auth_enabled({}))
+    Ray has no public function for this (see :func:`pipelines.compat.ray_client_auth_headers`)."""
+    return compat.ray_client_auth_headers()
 
 
 def auth_settings() -> tuple[str | None, str | None]:

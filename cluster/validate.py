@@ -68,10 +68,11 @@ def _get(doc: Any, dotted: str, where: str) -> Any:
 def parse_ray_start(args: list[str], where: str) -> dict[str, Any]:
     """Parse ``ray start`` arguments with Ray's own CLI definition (nothing is started)."""
     import click
-    from ray.scripts.scripts import start
+
+    from pipelines import compat
 
     try:
-        ctx = start.make_context("start", list(args), resilient_parsing=False)
+        ctx = compat.ray_start_cli().make_context("start", list(args), resilient_parsing=False)
     except click.ClickException as e:
         raise DeployError(f"{where}: `ray start {' '.join(args)}`: {e.format_message()}") from e
     return dict(ctx.params)

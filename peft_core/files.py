@@ -1,5 +1,6 @@
-"""The bottom layer of adapter files: folder writes that never leave half a folder, and
-reading and writing the two files of an adapter folder and of Hugging Face peft's.
+"""The bottom layer of adapter files: file and folder writes that never leave half a file
+or half a folder, and reading and writing the two files of an adapter folder and of Hugging
+Face peft's.
 
 Nothing here knows about models or methods, so every other module may use it:
 ``adapter_config.json`` (JSON) + ``adapter.safetensors`` (tensors; never pickle).
@@ -7,11 +8,13 @@ Nothing here knows about models or methods, so every other module may use it:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,60 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 #: the version of the adapter folder's layout, written into every config
 FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that takes a path (``savefig``, a CSV
+    writer); when the block ends without error the file is flushed to disk and renamed over
+    ``path``, otherwise it is removed. A reader sees the old file or the whole new one.
+
+    The temporary name is hidden and ends in ``.tmp``, never in ``path``'s own suffix, so
+    a reader globbing ``*.pid`` or ``*.json`` in the folder never picks up half a file
+    (a writer that infers its format from the name must be told the format). The file
+    gets the permissions a plain ``open(path, "w")`` would give, not ``mkstemp``'s 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _reserve_temp(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the name points at it
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that no reader ever sees half of it (see
+    :func:`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` so that no reader ever sees half of it (see
+    :func:`atomic_file`)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def _reserve_temp(path: Path) -> Path:
+    """A new empty file beside ``path``, created with mode 0o666 so the umask applies as
+    for any other file the process writes."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
 
 
 def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -253,9 +253,9 @@ def serve_command(
     settings = serve_app.ServeSettings(model=model, tracking_uri=uri, replicas=replicas,
                                        max_adapters=max_adapters, max_batch_size=max_batch_size,
                                        replica_cpus=replica_cpus)
-    import ray
+    from pipelines.ray_runtime import ensure_ray
 
-    ray.init(address=address, logging_level="ERROR")
+    ensure_ray(address, logging_level="ERROR")
     try:
         url = serve_app.start(settings, host=host, port=port)
     except (InputError, FileNotFoundError, ValueError) as e:

@@ -6,11 +6,11 @@ the report can be rebuilt from MLflow or from a Tune experiment folder at any ti
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from peft_core.files import atomic_file, atomic_write_text
 
 from .tracking import PHASE_PREFIX, PHASE_SUFFIX
 from .tune.objective import Objective, pareto_front
@@ -258,12 +258,12 @@ def plot_curves(trials: Sequence[dict[str, Any]], metric: str, out: Path) -> Pat
 def _save(fig, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_file(out) as tmp:
+            # the temporary name ends in .tmp: matplotlib must be told the format
+            fig.savefig(tmp, format=out.suffix.lstrip(".") or None)
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -298,9 +298,4 @@ def write_report(trials: Sequence[dict[str, Any]], objective: Objective, out_dir
         parts += ["## Champion\n", "".join(f"- {k}: {_fmt(v)}\n" for k, v in champion.items())]
     parts += ["## Plots\n", f"![quality against trainable parameters]({pareto.name})\n",
               f"![eval loss per trial]({curves.name})\n", extra]
-    md = out_dir / "report.md"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, md)
-    return md
+    return atomic_write_text(out_dir / "report.md", "\n".join(parts))

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+
+from peft_core.files import atomic_folder
 
 from .local import ServeError, pipeline_info
 
@@ -90,23 +90,15 @@ def save(adapter_dir: str | Path, dst: str | Path) -> Path:
                else {"prompt": ["What is the capital of France?"]})
     import pandas as pd
 
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    shutil.rmtree(tmp)  # save_model wants to create the folder itself
-    try:
+    def write(tmp: Path) -> None:
+        # MLflow (3.17) saves into an existing folder as long as it is empty
         mlflow.pyfunc.save_model(
             str(tmp), python_model=str(CODE), artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
             signature=_signature(task), input_example=pd.DataFrame(example),
             pip_requirements=_requirements(), metadata={"peftpipe": facts(adapter_dir)},
         )
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+
+    return atomic_folder(dst, write)
 
 
 def _column(model_input: Any, name: str) -> list[str]:

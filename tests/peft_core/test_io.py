@@ -68,3 +68,42 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch) -> None:
 def test_not_an_adapter_folder(tmp_path) -> None:
     with pytest.raises(peft_core.PeftError, match="not an adapter folder"):
         peft_core.load_adapter(tiny.model("llama"), tmp_path)
+
+
+def test_atomic_file_writes_replace_whole_files(tmp_path) -> None:
+    from peft_core.files import atomic_write_bytes, atomic_write_text
+
+    path = tmp_path / "sub" / "state.json"
+    assert atomic_write_text(path, "{\"a\": \"é\"}") == path
+    assert json.loads(path.read_text(encoding="utf-8")) == {"a": "é"}
+    atomic_write_bytes(path, b"{}")
+    assert path.read_bytes() == b"{}"
+    assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temp file left
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path) -> None:
+    from peft_core.files import atomic_file
+
+    path = tmp_path / "driver.pid"
+    path.write_text("1")
+    with pytest.raises(OSError, match="disk full"), atomic_file(path) as tmp:
+        # a reader globbing the target's suffix never sees the half-written file
+        assert tmp.parent == tmp_path and tmp.name.endswith(".tmp")
+        assert sorted(tmp_path.glob("*.pid")) == [path]
+        tmp.write_text("2")
+        raise OSError("disk full")
+    assert path.read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["driver.pid"]
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path) -> None:
+    import os
+    import stat
+
+    from peft_core.files import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+    mode = stat.S_IMODE
+    assert mode(os.stat(atomic).st_mode) == mode(os.stat(plain).st_mode)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from pipelines import pipeline
+from pipelines import console
 
 
 def test_raylet_lines_go_to_the_log_and_the_rest_passes(capsys, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="peftpipe.ray")
-    with pipeline._raylet_lines_to_log():
+    with console.raylet_lines_to_log():
         print("[     6s] 563e8_00000 lora             started")
         print("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started")
         print("step", end="")
