@@ -174,10 +174,7 @@ PEFT_CORE_EXCEPTIONS: dict[str, set[str]] = {}
 #: sites whose owners still have to switch to the compat function named, by module or
 #: package (the test below fails once a site no longer needs its entry, so the entry is
 #: removed with the switch)
-PENDING: dict[str, set[str]] = {
-    # plan's activation counter -> compat.torch_dispatch_mode() and compat.tree_leaves()
-    "pipelines.plan": {"torch.utils._python_dispatch", "torch.utils._pytree"},
-}
+PENDING: dict[str, set[str]] = {}
 
 
 def _is_private(dotted: str) -> bool:

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..ray_runtime import ensure_ray
 from . import sources as sources_mod
 from . import store
 from .config import SPLITS, DataConfig, DataError, check_label_names
@@ -85,7 +86,8 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
     if store.is_complete(root, did):
         return _reuse(root, did, require)
     tok = _tokenizer(config)
-    _ensure_ray(ray_address)
+    # Ray's own dashboard default, as this stage has always started Ray with
+    ensure_ray(ray_address, local={"include_dashboard": None})
     resources = plan_resources(config)
 
     store.remove_stale(root, did)
@@ -476,13 +478,6 @@ def _free_cpus() -> float:
     import ray
 
     return float(ray.available_resources().get("CPU", 0.0))
-
-
-def _ensure_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address)
 
 
 @contextlib.contextmanager

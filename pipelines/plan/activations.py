@@ -118,16 +118,18 @@ def live_tensors(existing: Iterable[Any] = ()) -> Iterator[dict[str, int]]:
     """Bytes of every tensor an op creates while the context is open, alive and at peak;
     views of the ``existing`` tensors (parameters: ``W.t()`` in every linear) are not new.
 
-    Isolated here because it uses ``torch.utils._python_dispatch.TorchDispatchMode``, the
-    documented ``__torch_dispatch__`` extension point (the module name is underscored): it
+    It uses ``TorchDispatchMode`` (through :mod:`pipelines.compat`: torch documents the
+    ``__torch_dispatch__`` extension point but ships it in an underscored module): it
     sees each op's outputs, including backward's, on the meta device too, where PyTorch's
     memory statistics do not exist. A storage is counted once, freed when it is collected.
     """
     import weakref
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
+
+    from ..compat import torch_dispatch_mode, tree_leaves
+
+    TorchDispatchMode = torch_dispatch_mode()  # noqa: N806 (a class, named as torch names it)
 
     state = {"now": 0, "peak": 0}
     keep = [t.untyped_storage() for t in existing]  # alive, so their ids stay theirs
@@ -140,7 +142,7 @@ def live_tensors(existing: Iterable[Any] = ()) -> Iterator[dict[str, int]]:
     class _Live(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
+            for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     st = t.untyped_storage()
                     if id(st) in seen:

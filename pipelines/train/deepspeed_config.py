@@ -112,13 +112,12 @@ def setup_deepspeed(*, shm_comm: bool) -> None:
     from pipelines.models import cache_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
-    import deepspeed.ops
-
     if not shm_comm:
+        from pipelines.compat import disable_deepspeed_shm_comm
+
         # DeepSpeed builds its CPU shared-memory all-reduce on first use (a ~95 s JIT
-        # compile) whenever the op is marked compatible; this dict is its documented
-        # per-process switch (deepspeed/ops/__init__.py keeps one instance).
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # compile): no gain at these sizes
+        disable_deepspeed_shm_comm()
 
 
 def _has_cuda() -> bool:

@@ -13,11 +13,11 @@ the public State API's placement groups and the nodes' resources).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
 
+from ..compat import is_ray_train_start_timeout, set_ray_train_start_timeout
 from ..errors import JobError
 from .config import TrainConfig
 
@@ -26,7 +26,6 @@ log = logging.getLogger("pipelines.train")
 # Ray Train reads it from the environment of the process that calls fit() and passes it to
 # its controller (ray.train.v2._internal.constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR;
 # the name is Ray's documented variable, the module holding it is private).
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 POLL_S = 5.0  # how often a waiting run looks at Ray's pending placement groups
 
 
@@ -44,7 +43,7 @@ def failure_config(config: TrainConfig) -> Any:
 
     if config.pending_timeout_s is None:
         return FailureConfig(max_failures=config.max_failures)
-    os.environ[START_TIMEOUT_ENV] = f"{config.pending_timeout_s:g}"
+    set_ray_train_start_timeout(config.pending_timeout_s)
     # Ray counts a worker group that failed to start as a controller failure, and after a
     # node is lost that is what a restart meets while the dead node is not yet declared
     # dead (a worker placed on it dies in its constructor): allowing none would turn a
@@ -67,7 +66,7 @@ def fit(trainer: Any, config: TrainConfig) -> Any:
     try:
         return trainer.fit()
     except ControllerError as e:
-        if not _is_start_timeout(e):
+        if not is_ray_train_start_timeout(e):
             raise
         raise PendingResourcesError(
             f"train: {config.num_workers} workers x {_fmt(bundle)} "
@@ -84,12 +83,6 @@ def worker_bundle(config: TrainConfig, trainer: Any = None) -> dict[str, float]:
     if scaling is not None and scaling.resources_per_worker:
         return {k: float(v) for k, v in scaling.resources_per_worker.items()}
     return {"CPU": float(config.cpus_per_worker)}
-
-
-def _is_start_timeout(error: BaseException) -> bool:
-    failure = getattr(error, "controller_failure", None)
-    # matched by name: the class lives in ray.train.v2._internal.exceptions (private)
-    return failure is not None and type(failure).__name__ == "WorkerGroupStartupTimeoutError"
 
 
 def _fmt(bundle: dict[str, Any]) -> str:

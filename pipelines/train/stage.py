@@ -13,17 +13,17 @@ to Tune, or leave ``report_to_tune`` on its default, which adds it inside a Tune
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..compat import default_ray_train_poll_interval
 from ..data.manifest import DatasetError, Manifest, read_manifest
 from . import scheduling
 from .config import TrainConfig
 from .spec import WorkerSpec
 
-REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+REPORT_POLL_S = 0.2
 
 
 @dataclasses.dataclass
@@ -166,7 +166,7 @@ def build_trainer(config: TrainConfig, manifest: Manifest | str | Path,
     # measured on a 4-step tiny trial, reports reached Tune 2.05 s apart and the last one
     # 4.1 s after the worker had sent it. Ray Train passes this variable of the process
     # that fits the trainer on to its controller; an operator's own value is kept.
-    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+    default_ray_train_poll_interval(REPORT_POLL_S)
     use_gpu = _use_gpu(config)
     resources = {"CPU": config.cpus_per_worker}
     if use_gpu:
@@ -204,14 +204,11 @@ def train(config: TrainConfig | dict[str, Any], *, manifest: Manifest | str | Pa
     """Train ``config`` on the dataset ``manifest`` (a Manifest, its folder or its
     manifest.json). Uses the running Ray instance if there is one, else ``ray.init``
     (``ray_address`` or a local cluster)."""
-    import ray
+    from ..ray_runtime import ensure_ray
 
     if not isinstance(config, TrainConfig):
         config = TrainConfig.model_validate(config)
-    if not ray.is_initialized():
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls;
-        # without it a live controller can be taken for dead on a loaded machine.
-        ray.init(address=ray_address, **({} if ray_address else {"include_dashboard": True}))
+    ensure_ray(ray_address)
     trainer = build_trainer(config, manifest, run_dir, name=name, resume_from=resume_from,
                             pid_dir=pid_dir, report_to_tune=False)
     return TrainResult.from_ray(scheduling.fit(trainer, config))

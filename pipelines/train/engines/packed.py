@@ -75,7 +75,8 @@ class PackEngine(Engine):
         base.to(w.device)
         self.loaded()
         w.phases.switch("method")
-        self.base_params = sum(targets.numel(p) for p in base.parameters())
+        # counted before any member's tensors sit in the base's layers
+        base_params = sum(targets.numel(p) for p in base.parameters())
         self.pack = PackedModel(base, loss_fn=w.objective.logits_loss)
         adamw = functools.partial(torch.optim.AdamW, betas=tuple(config.betas), eps=1e-8,
                                   weight_decay=config.weight_decay)
@@ -85,6 +86,8 @@ class PackEngine(Engine):
                 member.peft, lr=spec.lr, weight_decay=config.weight_decay, optimizer=adamw,
                 grad_clip=config.grad_clip,
                 scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)))
+        self.own = {spec.name: _param_counts(self.pack.member(spec.name), base_params,
+                                             targets.numel) for spec in w.spec.members}
         self.measure_load_peak()
         self.adapter_info = pipeline_info(config, w.info)
         self.windows = {name: M.Window() for name in self.pack.members}
@@ -101,10 +104,6 @@ class PackEngine(Engine):
         return {**{n: self.pack.member(n) for n in self.pack.members}, **self.ended}
 
     def own_static(self) -> dict[str, Any]:
-        from peft_core import targets
-
-        self.own = {name: _param_counts(member, self.base_params, targets.numel)
-                    for name, member in self.all_members().items()}
         return {"pack_size": len(self.names)}
 
     # -- resume ---------------------------------------------------------------------------
@@ -198,7 +197,7 @@ class PackEngine(Engine):
         for name, metrics in evaluated.items():
             window = self.windows[name].summarise() if step else {}
             self.records[name] = {**self.own[name], **window, **metrics, M.STEP: step,
-                                  "lr": self._lr(name),
+                                  "lr": self.optimizers[name].lr(),
                                   "status": COMPLETED if last else TRAINING}
         for name in self._decide([] if last else self.pack.members):
             self.records[name]["status"] = STOPPED
@@ -206,11 +205,6 @@ class PackEngine(Engine):
         for window in self.windows.values():
             window.reset()
         return {"members": {n: dict(r) for n, r in self.records.items()}}
-
-    def _lr(self, name: str) -> float:
-        if name in self.optimizers:
-            return self.optimizers[name].lr()
-        return float(self.records.get(name, {}).get("lr", float("nan")))
 
     def _decide(self, names: list[str]) -> list[str]:
         """The members the stopper stops at this report: asked on rank 0, in member order
