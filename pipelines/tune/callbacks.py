@@ -19,6 +19,7 @@ from ..train.engines import STOPPED, member_adapter
 from .packing import member_names
 from .trial_log import ADAPTER, CHECKPOINT_PATH_KEY, StatusLines, TrialRuns, stopped_early
 
+
 class MlflowTrialCallback(TrialRuns, Callback):
     """Logs each trial (each member of a pack) as a nested MLflow run from the driver
     (:class:`~pipelines.tune.trial_log.TrialRuns`); a pack member's run ends with its

@@ -16,8 +16,10 @@ class TuneConfig(BaseModel):
     ``searcher``: ``random`` (``num_samples`` seeded draws), ``grid`` (every combination,
     ``num_samples`` ignored) or ``optuna`` (model-based, ``num_samples`` trials).
     ``scheduler``: ``asha`` stops poor trials at their eval reports; ``fifo`` runs all to the end.
-    ``workers_per_trial`` Ray Train workers per trial; ``max_concurrent_trials`` trials at
-    once; ``cpus_per_worker`` None shares the cluster's CPUs among the concurrent workers.
+    ``max_concurrent_trials`` trials at once; each trial is one training run of the
+    recipe's ``train`` section, so its workers and their CPUs are ``train.num_workers`` and
+    ``train.cpus_per_worker`` (unset: the cluster's CPUs shared among the concurrent
+    workers, see :mod:`pipelines.tune.resources`).
     ``max_trial_failures``: how often Ray Tune restarts a trial whose driver or training
     failed (a lost node, say; ``train.max_failures`` already restarts lost workers inside
     a trial); a restarted trial resumes from its last checkpoint. A trial that still failed
@@ -37,8 +39,6 @@ class TuneConfig(BaseModel):
     scheduler: Literal["asha", "fifo"] = "asha"
     num_samples: int = Field(4, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
-    workers_per_trial: int = Field(1, ge=1)
-    cpus_per_worker: float | None = Field(None, gt=0)
     grace_period: int = Field(1, ge=1)  # eval reports before ASHA may stop a trial
     reduction_factor: int = Field(2, ge=2)
     seed: int = 0

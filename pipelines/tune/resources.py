@@ -1,14 +1,17 @@
-"""What a search asks of the cluster, checked against its nodes before any trial starts.
+"""What a search or a single run asks of the cluster, checked against its nodes before
+anything starts.
 
-Each trial is two Ray placement groups: its driver's one bundle (``TRIAL_DRIVER_CPU``, see
-:func:`driver_resources`) and its Ray Train worker group, ``workers_per_trial`` bundles of
-``{CPU: cpus_per_worker (, GPU: 1)}`` placed with ``train.placement_strategy``. A bundle
-must fit on one node, so the cluster's *total* CPUs say little: three 1-CPU nodes hold no
-1.49-CPU worker. :func:`plan` counts, node by node (``ray.nodes()``: CPU, GPU, memory and
-any other resource a bundle names), how many trials' groups fit at once under the
-strategy, and picks the default ``cpus_per_worker``: the largest share (in hundredths)
-that lets the concurrent trials all run. Nothing fits: :class:`ResourceError` naming the
-fields and a setting that does.
+Each trial of a search is two Ray placement groups: its driver's one bundle
+(``TRIAL_DRIVER_CPU``, see :func:`driver_resources`) and its Ray Train worker group,
+``train.num_workers`` bundles of ``{CPU: train.cpus_per_worker (, GPU: 1)}`` placed with
+``train.placement_strategy``; a single run is its worker group alone (this process drives
+it). A bundle must fit on one node, so the cluster's *total* CPUs say little: three 1-CPU
+nodes hold no 1.49-CPU worker. :func:`plan` counts, node by node (``ray.nodes()``: CPU,
+GPU, memory and any other resource a bundle names), how many trials' groups fit at once
+under the strategy, and, when ``train.cpus_per_worker`` is left unset in a search, picks
+it: the largest share (in hundredths) that lets the concurrent trials all run (a single
+run's default is 1 CPU). Nothing fits: :class:`ResourceError` naming the fields and a
+setting that does.
 
 Where Ray puts the drivers is Ray's choice: every node is assumed to hold all concurrent
 drivers (worst case), so a placement found here cannot be undone by where they land.
@@ -31,7 +34,6 @@ if TYPE_CHECKING:
     from ..train import TrainConfig
 
 TRIAL_DRIVER_CPU = 0.01  # a trial's driver only waits on its trainer; it must not hold a CPU
-DRIVER_MEMORY = 1 << 20  # the bundle of a driver without CPU (Tune refuses an empty one)
 MIN_SHARE = 0.1  # a default share below this would train at a crawl: ask for fewer trials
 EPS = 1e-6
 
@@ -58,16 +60,17 @@ def node_resources() -> list[dict[str, float]]:
     return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
 
 
-def driver_bundle(cpu: float) -> dict[str, float]:
-    return {"CPU": cpu} if cpu > 0 else {"memory": float(DRIVER_MEMORY)}
-
-
-def driver_resources(cpu: float):
-    """The trial driver's bundle. Tune refuses an all-zero bundle, so a driver without a
-    CPU reserves 1 MiB of Ray's ``memory`` resource instead (the workers ask for none)."""
+def driver_resources(cpu: float = TRIAL_DRIVER_CPU):
+    """A trial driver's placement group: one bundle of ``cpu`` CPUs."""
     from ray import tune
 
-    return tune.PlacementGroupFactory([driver_bundle(cpu)])
+    return tune.PlacementGroupFactory([{"CPU": cpu}])
+
+
+def requested_cpus(train: TrainConfig) -> float | None:
+    """``train.cpus_per_worker`` as the recipe (or caller) gave it; None when left unset,
+    which a search fills with the default share (:func:`plan`)."""
+    return train.cpus_per_worker if "cpus_per_worker" in train.model_fields_set else None
 
 
 # -- counting -----------------------------------------------------------------------------------
@@ -135,79 +138,104 @@ def _num_trials(config: TuneConfig) -> int:
     return config.num_samples
 
 
-def plan(config: TuneConfig, driver_cpu: float = TRIAL_DRIVER_CPU, *,
-         train: TrainConfig | None = None, nodes: list[dict[str, float]] | None = None,
-         single: bool | None = None) -> Placement:
-    """The search's placement on ``nodes`` (default: the running Ray's alive nodes).
-    ``train`` gives the placement strategy and GPU use (default PACK, GPUs when a node has
-    one); ``single`` (default: ``driver_cpu == 0``) names the errors' fields as a single
-    run's (``train.num_workers``, ``train.cpus_per_worker``)."""
+def plan(config: TuneConfig | None, driver_cpu: float = TRIAL_DRIVER_CPU, *,
+         train: TrainConfig | None = None,
+         nodes: list[dict[str, float]] | None = None) -> Placement:
+    """Where the search ``config`` (None: one run of ``train``, with no driver bundle) fits
+    on ``nodes`` (default: the running Ray's alive nodes). ``train`` gives the workers per
+    trial, their CPUs, the placement strategy and GPU use (default 1 worker, the default
+    share, PACK, GPUs when a node has one)."""
     nodes = node_resources() if nodes is None else [dict(n) for n in nodes]
-    single = driver_cpu == 0 if single is None else single
+    if config is None and train is None:
+        raise TypeError("plan: a single run needs its train config")
     strategy = train.placement_strategy if train is not None else "PACK"
     use_gpu = train.use_gpu if train is not None else None
     if use_gpu is None:
         use_gpu = sum(n.get("GPU", 0.0) for n in nodes) >= 1
-    n = config.workers_per_trial
-    wanted = max(1, min(config.max_concurrent_trials, _num_trials(config)))
-    driver = driver_bundle(driver_cpu)
+    n = train.num_workers if train is not None else 1
     worker: dict[str, float] = {"GPU": 1.0} if use_gpu else {}
-    f_workers = "train.num_workers" if single else "tune.workers_per_trial"
-    f_cpus = "train.cpus_per_worker" if single else "tune.cpus_per_worker"
-    where = _describe(nodes)
+    driver = {} if config is None else {"CPU": driver_cpu}
+    _check_nodes(nodes, worker, n, strategy, driver)
+    if config is None:  # one run: exactly its workers, 1 CPU each unless the recipe says
+        return _given_share(nodes, worker, n, strategy, driver, 1, train.cpus_per_worker,
+                            single=True)
+    wanted = max(1, min(config.max_concurrent_trials, _num_trials(config)))
+    cpus = requested_cpus(train) if train is not None else None
+    if cpus is None:
+        return _default_share(nodes, worker, n, strategy, driver, wanted)
+    return _given_share(nodes, worker, n, strategy, driver, wanted, cpus, single=False)
 
+
+def _check_nodes(nodes: list[dict[str, float]], worker: dict[str, float], n: int,
+                 strategy: str, driver: dict[str, float]) -> None:
+    """What no CPU share can fix: no node, too few nodes to spread over, too few GPUs."""
+    where = _describe(nodes)
     if not nodes:
         raise ResourceError("the Ray cluster has no alive node")
     if strategy == "STRICT_SPREAD" and n > len(nodes):
         raise ResourceError(
-            f"train.placement_strategy: STRICT_SPREAD puts each of the {f_workers}={n} "
-            f"workers on its own node; the cluster has {where}: set {f_workers} <= "
+            f"train.placement_strategy: STRICT_SPREAD puts each of the train.num_workers={n} "
+            f"workers on its own node; the cluster has {where}: set train.num_workers <= "
             f"{len(nodes)} or train.placement_strategy=SPREAD")
-    if use_gpu and not fits(nodes, worker, n, strategy, 1, driver):
-        gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    if worker.get("GPU") and not fits(nodes, worker, n, strategy, 1, driver):
+        gpus = sum(node.get("GPU", 0.0) for node in nodes)
         raise ResourceError(
             f"train.use_gpu: {n} workers need a GPU each ({strategy}); the cluster has {where} "
-            f"({gpus:g} GPUs): set {f_workers} <= {int(gpus)} or train.use_gpu=false")
+            f"({gpus:g} GPUs): set train.num_workers <= {int(gpus)} or train.use_gpu=false")
 
-    per_trial = f"{n} worker{'s' * (n != 1)}"
-    if config.cpus_per_worker is None:
-        share = best_share(nodes, worker, n, strategy, driver, wanted)
-        if share >= MIN_SHARE:
-            return Placement(share, wanted, wanted, len(nodes))
-        fewer = max((k for k in range(1, wanted) if
-                     best_share(nodes, worker, n, strategy, driver, k) >= MIN_SHARE), default=0)
-        if single or not fewer:
-            one = best_share(nodes, worker, 1, strategy, driver, 1)
-            raise ResourceError(
-                f"{f_workers}: {per_trial} ({strategy}) leave {share:g} CPU each on {where} "
-                f"(below {MIN_SHARE:g}); set {f_workers} lower (1 worker gets {one:g} CPU)")
+
+def _workers(n: int) -> str:
+    return f"{n} worker{'s' * (n != 1)}"
+
+
+def _default_share(nodes: list[dict[str, float]], worker: dict[str, float], n: int,
+                   strategy: str, driver: dict[str, float], wanted: int) -> Placement:
+    """A search without ``train.cpus_per_worker``: the largest share at which its
+    concurrent trials all run, when that is not too small to train."""
+    share = best_share(nodes, worker, n, strategy, driver, wanted)
+    if share >= MIN_SHARE:
+        return Placement(share, wanted, wanted, len(nodes))
+    where = _describe(nodes)
+    fewer = max((k for k in range(1, wanted) if
+                 best_share(nodes, worker, n, strategy, driver, k) >= MIN_SHARE), default=0)
+    if not fewer:
+        one = best_share(nodes, worker, 1, strategy, driver, 1)
         raise ResourceError(
-            f"tune.max_concurrent_trials: {wanted} trials at once of {per_trial} ({strategy}) "
-            f"leave {share:g} CPU per worker on {where} (below {MIN_SHARE:g}); set "
-            f"tune.max_concurrent_trials <= {fewer} or tune.cpus_per_worker explicitly")
+            f"train.num_workers: {_workers(n)} ({strategy}) leave {share:g} CPU each on "
+            f"{where} (below {MIN_SHARE:g}); set train.num_workers lower (1 worker gets "
+            f"{one:g} CPU)")
+    raise ResourceError(
+        f"tune.max_concurrent_trials: {wanted} trials at once of {_workers(n)} ({strategy}) "
+        f"leave {share:g} CPU per worker on {where} (below {MIN_SHARE:g}); set "
+        f"tune.max_concurrent_trials <= {fewer} or train.cpus_per_worker explicitly")
 
-    cpus = config.cpus_per_worker
-    worker["CPU"] = cpus
-    got = max_trials(nodes, worker, n, strategy, driver, wanted)
+
+def _given_share(nodes: list[dict[str, float]], worker: dict[str, float], n: int,
+                 strategy: str, driver: dict[str, float], wanted: int, cpus: float, *,
+                 single: bool) -> Placement:
+    """``cpus`` per worker: whether ``wanted`` trials (or the one run) fit at once."""
+    got = max_trials(nodes, {**worker, "CPU": cpus}, n, strategy, driver, wanted)
     if got == wanted:
         return Placement(cpus, got, wanted, len(nodes))
+    where = _describe(nodes)
     share = best_share(nodes, worker, n, strategy, driver, wanted)
-    fix = f"{f_cpus} <= {share:g}" if share > 0 else ""
+    fix = f"train.cpus_per_worker <= {share:g}" if share > 0 else ""
     if single:
         raise ResourceError(
-            f"{f_cpus}: {per_trial} x {cpus:g} CPU ({strategy}) do not fit on {where} "
-            f"(a worker's CPUs must fit on one node): set {fix or f'{f_workers} lower'}")
+            f"train.cpus_per_worker: {_workers(n)} x {cpus:g} CPU ({strategy}) do not fit on "
+            f"{where} (a worker's CPUs must fit on one node): set "
+            f"{fix or 'train.num_workers lower'}")
     alt = [fix] if fix else []
     if got:
         alt.append(f"tune.max_concurrent_trials <= {got}")
     raise ResourceError(
-        f"{f_cpus}: {wanted} trials at once of {per_trial} x {cpus:g} CPU ({strategy}) do "
-        f"not fit on {where} ({got} do{'es' * (got == 1)}; a worker's CPUs must fit on one "
-        f"node, and every trial driver holds {driver_cpu:g} CPU): set "
-        f"{' or '.join(alt) or f'{f_workers} lower'}")
+        f"train.cpus_per_worker: {wanted} trials at once of {_workers(n)} x {cpus:g} CPU "
+        f"({strategy}) do not fit on {where} ({got} do{'es' * (got == 1)}; a worker's CPUs "
+        f"must fit on one node, and every trial driver holds {driver.get('CPU', 0):g} CPU): "
+        f"set {' or '.join(alt) or 'train.num_workers lower'}")
 
 
-def cpus_per_worker(config: TuneConfig, driver_cpu: float = TRIAL_DRIVER_CPU, *,
+def cpus_per_worker(config: TuneConfig | None, driver_cpu: float = TRIAL_DRIVER_CPU, *,
                     train: TrainConfig | None = None,
                     nodes: list[dict[str, float]] | None = None) -> float:
     """The CPUs of each training worker (see :func:`plan`); raises :class:`ResourceError`
@@ -220,13 +248,7 @@ def check_job(train: TrainConfig, tune: TuneConfig | None,
     """What ``peftpipe run`` would ask of ``nodes`` for a recipe's ``train`` and ``tune``
     sections (one run when there is no search): a :class:`ResourceError` before submitting
     instead of one in the job."""
-    if tune is not None:
-        return plan(tune, TRIAL_DRIVER_CPU, train=train, nodes=nodes)
-    one = TuneConfig.model_validate({
-        "space": {"methods": {train.method["name"]: {}}}, "searcher": "grid",
-        "max_concurrent_trials": 1, "workers_per_trial": train.num_workers,
-        "cpus_per_worker": train.cpus_per_worker})
-    return plan(one, 0.0, train=train, nodes=nodes, single=True)
+    return plan(tune, TRIAL_DRIVER_CPU, train=train, nodes=nodes)
 
 
 def nodes_from_state_api(address: str) -> list[dict[str, Any]]:

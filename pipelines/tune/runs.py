@@ -6,16 +6,41 @@ The search's parent run carries the identity of the driver that has it open
 (``peftpipe.driver``: host, pid and the process's start time); a run left ``RUNNING`` by a
 driver that is no longer alive is ended ``KILLED``. No Ray here: ``report`` and ``promote``
 reconcile without starting anything.
+
+A driver's search (or single run: a search of one trial to MLflow) goes through the same
+steps here, whichever way it trains: :func:`open_search` (parent run, params, driver
+identity), :func:`ended_with_driver` and :func:`stop_on_signals` while it trains, and
+:func:`conclude` (the best trial, the Pareto front, the parent run ended).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
-from typing import Any
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..tracking import TAG_KIND, TAG_SEARCH
+from ..tracking import (
+    TAG_KIND,
+    TAG_SEARCH,
+    SearchTracker,
+    TrackingConfig,
+    client,
+    content_hash,
+    experiment_id,
+    git_sha,
+)
+from .objective import Objective, pareto_front
+from .result import SearchInterrupted, SearchResult
+
+if TYPE_CHECKING:
+    from ..train import TrainConfig
 
 TAG_DRIVER = "peftpipe.driver"
 TAG_ENDED_BY = "peftpipe.ended_by"
@@ -99,3 +124,97 @@ def reconcile_experiment(mlc: Any, experiment: str) -> list[str]:
     for search_id in sorted({r.data.tags[TAG_SEARCH] for r in runs if TAG_SEARCH in r.data.tags}):
         ended += reconcile(mlc, experiment, search_id, opening=False)
     return ended
+
+
+# -- a driver's search, from opening to its outcome ----------------------------------------
+
+def open_search(tracking: TrackingConfig, run_dir: Path, search_id: str, *,
+                train: TrainConfig, dataset_id: str, recipe: dict[str, Any] | None,
+                params: Mapping[str, Any]) -> tuple[Any, str, SearchTracker]:
+    """The search's MLflow client, experiment and parent run (found again when resumed,
+    after the runs a dead driver of it left RUNNING were ended), with ``params``, the
+    training's size, the recipe and this driver's identity."""
+    mlc = client(tracking, run_dir)
+    exp = experiment_id(mlc, tracking, run_dir)
+    # runs a dead driver of this search left RUNNING end as KILLED before it goes on
+    reconcile(mlc, exp, search_id, opening=True)
+    tracker = SearchTracker(mlc, exp, search_id, tags={
+        "dataset_id": dataset_id, "base_model": train.model.name,
+        "recipe_hash": content_hash(recipe or {}), "git_sha": git_sha(),
+    })
+    tracker.log_params(tracker.parent_id, {
+        **params, "max_steps": train.max_steps, "batch_size": train.batch_size,
+        "zero_stage": train.zero.stage})
+    mlc.set_tag(tracker.parent_id, TAG_DRIVER, driver_identity())
+    if recipe:
+        mlc.log_dict(tracker.parent_id, recipe, "recipe.json")
+    return mlc, exp, tracker
+
+
+@contextlib.contextmanager
+def ended_with_driver(mlc: Any, experiment: str, search_id: str) -> Iterator[None]:
+    """No run of the search stays RUNNING when its driver goes down: a second Ctrl-C ends
+    them KILLED, a crash FAILED (a stop by signal, :class:`SearchInterrupted`, ended them
+    already)."""
+    try:
+        yield
+    except SearchInterrupted:
+        raise
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        try:
+            end_open_runs(mlc, experiment, search_id, status, f"driver: {type(e).__name__}")
+        except Exception:  # the tracking store is gone too: the next open reconciles
+            log.warning("search %s: could not end its MLflow runs", search_id, exc_info=True)
+        raise
+
+
+def conclude(tracker: SearchTracker, outcomes: list[dict[str, Any]], objective: Objective, *,
+             path: str, tolerate_failed: bool) -> SearchResult:
+    """The search's outcome from its trials': the best under the objective and budget and
+    the Pareto front; the parent run ends naming the best trial, FAILED when a trial failed
+    and that is not tolerated."""
+    outcomes = sorted(outcomes, key=lambda o: o["trial_id"])
+    rows = [{**o["metrics"], "_trial": o["trial_id"]} for o in outcomes]
+    best = objective.best(rows)
+    best_trial = next((o for o in outcomes if best and o["trial_id"] == best["_trial"]), None)
+    front_ids = {p["_trial"] for p in pareto_front(rows, objective.metric, objective.mode)}
+    failed = any(o["status"] == "error" for o in outcomes)
+    tracker.end_search("FAILED" if failed and not tolerate_failed else "FINISHED", {
+        "best_trial": best_trial["trial_id"] if best_trial else "none",
+        "best_run_id": best_trial["mlflow_run_id"] if best_trial else "",
+        "best_" + objective.metric:
+            best_trial["metrics"].get(objective.metric) if best_trial else "",
+    })
+    return SearchResult(search_id=tracker.search_id, path=path, trials=outcomes,
+                        best=best_trial, pareto=[o for o in outcomes if o["trial_id"] in front_ids],
+                        parent_run_id=tracker.parent_id, tracking_uri=tracker.client.tracking_uri,
+                        objective=objective)
+
+
+@contextlib.contextmanager
+def stop_on_signals(what: str, saved: str,
+                    on_first: Callable[[int, Any], None]) -> Iterator[list[str]]:
+    """While a search or a run trains, SIGINT and SIGTERM (Ctrl-C, ``kill``, ``ray job
+    stop``) stop it gracefully: the first one says so and calls ``on_first(signum, frame)``,
+    a second one stops at once (KeyboardInterrupt). Yields the list the first signal's name
+    is put in; ``what`` and ``saved`` name what stops and what of it is kept."""
+    got: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got  # signal handlers can only be set in the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if got:
+            raise KeyboardInterrupt
+        got.append(signal.Signals(signum).name)
+        print(f"\n{got[0]}: stopping the {what} ({saved}; again to stop at once)",
+              file=sys.stderr, flush=True)
+        on_first(signum, frame)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

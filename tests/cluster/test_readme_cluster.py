@@ -199,19 +199,19 @@ def test_an_infeasible_placement_exits_2_before_anything_starts(walk) -> None:
     before = _job_count(walk)
     # one 1-CPU worker per trial, two trials at once: no 1-CPU node holds a worker and a
     # trial driver's 0.01 CPU
-    out = sh("peftpipe submit demo --set tune.cpus_per_worker=1", walk.cwd, 120)
+    out = sh("peftpipe submit demo --set train.cpus_per_worker=1", walk.cwd, 120)
     assert out.returncode == 2, out.stdout[-3000:]
-    assert "error: tune.cpus_per_worker: 2 trials at once of 1 worker x 1 CPU (PACK) do not " \
+    assert "error: train.cpus_per_worker: 2 trials at once of 1 worker x 1 CPU (PACK) do not " \
         "fit on 3 alive nodes of 1 CPU each" in out.stdout, out.stdout
-    assert "set tune.cpus_per_worker <= 0.98" in out.stdout
+    assert "set train.cpus_per_worker <= 0.98" in out.stdout
     assert "Traceback" not in out.stdout
     assert _job_count(walk) == before  # nothing was submitted
 
     # submitted unchecked, the job's own check stops it before any trial starts
-    out = sh("peftpipe submit demo --no-check --set tune.cpus_per_worker=1 "
+    out = sh("peftpipe submit demo --no-check --set train.cpus_per_worker=1 "
              "--set data.max_rows=300 --set name=infeasible", walk.cwd, 200)
     assert out.returncode == 2, out.stdout[-4000:]
-    assert "tune.cpus_per_worker <= 0.98" in out.stdout, out.stdout[-3000:]
+    assert "train.cpus_per_worker <= 0.98" in out.stdout, out.stdout[-3000:]
     run_dir = Path(walk.state().storage) / "infeasible"
     assert not (run_dir / "trials").exists() and not (run_dir / "search").exists()
 

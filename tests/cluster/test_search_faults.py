@@ -88,11 +88,11 @@ def recipe(cluster, inputs, name: str, max_steps: int, strategy: str = "SPREAD")
         "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": max_steps,
                   "eval_every": EVERY, "checkpoint_every": EVERY, "max_eval_batches": 1,
                   "lr": 1e-2, "schedule": "constant", "warmup_steps": 0,
-                  "placement_strategy": strategy, "max_failures": 2},
+                  "placement_strategy": strategy, "max_failures": 2,
+                  "num_workers": 2, "cpus_per_worker": CPUS_PER_WORKER},
         "tune": {"space": {"methods": {"lora": {"rank": 4}, "linear_probe": {}},
                            "lr": [1e-2]},
                  "searcher": "grid", "scheduler": "fifo", "max_concurrent_trials": 2,
-                 "workers_per_trial": 2, "cpus_per_worker": CPUS_PER_WORKER,
                  "max_trial_failures": 2},
     }
     path = storage / f"{name}.yaml"

@@ -266,14 +266,14 @@ def test_minimal_recipes_take_the_tasks_defaults() -> None:
 @pytest.mark.parametrize(("sets", "stage", "message"), [
     (["train.num_workers=4", "train.batch_size=16"], "train",
      "train.num_workers x train.cpus_per_worker needs 4 CPUs; the Ray cluster has 2"),
-    (["tune.cpus_per_worker=2"], "tune",
-     "tune.max_concurrent_trials x tune.workers_per_trial x tune.cpus_per_worker needs 8 CPUs"),
+    (["train.cpus_per_worker=2"], "tune",
+     "tune.max_concurrent_trials x train.num_workers x train.cpus_per_worker needs 8 CPUs"),
 ])
 def test_resource_checks_name_the_stages_fields(sets, stage, message) -> None:
     from pipelines.recipe import RecipeError, load_recipe
 
-    r = load_recipe("demo", [*sets, "tune.workers_per_trial=2", "train.micro_batch_size=4",
-                             "tune.max_concurrent_trials=2"])
+    r = load_recipe("demo", ["train.num_workers=2", "train.micro_batch_size=4",
+                             "tune.max_concurrent_trials=2", *sets])
     with pytest.raises(RecipeError, match=message):
         r.check_resources(2, 0, stage)
 
@@ -287,4 +287,4 @@ def test_shortened_recipe_scales_its_warmup_and_batch_rule_is_one() -> None:
         load_recipe("demo", ["train.max_steps=5", "train.warmup_steps=5"])
     with pytest.raises(RecipeError, match=r"batch_size: 16 is not divisible by micro_batch_size "
                                           r"\(16\) x num_workers \(3\)"):
-        load_recipe("demo", ["tune.workers_per_trial=3"])
+        load_recipe("demo", ["train.num_workers=3"])

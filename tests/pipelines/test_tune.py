@@ -329,7 +329,7 @@ def test_runs_of_a_live_or_remote_driver_are_left_open(tmp_path) -> None:
 def test_a_torn_ray_snapshot_is_set_aside_for_the_newest_whole_checkpoint(tmp_path) -> None:
     import json
 
-    from pipelines.tune.stage import _RAY_SNAPSHOT, _set_aside_torn_snapshot
+    from pipelines.tune.trial_folder import RAY_SNAPSHOT, set_aside_torn_snapshot
 
     def ckpt(name: str, step: int, ranks: int) -> Path:
         folder = tmp_path / name
@@ -342,13 +342,13 @@ def test_a_torn_ray_snapshot_is_set_aside_for_the_newest_whole_checkpoint(tmp_pa
     ckpt("checkpoint_a", 20, 2)
     whole = ckpt("checkpoint_b", 40, 2)
     ckpt("checkpoint_c", 60, 1)  # rank 1's files never arrived: not a checkpoint to resume
-    assert _set_aside_torn_snapshot(tmp_path) is None  # no snapshot: Ray starts or resumes
-    (tmp_path / _RAY_SNAPSHOT).write_text('{"checkpoint_results": []}')
-    assert _set_aside_torn_snapshot(tmp_path) is None  # a whole one: Ray resumes by itself
-    (tmp_path / _RAY_SNAPSHOT).write_text("")  # the driver died while Ray rewrote it
-    assert _set_aside_torn_snapshot(tmp_path) == whole
-    assert not (tmp_path / _RAY_SNAPSHOT).exists()
-    assert (tmp_path / (_RAY_SNAPSHOT + ".torn")).is_file()
+    assert set_aside_torn_snapshot(tmp_path) is None  # no snapshot: Ray starts or resumes
+    (tmp_path / RAY_SNAPSHOT).write_text('{"checkpoint_results": []}')
+    assert set_aside_torn_snapshot(tmp_path) is None  # a whole one: Ray resumes by itself
+    (tmp_path / RAY_SNAPSHOT).write_text("")  # the driver died while Ray rewrote it
+    assert set_aside_torn_snapshot(tmp_path) == whole
+    assert not (tmp_path / RAY_SNAPSHOT).exists()
+    assert (tmp_path / (RAY_SNAPSHOT + ".torn")).is_file()
 
 
 def test_a_trial_that_finally_failed_fails_the_job_unless_tolerated() -> None:

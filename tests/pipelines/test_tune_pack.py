@@ -30,7 +30,7 @@ SPACE = {"methods": {"lora": {"rank": 4, "alpha": 8}}, "lr": LRS}
 
 def _tune(**kw) -> TuneConfig:
     return TuneConfig.model_validate({
-        "space": SPACE, "searcher": "grid", "max_concurrent_trials": 1, "workers_per_trial": 2,
+        "space": SPACE, "searcher": "grid", "max_concurrent_trials": 1,
         "grace_period": 1, "reduction_factor": 2,
         "objective": {"metric": "eval_loss", "mode": "min"}, **kw})
 

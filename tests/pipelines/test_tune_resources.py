@@ -44,7 +44,7 @@ def test_the_demo_on_three_one_cpu_nodes_gets_a_share_that_fits_a_node() -> None
     assert cpus_per_worker(tune(max_concurrent_trials=2), nodes=nodes(1)) == 0.49
     # the same machine as one 2-CPU node: what a local run gets (unchanged)
     assert cpus_per_worker(tune(max_concurrent_trials=2), nodes=nodes(2)) == 0.99
-    assert cpus_per_worker(tune(max_concurrent_trials=2, workers_per_trial=2),
+    assert cpus_per_worker(tune(max_concurrent_trials=2), train=train(num_workers=2),
                            nodes=nodes(2)) == 0.49
 
 
@@ -68,30 +68,32 @@ def test_strategies_count_what_fits_on_each_node() -> None:
 
 def test_an_explicit_share_that_fits_no_node_names_the_field_and_the_fix() -> None:
     with pytest.raises(ResourceError) as e:
-        cpus_per_worker(tune(cpus_per_worker=1.0), nodes=nodes(1, 1, 1))
+        cpus_per_worker(tune(), train=train(num_workers=1, cpus_per_worker=1.0),
+                        nodes=nodes(1, 1, 1))
     msg = str(e.value)
-    assert msg.startswith("tune.cpus_per_worker: 2 trials at once of 1 worker x 1 CPU (PACK)")
+    assert msg.startswith("train.cpus_per_worker: 2 trials at once of 1 worker x 1 CPU (PACK)")
     assert "3 alive nodes of 1 CPU each" in msg
-    assert "tune.cpus_per_worker <= 0.98" in msg
+    assert "train.cpus_per_worker <= 0.98" in msg
 
 
 def test_fewer_trials_at_once_is_offered_when_some_fit() -> None:
     with pytest.raises(ResourceError, match=r"\(1 does; .* or tune.max_concurrent_trials <= 1"):
-        cpus_per_worker(tune(cpus_per_worker=0.9, workers_per_trial=2), nodes=nodes(1, 1, 1))
+        cpus_per_worker(tune(), train=train(cpus_per_worker=0.9, num_workers=2),
+                        nodes=nodes(1, 1, 1))
 
 
 def test_strict_spread_needs_a_node_per_worker() -> None:
     with pytest.raises(ResourceError, match=r"train.placement_strategy: STRICT_SPREAD .* "
-                       r"tune.workers_per_trial=4 .* set tune.workers_per_trial <= 3"):
-        plan(tune(workers_per_trial=4), train=train(placement_strategy="STRICT_SPREAD",
-                                                    batch_size=8, micro_batch_size=2),
+                       r"train.num_workers=4 .* set train.num_workers <= 3"):
+        plan(tune(), train=train(num_workers=4, placement_strategy="STRICT_SPREAD",
+                                 batch_size=8, micro_batch_size=2),
              nodes=nodes(4, 4, 4))
 
 
 def test_gpu_runs_need_a_gpu_per_worker() -> None:
     with pytest.raises(ResourceError, match=r"train.use_gpu: 2 workers need a GPU each"):
-        plan(tune(workers_per_trial=2), train=train(use_gpu=True), nodes=nodes(8, 8))
-    p = plan(tune(workers_per_trial=2, max_concurrent_trials=2), train=train(),
+        plan(tune(), train=train(num_workers=2, use_gpu=True), nodes=nodes(8, 8))
+    p = plan(tune(max_concurrent_trials=2), train=train(num_workers=2),
              nodes=nodes(8, 8, gpu=2))  # use_gpu None: the cluster has GPUs
     assert p.concurrent_trials == 2 and p.cpus_per_worker == 3.99
 
@@ -99,8 +101,8 @@ def test_gpu_runs_need_a_gpu_per_worker() -> None:
 def test_a_default_share_too_small_asks_for_fewer_trials() -> None:
     with pytest.raises(ResourceError, match=r"tune.max_concurrent_trials: 8 trials at once .*"
                        r"\(below 0.1\).*tune.max_concurrent_trials <= 4"):
-        plan(tune(max_concurrent_trials=8, workers_per_trial=2, searcher="random",
-                  num_samples=8), nodes=nodes(1))
+        plan(tune(max_concurrent_trials=8, searcher="random", num_samples=8),
+             train=train(num_workers=2), nodes=nodes(1))
 
 
 def test_concurrency_is_capped_by_the_number_of_trials() -> None:
@@ -116,4 +118,5 @@ def test_a_single_run_names_the_train_fields() -> None:
                        r"<= 0.5"):
         check_job(t, None, nodes(1))
     assert check_job(t, None, nodes(1, 1)).cpus_per_worker == 1.0  # no CPU for its driver
-    assert check_job(train(), tune(), nodes(1, 1, 1)).cpus_per_worker == 0.98
+    # a search's trials: one worker each (what the recipe defaults a search's train to)
+    assert check_job(train(num_workers=1), tune(), nodes(1, 1, 1)).cpus_per_worker == 0.98
