@@ -17,7 +17,10 @@ Over HTTP: :mod:`pipelines.serve.app` (imported on demand; needs ``ray[serve]``)
 Serve application behind ``peftpipe serve``: ``POST /predict``, ``POST /v1/completions``,
 ``POST /v1/chat/completions``, ``GET /health``; it follows a registry alias (every replica
 loads the new version), multiplexes an LRU of adapters over one base per replica and batches
-requests.
+requests. Its deployments: :mod:`pipelines.serve.replica` (``AdapterReplica``) and
+:mod:`pipelines.serve.ingress` (``Api``), bound with one
+:class:`~pipelines.serve.settings.AppSettings`; requests and answers:
+:mod:`pipelines.serve.protocol`.
 """
 
 from .local import (
