@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("peft_core", "pipelines", "cluster", "peftpipe")
+from tests.project import PACKAGES, ROOT, modules
+
 #: what each top-level package may not import (project packages or third-party libraries)
 FORBIDDEN = {
     "peft_core": {"pipelines", "cluster", "peftpipe", "ray", "deepspeed", "mlflow"},
@@ -27,15 +27,7 @@ FORBIDDEN = {
 
 
 def _modules() -> dict[str, Path]:
-    """Every module of the project by dotted name (a package by its ``__init__``)."""
-    out = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            out[".".join(parts)] = path
-    return out
+    return modules()
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -67,17 +59,22 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             for alias in node.names:
                 out.add(_project_prefix(alias.name, modules))
             continue
-        if node.level:
-            base = here[:len(here) - node.level + 1]
-            target = ".".join(base + ([node.module] if node.module else []))
-        else:
-            target = node.module or ""
+        target = _from_target(node, here)
         subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
         out.update(subs)
         if len(subs) < len(node.names):  # some names are attributes of ``target`` itself
             out.add(_project_prefix(target, modules))
     out.discard(name)
     return out
+
+
+def _from_target(node: ast.ImportFrom, here: list[str]) -> str:
+    """The dotted module a ``from ... import`` reads from, relative imports resolved
+    against ``here`` (the importing module's package)."""
+    if node.level:
+        base = here[:len(here) - node.level + 1]
+        return ".".join(base + ([node.module] if node.module else []))
+    return node.module or ""
 
 
 def _project_prefix(dotted: str, modules: dict[str, Path]) -> str:
@@ -260,11 +257,7 @@ def _private_names_from_other_modules() -> list[str]:
         for node in _import_nodes(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            if node.level:
-                base = here[:len(here) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = _from_target(node, here)
             if target.split(".")[0] not in PACKAGES:
                 continue
             for a in node.names:

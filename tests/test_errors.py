@@ -28,8 +28,8 @@ from pipelines.errors import (
     PeftPipeError,
     exit_code,
 )
+from tests.project import modules
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipelines", "cluster")
 
 #: Exception classes whose rebase another change owns; the second test fails once one is
@@ -41,14 +41,7 @@ _BUILTIN_EXCEPTIONS = {n for n, v in vars(builtins).items()
 
 
 def _modules() -> dict[str, Path]:
-    out = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            out[".".join(parts)] = path
-    return out
+    return modules(PACKAGES)
 
 
 def _class_defs(tree: ast.AST):
@@ -160,6 +153,9 @@ LEAVES = [
     ("pipelines.pipeline.NoWinnerError", 1, RuntimeError),
     ("pipelines.pipeline.TrialsFailedError", 1, RuntimeError),
     ("cluster.local.ClusterError", 1, RuntimeError),
+    ("pipelines.train.checkpoint.ResumeError", 2, RuntimeError),
+    ("pipelines.train.partitioned.PartitionedLoadError", 2, ValueError),
+    ("pipelines.train.scheduling.PendingResourcesError", 1, RuntimeError),
 ]
 
 
