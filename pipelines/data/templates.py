@@ -92,6 +92,22 @@ class Encoder:
             return self._rust(texts, special=special, max_length=max_length)
         return self._hf(texts, special=special, max_length=max_length)
 
+    def ids_and_starts(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Each text's token ids (no special tokens added, no truncation) and the
+        character at which each token starts: where a rendered conversation's turns fall."""
+        if not texts:
+            return []
+        if self.backend is not None:
+            b = self.backend
+            b.no_padding()
+            b.no_truncation()
+            return [(e.ids, [o[0] for o in e.offsets])
+                    for e in b.encode_batch(texts, add_special_tokens=False)]
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True,
+                       return_attention_mask=False, return_token_type_ids=False)
+        return [(list(ids), [o[0] for o in offs])
+                for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+
 
 @dataclass(frozen=True)
 class TokenizerFacts:
