@@ -469,6 +469,11 @@ def _say_dataset(m: Manifest) -> None:
     typer.echo(line)
     if m.label_names:
         typer.echo(f"classes: {', '.join(m.label_names)}")
+    chat = m.template.get("chat_format")
+    if chat:
+        split = ", ".join(f"{s} {n}" for s, n in m.trained_tokens.items())
+        typer.echo(f"conversations ({chat}, train_on {m.template.get('train_on')}): "
+                   f"{sum(m.trained_tokens.values())} tokens trained ({split})")
 
 
 def _serve_hint(m: Manifest) -> str:

@@ -57,6 +57,24 @@ def chatterbot_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def chatterbot_conversations() -> list[list[dict[str, str]]]:
+    """The chatterbot corpus's dialogues as OpenAI-style turns, user and assistant
+    alternating (every dialogue with at least one answer)."""
+    import yaml
+
+    folder = _package_file("chatterbot_corpus", "data", "english")
+    out = []
+    for path in sorted(folder.glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            texts = [str(t).strip() for t in conv if isinstance(t, (str, int, float))]
+            texts = [t for t in texts if t]
+            if len(texts) >= 2:
+                roles = ["user", "assistant"] * len(texts)
+                out.append([{"role": r, "content": t} for r, t in zip(roles, texts)])
+    return out
+
+
 def write_rows(rows: list[dict[str, Any]], path: str | Path, fmt: str) -> Path:
     """Write ``rows`` to ``path`` in ``fmt`` (for hf_disk, ``path`` is a folder)."""
     path = Path(path)

@@ -33,7 +33,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from .validate import Reject
+from .config import DataError
+from .rejects import Reject
 
 IGNORE = -100
 ChatFormat = Literal["messages", "sharegpt", "alpaca"]
@@ -50,12 +51,15 @@ ROLE_ALIASES = {
     "model": "assistant", "function_call": "assistant", "tool": "tool", "function": "tool",
     "observation": "tool", "ipython": "tool",
 }
-#: reject kinds of a conversation (beside validate.KINDS)
+#: reject kinds of a conversation (listed with the others in rejects.KINDS)
 CHAT_KINDS = ("not_a_list", "empty_conversation", "bad_turn", "unknown_role", "empty_turn",
               "no_assistant_turn", "role_order")
+#: the source columns each format reads
+SOURCE_COLUMNS = {"messages": ("messages",), "sharegpt": ("conversations",),
+                  "alpaca": ("instruction", "input", "output", "system")}
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(DataError):
     """The tokenizer's chat template cannot mark the assistant turns (names the fix)."""
 
 

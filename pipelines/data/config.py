@@ -10,6 +10,9 @@ from ..errors import InputError
 
 Task = Literal["classification", "instruction", "causal_lm"]
 Format = Literal["auto", "jsonl", "parquet", "csv", "tsv", "hf_disk"]
+#: how an instruction row holds its text: one prompt and one response, or a conversation
+ChatFormat = Literal["auto", "prompt_response", "messages", "sharegpt", "alpaca"]
+CONVERSATIONS = ("messages", "sharegpt", "alpaca")
 SPLITS = ("train", "eval", "test")
 #: default ``max_chars``: longer fields are rejected as ``oversized`` (a 2 MB "text" is a
 #: scraping accident, not a training row; tokenizers turn it into a single unknown token)
@@ -79,7 +82,17 @@ class DataConfig(BaseModel):
     max_length: int = Field(256, ge=4)
     max_chars: int | None = Field(MAX_CHARS, ge=1)
     packing: bool = False
-    chat_template: bool | None = None
+    # instruction rows: ``prompt_response`` (prompt_field/response_field), or a conversation
+    # (``messages``: OpenAI turns, ``sharegpt``, ``alpaca``); ``auto`` looks at the first
+    # row's columns (``messages``, ``conversations``, ``instruction``)
+    chat_format: ChatFormat = "auto"
+    # the column holding a conversation's turns (default ``messages`` / ``conversations``)
+    messages_field: str | None = None
+    # which turns of a conversation are trained on
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    # the tokenizer's chat template (None: when it has one), off (false), or a Jinja
+    # template of its own (a string) used in its place
+    chat_template: bool | str | None = None
     dedup: bool = False
     split: SplitFractions = Field(default_factory=SplitFractions)
     seed: int = 0
@@ -147,6 +160,14 @@ class DataConfig(BaseModel):
                              f"not {self.task}")
         if self.labels is not None and self.label_names is not None:
             check_label_names(self.label_names, self.labels)
+        if self.chat_format not in ("auto", "prompt_response") and self.task != "instruction":
+            raise ValueError(f"chat_format: only the instruction task reads conversations, "
+                             f"not {self.task}")
+        if self.train_on != "assistant" and self.task != "instruction":
+            raise ValueError(f"train_on: only the instruction task has turns, not {self.task}")
+        if self.chat_format in CONVERSATIONS and self.chat_template is False:
+            raise ValueError(f"chat_template: false, but chat_format {self.chat_format} is "
+                             "rendered with a chat template")
         if self.chat_template is not None and self.task != "instruction":
             raise ValueError(f"chat_template: only the instruction task uses it, not {self.task}")
         return self
@@ -155,9 +176,18 @@ class DataConfig(BaseModel):
         """The task's columns: canonical name -> column name in the sources."""
         if self.task == "classification":
             return {"text": self.text_field, "label": self.label_field}
+        if self.task == "instruction" and self.chat_format in CONVERSATIONS:
+            return {"conversation": self.conversation_field}
         if self.task == "instruction":
             return {"prompt": self.prompt_field, "response": self.response_field}
         return {"text": self.text_field}
+
+
+    @property
+    def conversation_field(self) -> str:
+        """The column a conversation is recognised by (its turns, or Alpaca's instruction)."""
+        default = {"messages": "messages", "sharegpt": "conversations"}
+        return self.messages_field or default.get(self.chat_format, "instruction")
 
 
 def check_label_names(names: list[str] | dict[str, str], values: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ Token lists become Arrow list arrays through NumPy (offsets + flat values) rathe
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import store, templates
+from . import chat, store, templates
 from .validate import Reject
 
 PASS_COLUMNS = ["_split", "_src", "_line", "_kind", "_reject", "_raw"]
@@ -53,7 +54,8 @@ class EncodeBatch:
     """Template + tokenizer over a batch of candidate rows (one instance per actor)."""
 
     def __init__(self, *, tokenizer: templates.TokenizerSpec, task: str, max_length: int,
-                 label_names: list[str] | None, use_chat: bool, packing: bool):
+                 label_names: list[str] | None, use_chat: bool, packing: bool,
+                 train_on: str = "assistant"):
         # One thread per actor: the pool is the parallelism, Rust threads would oversubscribe.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.enc, self.tok = tokenizer.load()
@@ -63,6 +65,7 @@ class EncodeBatch:
         self.label_index = {n: i for i, n in enumerate(label_names or [])}
         self.use_chat = use_chat
         self.packing = packing
+        self.train_on = train_on
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -85,6 +88,15 @@ class EncodeBatch:
             eos = self.facts.eos_token_id
             for r, x in zip(rows, templates.causal_lm(self.enc, texts, eos, limit)):
                 ids[r] = x
+        elif "conversation" in batch.column_names:
+            texts = batch.column("conversation").take(pick).to_pylist()
+            turns = [json.loads(t) for t in texts]
+            out = chat.render(self.enc, self.tok, turns, self.max_length, train_on=self.train_on)
+            for r, text, got in zip(rows, texts, out):
+                if isinstance(got, Reject):
+                    new_rejects[int(r)] = (got, text)
+                else:
+                    ids[r], labels[r] = got
         else:
             prompts = batch.column("prompt").take(pick).to_pylist()
             responses = batch.column("response").take(pick).to_pylist()
@@ -202,11 +214,18 @@ def _facts(batch: pa.Table, task: str) -> tuple[bytes, dict[str, str]]:
     valid = batch.filter(pc.is_null(batch.column("_reject")))
     keys = b"".join(k for k in valid.column("_dup").to_pylist() if k is not None)
     col = "prompt" if task == "instruction" else "text"
+    if "conversation" in batch.column_names:
+        col = "conversation"
     examples: dict[str, str] = {}
     for s, split_name in enumerate(store.SPLITS):
         rows = valid.filter(pc.equal(valid.column("_split"), s))
         if rows.num_rows:
-            examples[split_name] = rows.column(col)[0].as_py()[:200]
+            example = rows.column(col)[0].as_py()
+            if col == "conversation":  # what the user asked first
+                turns = json.loads(example)
+                example = next((t["content"] for t in turns if t["role"] == "user"),
+                               turns[0]["content"] or "")
+            examples[split_name] = example[:200]
     return keys, examples
 
 

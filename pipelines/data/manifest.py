@@ -50,6 +50,9 @@ class Manifest(BaseModel):
     rows: dict[str, int] = Field(default_factory=dict)
     tokens: dict[str, int] = Field(default_factory=dict)
     documents: dict[str, int] = Field(default_factory=dict)
+    # the tokens the loss is taken on per split (a language model's labelled positions,
+    # a classifier's rows)
+    trained_tokens: dict[str, int] = Field(default_factory=dict)
     rejected: int = 0
     rejected_by_kind: dict[str, int] = Field(default_factory=dict)
     # exact duplicate rows found (every task field equal), counted whether or not ``dedup``

@@ -12,6 +12,7 @@ cannot leak from train into test. Split sizes follow the fractions up to samplin
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +23,13 @@ _SEP = "\x1f"  # unit separator: cannot be confused with text inside a field
 
 
 def split_input(task: str, row: dict[str, str]) -> str:
+    """What decides a row's split: the text, or what an instruction is asked (its prompt,
+    a conversation's turns before the first answer), so one question never lands in two
+    splits."""
+    if "conversation" in row:
+        turns = json.loads(row["conversation"])
+        first = next(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        return json.dumps(turns[:first], ensure_ascii=False, sort_keys=True)
     return row["prompt"] if task == "instruction" else row["text"]
 
 

@@ -37,9 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..ray_runtime import ensure_ray
+from . import conversations, store
 from . import sources as sources_mod
-from . import store
-from .config import SPLITS, DataConfig, DataError, check_label_names
+from .chat import ChatTemplateError, check_template
+from .config import CONVERSATIONS, SPLITS, DataConfig, DataError, check_label_names
 from .encode import TokenizeAndWrite
 from .manifest import Manifest
 from .readers import CorpusDatasource
@@ -80,8 +81,7 @@ def prepare(config: DataConfig | dict[str, Any], *, ray_address: str | None = No
     Input problems (no rows, every row rejected, an unreadable file, splits too small) are a
     :class:`DataError` that names the file, field or row.
     """
-    config = _validated(config)
-    did, srcs, tok_identity = _identify(config)
+    config, did, srcs, tok_identity = _identify(_validated(config))
     root = Path(config.data_root)
     if store.is_complete(root, did):
         return _reuse(root, did, require)
@@ -123,10 +123,16 @@ def _tokenizer(config: DataConfig) -> _Tokenizer:
     from .templates import TokenizerFacts, TokenizerSpec
 
     hf_tok = load_tokenizer(config.tokenizer)
+    own = config.chat_template if isinstance(config.chat_template, str) else None
+    if own is not None:
+        hf_tok.chat_template = own
     facts = TokenizerFacts.of(hf_tok)
     use_chat = _use_chat(config, facts)
+    if config.chat_format in CONVERSATIONS:
+        check_template(hf_tok)
     # Actors get the Rust tokenizer alone unless the chat template needs transformers.
-    tok_spec = TokenizerSpec.build(config.tokenizer, hf_tok, needs_hf=use_chat)
+    tok_spec = TokenizerSpec.build(config.tokenizer, hf_tok, needs_hf=use_chat,
+                                   chat_template=own)
     if config.packing and facts.eos_token_id is None:
         raise ValueError(f"packing: tokenizer {config.tokenizer!r} has no EOS token to end "
                          f"documents with")
@@ -138,7 +144,8 @@ def _run_or_explain_stall(config: DataConfig, srcs, tmp: Path, tok: _Tokenizer,
     """:func:`_run` under the stage's Ray Data context; a stall becomes an error that says
     what the stage needs and how many CPUs are free."""
     actors, actor_cpus, task_cpus = resources
-    spec = RowSpec.of(config.fields(), config.labels, config.max_chars)
+    spec = RowSpec.of(config.fields(), config.labels, config.max_chars,
+                      config.chat_format if config.chat_format in CONVERSATIONS else None)
     with _data_context(config.no_progress_timeout_s):
         try:
             return _run(config, srcs, spec, tmp, tok, resources)
@@ -191,6 +198,7 @@ def _manifest(config: DataConfig, did: str, tok_identity: str, srcs, tok: _Token
         rows={s: stats["rows"].get(s, 0) for s in SPLITS},
         tokens={s: stats["tokens"].get(s, 0) for s in SPLITS},
         documents={s: stats["documents"].get(s, 0) for s in SPLITS},
+        trained_tokens={s: stats["trained_tokens"].get(s, 0) for s in SPLITS},
         rejected=rejected,
         rejected_by_kind=dict(sorted(stats["rejected"].items())),
         duplicates=run.found,
@@ -207,7 +215,7 @@ def _manifest(config: DataConfig, did: str, tok_identity: str, srcs, tok: _Token
 
 def dataset_id_for(config: DataConfig | dict[str, Any]) -> str:
     """The id ``prepare(config)`` writes to, without running anything (no Ray)."""
-    return _identify(_validated(config))[0]
+    return _identify(_validated(config))[1]
 
 
 def _validated(config: DataConfig | dict[str, Any]) -> DataConfig:
@@ -215,16 +223,22 @@ def _validated(config: DataConfig | dict[str, Any]) -> DataConfig:
 
 
 def _template_key(config: DataConfig) -> dict[str, Any]:
-    return {"chat_template": config.chat_template, "packing": config.packing,
-            "plain_separator": "\n"}
+    key = {"chat_template": config.chat_template, "packing": config.packing,
+           "plain_separator": "\n"}
+    if config.chat_format in CONVERSATIONS:  # prompt/response datasets keep their ids
+        key.update(chat_format=config.chat_format, train_on=config.train_on)
+    return key
 
 
-def _identify(config: DataConfig) -> tuple[str, list[sources_mod.Source], str]:
+def _identify(config: DataConfig
+              ) -> tuple[DataConfig, str, list[sources_mod.Source], str]:
+    """The config with its row form decided, the dataset id, sources and tokenizer id."""
     srcs = sources_mod.resolve(config.sources, config.format)
+    config = conversations.resolved(config, srcs)
     tok_identity = store.tokenizer_identity(config.tokenizer)
     did = store.dataset_id(config, [s.record() for s in srcs], tok_identity,
                            _template_key(config))
-    return did, srcs, tok_identity
+    return config, did, srcs, tok_identity
 
 
 def _run(config: DataConfig, srcs, spec: RowSpec, tmp: Path, tok: _Tokenizer,
@@ -343,7 +357,8 @@ def _tokenize_and_write(ds, config: DataConfig, srcs, tmp: Path, tok: _Tokenizer
             fn_constructor_kwargs={"folder": str(tmp), "source_uris": [s.uri for s in srcs],
                                    "tokenizer": tok.spec, "task": config.task,
                                    "max_length": config.max_length, "label_names": label_names,
-                                   "use_chat": tok.use_chat, "packing": config.packing},
+                                   "use_chat": tok.use_chat, "packing": config.packing,
+                                   "train_on": config.train_on},
             # whole blocks (BLOCK_BYTES) as batches: one Parquet part per block and split
             batch_size=None, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
@@ -432,6 +447,10 @@ def _gather(ds, columns: list[str], task_cpus: float) -> pa.Table:
 def _use_chat(config: DataConfig, facts) -> bool:
     if config.task != "instruction":
         return False
+    if config.chat_format in CONVERSATIONS and not facts.has_chat_template:
+        raise ChatTemplateError(
+            f"chat_format: {config.chat_format}, but tokenizer {config.tokenizer!r} has no chat "
+            "template to render conversations with; give data.chat_template (a Jinja template)")
     if config.chat_template and not facts.has_chat_template:
         raise ValueError(f"chat_template: true, but tokenizer {config.tokenizer!r} has no chat "
                          f"template (set chat_template: false or leave it unset)")

@@ -128,7 +128,7 @@ def output_schema(task: str) -> pa.Schema:
                       ("labels", labels), ("length", pa.int32())])
 
 
-STAT_KEYS = ("rows", "tokens", "documents")
+STAT_KEYS = ("rows", "tokens", "documents", "trained_tokens")
 
 
 def write_part(table: pa.Table, folder: str, task: str, source_uris: list[str], name: str
@@ -155,6 +155,7 @@ def write_part(table: pa.Table, folder: str, task: str, source_uris: list[str], 
         stats[f"rows_{split_name}"] = out.num_rows
         stats[f"tokens_{split_name}"] = int(pc.sum(out.column("length")).as_py() or 0)
         stats[f"documents_{split_name}"] = int(pc.sum(docs).as_py() or 0) if docs else out.num_rows
+        stats[f"trained_tokens_{split_name}"] = trained_tokens(out, task)
         if task == "classification":
             counts = pc.value_counts(out.column("labels").combine_chunks()).to_pylist()
             label_counts[split_name] = {str(c["values"]): c["counts"] for c in counts}
@@ -172,6 +173,16 @@ def write_part(table: pa.Table, folder: str, task: str, source_uris: list[str], 
     stats["rejected"] = json.dumps(dict(rejected))
     stats["label_counts"] = json.dumps(label_counts)
     return pa.table({k: [v] for k, v in stats.items()})
+
+
+def trained_tokens(part: pa.Table, task: str) -> int:
+    """Targets the loss trains on: a classifier's rows, a language model's labelled
+    positions after each row's first (the model shifts labels by one)."""
+    if task == "classification":
+        return part.num_rows
+    labels = part.column("labels").combine_chunks()
+    kept = pc.list_slice(labels, 1)
+    return int(pc.sum(pc.not_equal(pc.list_flatten(kept), -100).cast(pa.int64())).as_py() or 0)
 
 
 def merge_stats(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -142,12 +142,15 @@ class TokenizerSpec:
     name: str
     facts: TokenizerFacts
     backend_json: str | None = None
+    chat_template: str | None = None  # data.chat_template's own template, set on load
 
     @classmethod
-    def build(cls, name: str, tok: Any, *, needs_hf: bool) -> TokenizerSpec:
+    def build(cls, name: str, tok: Any, *, needs_hf: bool,
+              chat_template: str | None = None) -> TokenizerSpec:
         enc = Encoder.from_hf(tok)
         rust = enc.backend is not None and not needs_hf
-        return cls(name, TokenizerFacts.of(tok), enc.backend.to_str() if rust else None)
+        return cls(name, TokenizerFacts.of(tok), enc.backend.to_str() if rust else None,
+                   chat_template)
 
     def load(self) -> tuple[Encoder, Any]:
         """(encoder, Hugging Face tokenizer or None)."""
@@ -159,6 +162,8 @@ class TokenizerSpec:
         from pipelines.models import load_tokenizer
 
         tok = load_tokenizer(self.name)
+        if self.chat_template is not None:
+            tok.chat_template = self.chat_template
         return Encoder.from_hf(tok), tok
 
 

@@ -2,34 +2,20 @@
 
 A row is a dict from a reader. It passes when every field the task needs is there, has the
 right type and is not blank; the result is the fields as clean strings under their
-canonical names (``text``, ``label``, ``prompt``, ``response``). Otherwise the result is a
+canonical names (``text``, ``label``, ``prompt``, ``response``; a conversation's turns
+as JSON under ``conversation``). Otherwise the result is a
 :class:`Reject` whose ``kind`` is one of :data:`KINDS` and whose ``reason`` names the
 column and what was expected.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = (
-    "missing_field",  # the column is absent or null
-    "wrong_type",  # e.g. a number or a list where text is expected
-    "empty",  # only whitespace
-    "undecodable",  # bytes that are not UTF-8
-    "invalid_json",  # a JSONL line that does not parse, or is not an object
-    "bad_row",  # a CSV record with the wrong number of columns, or one the parser cannot split
-    "label_type",  # a label of another type than the others (a word among integer labels)
-    "oversized",  # a field longer than ``max_chars`` characters
-    "unknown_label",  # a label outside the configured label set
-    "too_long",  # the template leaves nothing to train on within max_length
-)
-
-
-@dataclass(frozen=True)
-class Reject:
-    kind: str
-    reason: str
+from .chat import FORMAT_COLUMNS, SOURCE_COLUMNS, conversation
+from .rejects import KINDS, Reject  # noqa: F401  (the kinds rows are checked for)
 
 
 def _surrogates(s: str) -> bool:
@@ -45,22 +31,45 @@ class RowSpec:
     fields: tuple[tuple[str, str], ...]
     labels: frozenset[str] | None = None
     max_chars: int | None = None
+    chat: str | None = None  # a conversation format: the row is read by pipelines.data.chat
 
     @classmethod
     def of(cls, fields: dict[str, str], labels: list[str] | None = None,
-           max_chars: int | None = None) -> RowSpec:
+           max_chars: int | None = None, chat: str | None = None) -> RowSpec:
         return cls(tuple(fields.items()), frozenset(labels) if labels is not None else None,
-                   max_chars)
+                   max_chars, chat)
 
     @property
     def columns(self) -> list[str]:
+        if self.chat == "alpaca":
+            return list(SOURCE_COLUMNS["alpaca"])
         return [src for _, src in self.fields]
+
+    def check_conversation(self, row: dict[str, Any]) -> dict[str, str] | Reject:
+        """A conversation row as ``{"conversation": its turns as JSON}``, or a Reject."""
+        if self.chat != "alpaca":
+            ((_, col),) = self.fields
+            if row.get(col) is None:
+                return Reject("missing_field", f"missing field {col!r}")
+            row = {FORMAT_COLUMNS[self.chat]: row[col]}
+        turns = conversation(row, self.chat)
+        if isinstance(turns, Reject):
+            return turns
+        text = "".join(t["content"] or "" for t in turns)
+        if _surrogates(text):
+            return Reject("undecodable", "a turn has bytes that are not UTF-8")
+        if self.max_chars is not None and len(text) > self.max_chars:
+            return Reject("oversized", f"the turns hold {len(text):,} characters, more than "
+                                       f"data.max_chars ({self.max_chars:,})")
+        return {"conversation": json.dumps(turns, ensure_ascii=False)}
 
     def check(
         self, row: Any, class_names: dict[str, list[str]] | None = None
     ) -> dict[str, str] | Reject:
         if not isinstance(row, dict):
             return Reject("invalid_json", f"row is not an object (got {type(row).__name__})")
+        if self.chat is not None:
+            return self.check_conversation(row)
         out: dict[str, str] = {}
         for canon, col in self.fields:
             v = row.get(col)
