@@ -47,6 +47,7 @@ from .tune.trial_log import (
     expected_reports,
     history_of,
     stopped_early,
+    trial_outcome,
     trial_params,
     trial_status,
 )
@@ -211,18 +212,14 @@ class _Run:
         run's, steps trained before a resume included, once it has ended."""
         last = self._last()
         done = TrainResult.from_ray(result) if result is not None else None
-        ckpt = last.get(CHECKPOINT_PATH_KEY) or (done.checkpoint_dir if done else None)
-        return {
-            "trial_id": self.trial_id, "method": self.method, "lr": self.train_config.lr,
-            "metrics": {k: v for k, v in last.items() if not isinstance(v, (dict, list))},
-            "history": history_of(done.history if done and done.history else self.reports),
-            "status": trial_status(error is not None, last, self.runs.expected_reports,
-                                   self.train_config.max_steps),
-            "time_s": last.get("time_total_s"),
-            "adapter_dir": str(Path(ckpt) / ADAPTER) if ckpt else None,
-            "mlflow_run_id": self.run_id,
-            "error": f"{type(error).__name__}: {error}" if error is not None else None,
-        }
+        return trial_outcome(
+            self.trial_id, self.method, self.train_config.lr, last,
+            history=history_of(done.history if done and done.history else self.reports),
+            status=trial_status(error is not None, last, self.runs.expected_reports,
+                                self.train_config.max_steps),
+            checkpoint=last.get(CHECKPOINT_PATH_KEY) or (done.checkpoint_dir if done else None),
+            run_id=self.run_id,
+            error=f"{type(error).__name__}: {error}" if error is not None else None)
 
 
 def _fit(trainer: Callable[[], Any], train: TrainConfig, box: dict[str, Any]) -> None:

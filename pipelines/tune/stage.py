@@ -39,12 +39,12 @@ from .result import SearchInterrupted, SearchResult
 from .runs import conclude, end_open_runs, ended_with_driver, open_search, stop_on_signals
 from .trial_folder import set_aside_torn_snapshot, write_pid
 from .trial_log import (
-    ADAPTER,
     CHECKPOINT_PATH_KEY,
     expected_reports,
     finish_trial,
     history_of,
     stopped_early,
+    trial_outcome,
     trial_params,
     trial_status,
 )
@@ -349,15 +349,10 @@ def _outcome(result, reports: int, mlflow_cb: MlflowTrialCallback,
     t = (result.config or {}).get("trial", {})
     trial_id = metrics.get("trial_id") or Path(result.path).name
     df = result.metrics_dataframe
-    history = history_of(df.to_dict("records")) if df is not None and "step" in df else {}
-    ckpt = metrics.get(CHECKPOINT_PATH_KEY)
-    run_id = mlflow_cb.runs.get(trial_id) or mlflow_cb.tracker.trial_run(trial_id, {})
-    return {
-        "trial_id": trial_id, "method": t.get("method", {}), "lr": t.get("lr"),
-        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
-        "history": history,
-        "status": trial_status(result.error is not None, metrics, reports, max_steps),
-        "time_s": metrics.get("time_total_s"),
-        "adapter_dir": str(Path(ckpt) / ADAPTER) if ckpt else None,
-        "mlflow_run_id": run_id, "error": str(result.error) if result.error else None,
-    }
+    return trial_outcome(
+        trial_id, t.get("method", {}), t.get("lr"), metrics,
+        history=history_of(df.to_dict("records")) if df is not None and "step" in df else {},
+        status=trial_status(result.error is not None, metrics, reports, max_steps),
+        checkpoint=metrics.get(CHECKPOINT_PATH_KEY),
+        run_id=mlflow_cb.runs.get(trial_id) or mlflow_cb.tracker.trial_run(trial_id, {}),
+        error=str(result.error) if result.error else None)

@@ -71,6 +71,20 @@ def history_of(reports: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[int
     return out
 
 
+def trial_outcome(trial_id: str, method: dict[str, Any], lr: Any, last: Mapping[str, Any], *,
+                  history: dict[str, list[tuple[int, float]]], status: str,
+                  checkpoint: str | None, run_id: str, error: str | None) -> dict[str, Any]:
+    """A trial's entry in trials.json (:class:`~pipelines.tune.result.SearchResult`): its
+    method and lr, its last report's values, curves, status, time, adapter and MLflow run."""
+    return {
+        "trial_id": trial_id, "method": method, "lr": lr,
+        "metrics": {k: v for k, v in last.items() if not isinstance(v, (dict, list))},
+        "history": history, "status": status, "time_s": last.get("time_total_s"),
+        "adapter_dir": str(Path(checkpoint) / ADAPTER) if checkpoint else None,
+        "mlflow_run_id": run_id, "error": error,
+    }
+
+
 def finish_trial(tracker: SearchTracker, run_id: str, status: str, adapter: Path | None,
                  tags: Mapping[str, Any]) -> None:
     """End a trial's run as ``status`` with ``tags``; its adapter is logged once (a trial
