@@ -39,6 +39,17 @@ class MeanSquaredError(Objective):
         return EvalSums()
 
 
+def test_every_task_has_a_default_objective() -> None:
+    from pipelines.data.manifest import TASKS, Manifest
+
+    want = {"classification": "classification", "causal_lm": "causal_lm",
+            "instruction": "causal_lm"}
+    assert set(TASKS) == set(want)
+    for task in TASKS:
+        info = Manifest.model_construct(task=task)
+        assert objective_for(info).name == want[task], task
+
+
 def test_default_objectives_follow_the_task(tmp_path) -> None:
     assert {"classification", "causal_lm", "test_mse_regression"} <= set(available())
     data = train_helpers.write_dataset(tmp_path / "cls", "classification", rows=16, eval_rows=8)

@@ -43,7 +43,8 @@ class TokenSums(EvalSums):
 @register
 class CausalLM(Objective):
     name = "causal_lm"
-    default_for = ("causal_lm",)
+    # instruction data is causal LM data whose prompt positions are labelled -100
+    default_for = ("causal_lm", "instruction")
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         # the loss averages over the shifted positions that have a label
