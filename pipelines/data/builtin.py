@@ -44,22 +44,9 @@ def movie_review_rows(neutral: float = 0.5) -> list[dict[str, Any]]:
     return rows
 
 
-def chatterbot_rows() -> list[dict[str, Any]]:
-    import yaml
-
-    folder = _package_file("chatterbot_corpus", "data", "english")
-    rows = []
-    for path in sorted(folder.glob("*.yml")):
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for conv in doc.get("conversations") or []:
-            turns = [str(t).strip() for t in conv if isinstance(t, (str, int, float))]
-            rows.extend({"prompt": q, "response": a} for q, a in zip(turns, turns[1:]) if q and a)
-    return rows
-
-
-def chatterbot_conversations() -> list[list[dict[str, str]]]:
-    """The chatterbot corpus's dialogues as OpenAI-style turns, user and assistant
-    alternating (every dialogue with at least one answer)."""
+def _chatterbot_dialogues() -> list[list[str]]:
+    """Each dialogue of the chatterbot corpus as its turns' texts (empty ones kept: the
+    pairs below skip a pair with an empty side, as they always have)."""
     import yaml
 
     folder = _package_file("chatterbot_corpus", "data", "english")
@@ -67,11 +54,24 @@ def chatterbot_conversations() -> list[list[dict[str, str]]]:
     for path in sorted(folder.glob("*.yml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for conv in doc.get("conversations") or []:
-            texts = [str(t).strip() for t in conv if isinstance(t, (str, int, float))]
-            texts = [t for t in texts if t]
-            if len(texts) >= 2:
-                roles = ["user", "assistant"] * len(texts)
-                out.append([{"role": r, "content": t} for r, t in zip(roles, texts)])
+            out.append([str(t).strip() for t in conv if isinstance(t, (str, int, float))])
+    return out
+
+
+def chatterbot_rows() -> list[dict[str, Any]]:
+    return [{"prompt": q, "response": a} for turns in _chatterbot_dialogues()
+            for q, a in zip(turns, turns[1:]) if q and a]
+
+
+def chatterbot_conversations() -> list[list[dict[str, str]]]:
+    """The chatterbot corpus's dialogues as OpenAI-style turns, user and assistant
+    alternating (every dialogue with at least one answer)."""
+    out = []
+    for turns in _chatterbot_dialogues():
+        texts = [t for t in turns if t]
+        if len(texts) >= 2:
+            roles = ["user", "assistant"] * len(texts)
+            out.append([{"role": r, "content": t} for r, t in zip(roles, texts)])
     return out
 
 
