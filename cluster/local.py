@@ -338,33 +338,13 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
     if workers < 0:
         raise ClusterError("workers: must be >= 0")
     root = Path(root).resolve()
-    try:
-        old = read_state(root)
-    except ClusterError:
-        old = None
-    if old is not None:
-        if _live_processes(old):
-            raise ClusterError(f"a cluster is already running under {root} "
-                               f"(dashboard {old.dashboard_url}); `peftpipe cluster down` first")
-        _sweep_files(old)
-    temp_dir = _temp_dir(root)
-    if Path(temp_dir).exists():
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    storage = root / "storage"
-    storage.mkdir(parents=True, exist_ok=True)
+    temp_dir, storage = _fresh_root(root)
     logs = root / "logs"
     free = mlflow_server.free_port
     port = port or free()
     dashboard_port = dashboard_port or free()
     client_port = client_port or free()
-    if mlflow and mlflow_port is not None and not port_free(mlflow_port):
-        raise ClusterError(f"mlflow port {mlflow_port}: already in use (give another, "
-                           "or 0 for any free one)")
-    for what, p in (("dashboard", dashboard_port), ("ray client", client_port),
-                    ("gcs", port)):
-        if not port_free(p):
-            raise ClusterError(f"{what} port {p}: already in use (give another, or 0 for "
-                               "any free one)")
+    _check_ports(dashboard_port, client_port, port, mlflow_port if mlflow else None)
     client_auth()  # nodes inherit RAY_AUTH_MODE=token when the user has a token
     env = _node_env(fast_failure_detection)
     object_store = str(int(object_store_mb * 1024 * 1024))
@@ -410,17 +390,8 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
                                     temp_dir=tmp))
             write_state(state)
 
-        def all_alive():
-            nodes = [n for n in alive_nodes(state.dashboard_url) if n["state"] == "ALIVE"]
-            by_name = {n["node_name"]: n for n in nodes}
-            return by_name if all(n.name in by_name for n in state.nodes) else None
-
-        found = _wait("ray nodes", all_alive, timeout_s,
-                      [(n.proc, n.log) for n in state.nodes])
-        for n in state.nodes:
-            n.node_id = found[n.name]["node_id"]
-            n.node_ip = found[n.name].get("node_ip")
-            n.raylet = _find_child(n.proc, "raylet")
+        _record_nodes(state, _wait("ray nodes", lambda: _all_alive(state), timeout_s,
+                                   [(n.proc, n.log) for n in state.nodes]))
         if state.mlflow is not None:
             mlog = root / "mlflow" / "server.log"
             _wait("mlflow server", lambda: mlflow_server.healthy(state.mlflow_uri), timeout_s,
@@ -431,6 +402,54 @@ def up(root: str | Path = DEFAULT_ROOT, *, workers: int = 2, cpus: float = 1,
         with contextlib.suppress(Exception):
             down(root)
         raise
+
+
+def _fresh_root(root: Path) -> tuple[str, Path]:
+    """``(temp dir, storage folder)`` of a cluster about to start under ``root``: refused
+    while the last one there still runs, its leftover files swept otherwise."""
+    try:
+        old = read_state(root)
+    except ClusterError:
+        old = None
+    if old is not None:
+        if _live_processes(old):
+            raise ClusterError(f"a cluster is already running under {root} "
+                               f"(dashboard {old.dashboard_url}); `peftpipe cluster down` first")
+        _sweep_files(old)
+    temp_dir = _temp_dir(root)
+    if Path(temp_dir).exists():
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    storage = root / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    return temp_dir, storage
+
+
+def _check_ports(dashboard_port: int, client_port: int, gcs_port: int,
+                 mlflow_port: int | None) -> None:
+    """Each port the cluster will listen on is free, or a ClusterError naming it."""
+    if mlflow_port is not None and not port_free(mlflow_port):
+        raise ClusterError(f"mlflow port {mlflow_port}: already in use (give another, "
+                           "or 0 for any free one)")
+    for what, p in (("dashboard", dashboard_port), ("ray client", client_port),
+                    ("gcs", gcs_port)):
+        if not port_free(p):
+            raise ClusterError(f"{what} port {p}: already in use (give another, or 0 for "
+                               "any free one)")
+
+
+def _all_alive(state: ClusterState) -> dict[str, dict[str, Any]] | None:
+    """The GCS's alive nodes by name once every node of ``state`` is among them."""
+    nodes = [n for n in alive_nodes(state.dashboard_url) if n["state"] == "ALIVE"]
+    by_name = {n["node_name"]: n for n in nodes}
+    return by_name if all(n.name in by_name for n in state.nodes) else None
+
+
+def _record_nodes(state: ClusterState, found: dict[str, dict[str, Any]]) -> None:
+    """Each started node's Ray id, IP and raylet process, from the GCS's alive nodes."""
+    for n in state.nodes:
+        n.node_id = found[n.name]["node_id"]
+        n.node_ip = found[n.name].get("node_ip")
+        n.raylet = _find_child(n.proc, "raylet")
 
 
 def port_free(port: int, host: str = HOST) -> bool:
